@@ -1,0 +1,41 @@
+"""actstore: capture every activation of a causal LM into a Zarr store, query it lazily.
+
+>>> import actstore                                               # doctest: +SKIP
+>>> scenario = actstore.load_scenario("scenarios/quick.yaml")      # doctest: +SKIP
+>>> [result] = actstore.capture(scenario, "stores/actstore.zarr")  # doctest: +SKIP
+>>> run = actstore.open_store("stores/actstore.zarr").run(result.run_id)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "capture", "load_scenario", "load_scenarios", "open_store"]
+
+
+def open_store(location: str, *, create: bool = False, storage_options: dict[str, Any] | None = None) -> Any:
+    """Open a store (a local path or an object-storage URL)."""
+    from actstore.store.store import ActStore
+
+    return ActStore.open(location, create=create, storage_options=storage_options)
+
+
+def load_scenario(path: str) -> Any:
+    from actstore.scenario import load_scenario as _load
+
+    return _load(path)
+
+
+def load_scenarios(path: str) -> Any:
+    from actstore.scenario import load_scenarios as _load
+
+    return _load(path)
+
+
+def capture(scenario: Any, store: Any = None, **kwargs: Any) -> Any:
+    """Capture a scenario into a store; see actstore.capture.runner.capture."""
+    from actstore.capture.runner import capture as _capture
+
+    return _capture(scenario, store, **kwargs)

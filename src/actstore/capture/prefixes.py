@@ -1,0 +1,106 @@
+"""Last-token states of many message lists, sharing the computation of common prefixes.
+
+A conversation snapshot is the state after a prefill of ``messages[:k]``; with causal
+attention, the keys and values of the tokens that prefix shares with the full prompt
+are exactly those the main prefill already computed. So each snapshot is a short
+forward pass (the few tokens after the shared prefix, usually the generation prompt)
+over a slice of the main prefill's KV cache, instead of a prefill of the whole prefix.
+References share their own common prefix (the system preamble) the same way.
+
+A slice is only taken from a plain ``DynamicCache``; anything else (sliding-window or
+hybrid caches) falls back to a separate prefill, which is always correct.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from actstore.capture.hooks import Key, Recorder
+from actstore.capture.prompts import common_prefix
+
+
+@dataclass
+class Base:
+    """A token sequence whose KV cache can seed other passes."""
+
+    tokens: list[int]
+    cache: Any
+
+
+def sliced_cache(cache: Any, n: int) -> DynamicCache | None:
+    """A new cache holding the first ``n`` positions of ``cache``, or None if unsafe."""
+    if type(cache) is not DynamicCache or not cache.layers:
+        return None
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    new = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        new.update(layer.keys[..., :n, :], layer.values[..., :n, :], i)
+    return new
+
+
+def forward(model: Any, input_ids: torch.Tensor, *, cache: Any = None, use_cache: bool = True,
+            last_logits_only: bool = True) -> Any:
+    """One forward pass; asks for last-position logits only where the model supports it."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": use_cache}
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    if last_logits_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs)
+
+
+@torch.inference_mode()
+def prefill_base(model: Any, tokens: list[int], device: torch.device) -> Base:
+    """Run an uncaptured prefill of ``tokens`` and keep its cache as a base."""
+    out = forward(model, torch.tensor([tokens], device=device))
+    return Base(tokens, out.past_key_values)
+
+
+@torch.inference_mode()
+def last_token_states(
+    model: Any,
+    recorder: Recorder,
+    sequences: Sequence[list[int]],
+    bases: Sequence[Base],
+    device: torch.device,
+    on_done: Any = None,
+) -> list[dict[Key, torch.Tensor]]:
+    """For each sequence, the residual-stream vectors at its last token."""
+    results = []
+    for seq in sequences:
+        best_n, best_base = 0, None
+        for base in bases:
+            # Always run at least the last token, so the hooks see it.
+            n = min(common_prefix(seq, base.tokens), len(seq) - 1)
+            if n > best_n:
+                best_n, best_base = n, base
+        cache = sliced_cache(best_base.cache, best_n) if best_base is not None else None
+        if cache is None:
+            best_n = 0
+        recorder.mode = "last"
+        try:
+            forward(model, torch.tensor([seq[best_n:]], device=device), cache=cache,
+                    use_cache=cache is not None)
+        finally:
+            recorder.mode = None
+        results.append(recorder.take())
+        if on_done is not None:
+            on_done()
+    return results
+
+
+def shared_prefix(sequences: Sequence[list[int]]) -> list[int]:
+    """The longest token prefix common to every sequence."""
+    if not sequences:
+        return []
+    n = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        n = min(n, common_prefix(sequences[0], s))
+    return list(sequences[0][:n])

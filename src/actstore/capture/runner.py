@@ -1,0 +1,379 @@
+"""Capture a scenario into a store: prefill, decode, snapshots, references, commit.
+
+Data flow for one run::
+
+    scenario --render--> prompt ids --prefill (hooks: step mode)--> writer queue
+                                    \\--snapshots: slices of the prefill KV cache (hooks: last mode)
+             references --shared-prefix prefill--> short passes (hooks: last mode)
+    decode loop: one token per pass (hooks: step mode) --> writer queue
+    writer.finish -> tokens, snapshots, references, metadata -> catalog entry (commit)
+
+The model runs with a KV cache, so every position is computed exactly once and lands
+in position-major arrays. The run becomes visible only at the final commit.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from actstore import __version__, naming
+from actstore.capture import prefixes, sampling
+from actstore.capture.hooks import Key, Recorder
+from actstore.capture.prompts import as_dicts, render_ids
+from actstore.models.architectures import ModelSites, resolve_sites
+from actstore.models.loading import LoadedModel, load_model, resolve_dtype
+from actstore.scenario import DEFAULT_STORE, Scenario, check_layers
+from actstore.store import layout
+from actstore.store.store import ActStore
+from actstore.store.writer import ArrayPlan, RunWriter, write_small_array
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    run_id: str
+    store: str
+    n_steps: int
+    n_positions: int
+    generated_text: str
+    seconds: float
+
+
+def attn_implementation(scenario: Scenario) -> str | None:
+    """Eager attention only when weights are captured; otherwise the fast kernel."""
+    return "eager" if scenario.capture.attention_weights else None
+
+
+def capture(
+    scenario: Scenario,
+    store: ActStore | str | None = None,
+    *,
+    loaded: LoadedModel | None = None,
+    progress: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[CaptureResult]:
+    """Capture every run of a scenario (one, or one per message prefix)."""
+    if not isinstance(store, ActStore):
+        location = store or scenario.output.store or DEFAULT_STORE
+        store = ActStore.open(location, create=True, storage_options=storage_options)
+    if loaded is None:
+        loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
+    else:
+        _ensure_attention(loaded, scenario)
+    return [capture_run(sub, store, loaded, progress=progress) for sub in scenario.runs()]
+
+
+def _ensure_attention(loaded: LoadedModel, scenario: Scenario) -> None:
+    wanted = attn_implementation(scenario)
+    current = getattr(loaded.model.config, "_attn_implementation", None)
+    if wanted == "eager" and current != "eager":
+        loaded.model.set_attn_implementation("eager")
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+@torch.inference_mode()
+def capture_run(
+    scenario: Scenario, store: ActStore, loaded: LoadedModel, *, progress: bool | None = None
+) -> CaptureResult:
+    """One prefill + decode loop with capture, committed as one run."""
+    t0 = time.perf_counter()
+    model, tok, device = loaded.model, loaded.tokenizer, loaded.device
+    sites = resolve_sites(model)
+    layers = check_layers(scenario, sites.num_layers)
+    cap, gen = scenario.capture, scenario.generation
+    sources = set(_available_sources(naming.sources_for_flags(cap.flags()), sites))
+    store_dtype = resolve_dtype(cap.store_dtype)
+
+    messages = as_dicts(scenario.prompt.messages)
+    prompt_ids = render_ids(tok, messages)
+    snapshot_ids = [render_ids(tok, messages[: k + 1]) for k in range(len(messages))]
+    ref_ids = [render_ids(tok, r.messages) for r in scenario.reference_states]
+    n_max = len(prompt_ids) + gen.max_new_tokens - 1
+    eos = _eos_ids(model, tok)
+    generator = sampling.make_generator(gen.seed)
+
+    run_id = store.new_run_id(scenario.name)
+    group = store.create_run_group(run_id)
+    writer: RunWriter | None = None
+    bar = tqdm(
+        total=gen.max_new_tokens + len(snapshot_ids) + len(ref_ids),
+        desc=f"capture {scenario.name}",
+        unit="pass",
+        disable=not _progress_enabled(progress),
+        file=sys.stderr,
+    )
+    try:
+        with Recorder(sites, layers, sources, store_dtype) as rec:
+            steps: list[dict[str, Any]] = []
+            ids = prompt_ids
+            position = 0
+            cache: Any = None
+            for step in range(gen.max_new_tokens):
+                rec.mode = "step"
+                out = prefixes.forward(
+                    model,
+                    torch.tensor([ids], device=device),
+                    cache=cache,
+                    last_logits_only="logits" not in sources,
+                )
+                rec.mode = None
+                tensors = rec.take()
+                logits = out.logits[0]
+                if "logits" in sources:
+                    tensors[("logits", None)] = logits.to(store_dtype)
+                if writer is None:
+                    writer = RunWriter(group, _plans(tensors, sources, layers, n_max, cap.store_dtype))
+                writer.submit(position, tensors)
+                cache = out.past_key_values
+                choice = sampling.choose(
+                    logits[-1],
+                    do_sample=gen.do_sample,
+                    temperature=gen.temperature,
+                    top_k=gen.top_k,
+                    top_p=gen.top_p,
+                    generator=generator,
+                    n_top=cap.top_k_probs,
+                )
+                steps.append(sampling.step_record(step, ids, choice, tok, range(position, position + len(ids))))
+                position += len(ids)
+                bar.update()
+                if step == 0:
+                    # Snapshots reuse this prefill's KV cache before decoding extends it.
+                    snap_states = prefixes.last_token_states(
+                        model, rec, snapshot_ids, [prefixes.Base(prompt_ids, cache)], device, bar.update
+                    )
+                if choice.token_id in eos or step == gen.max_new_tokens - 1:
+                    break
+                ids = [choice.token_id]
+            ref_bases = [prefixes.Base(prompt_ids, cache)]
+            shared = prefixes.shared_prefix(ref_ids)
+            if len(ref_ids) > 1 and len(shared) > 1:
+                ref_bases.append(prefixes.prefill_base(model, shared, device))
+            ref_states = prefixes.last_token_states(model, rec, ref_ids, ref_bases, device, bar.update)
+        assert writer is not None
+        writer.finish(position)
+        generated = [s["generated_token_id"] for s in steps]
+        _write_tokens(group, prompt_ids, generated, position)
+        snapshot_meta = [
+            {"index": k, "role": m["role"], "content_preview": m["content"][:80]}
+            for k, m in enumerate(messages)
+        ]
+        _write_stacked(group, naming.SNAPSHOTS_GROUP, snap_states, layers, cap.store_dtype, store_dtype)
+        _write_stacked(group, naming.REFERENCES_GROUP, ref_states, layers, cap.store_dtype, store_dtype)
+        text = tok.decode(generated, skip_special_tokens=True)
+        meta = _run_meta(
+            scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
+        )
+        group.attrs["run"] = meta
+        entry = _catalog_entry(meta, run_id)
+        store.commit(run_id, entry)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        _discard(store, run_id)
+        raise
+    finally:
+        bar.close()
+    return CaptureResult(run_id, store.location, len(steps), position, text, time.perf_counter() - t0)
+
+
+def _available_sources(wanted: tuple[str, ...], sites: ModelSites) -> list[str]:
+    """Drop what the architecture lacks (a plain MLP has no gate)."""
+    has_gate = any(ls.gate is not None or ls.gate_up is not None for ls in sites.layers)
+    return [s for s in wanted if not (s == "mlp_gate" and not has_gate)]
+
+
+def _eos_ids(model: Any, tok: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _plans(
+    tensors: dict[Key, torch.Tensor], sources: set[str], layers: list[int], n_max: int, store_dtype: str
+) -> list[ArrayPlan]:
+    """Array plans from the first pass's tensors (their widths are the truth)."""
+    dtype = layout.physical_dtype(store_dtype)
+    attrs: dict[str, Any] = {"actstore_dtype": store_dtype}
+    plans = []
+    if "hidden_in" in sources:
+        bounds = layout.residual_boundaries(layers)
+        keys = tuple(("residual", b) for b in bounds)
+        width = tensors[keys[0]].shape[-1]
+        spec = layout.vector_spec(naming.RESIDUAL_ARRAY, len(bounds), n_max, width, dtype)
+        plans.append(ArrayPlan(naming.RESIDUAL_ARRAY, spec, keys, {**attrs, "boundaries": bounds}))
+    for source in naming.LAYER_SOURCES:
+        if source not in sources or source in ("hidden_in", "hidden_out", "mlp_down_in"):
+            continue
+        keys = tuple((source, layer) for layer in layers)
+        first = tensors[keys[0]]
+        if source == "attn_weights":
+            spec = layout.attn_spec(len(layers), first.shape[0], n_max, dtype)
+        else:
+            spec = layout.vector_spec(source, len(layers), n_max, first.shape[-1], dtype)
+        plans.append(ArrayPlan(source, spec, keys, {**attrs, "layers": layers}))
+    for source in naming.GLOBAL_SOURCES:
+        if source in sources:
+            width = tensors[(source, None)].shape[-1]
+            spec = layout.vector_spec(source, None, n_max, width, dtype)
+            plans.append(ArrayPlan(source, spec, ((source, None),), attrs))
+    return plans
+
+
+def _write_tokens(group: Any, prompt_ids: list[int], generated: list[int], n_positions: int) -> None:
+    fed = (prompt_ids + generated)[:n_positions]
+    steps = [0] * len(prompt_ids) + list(range(1, n_positions - len(prompt_ids) + 1))
+    write_small_array(group, naming.TOKENS_ARRAY, np.asarray(fed, dtype=np.int64))
+    write_small_array(group, naming.POSITION_STEP_ARRAY, np.asarray(steps, dtype=np.int32))
+
+
+def _write_stacked(
+    group: Any,
+    where: str,
+    states: list[dict[Key, torch.Tensor]],
+    layers: list[int],
+    store_dtype: str,
+    torch_dtype: torch.dtype,
+) -> None:
+    """(rows, L, H) arrays per residual source: one row per snapshot or reference."""
+    if not states:
+        return
+    from actstore.store.writer import to_numpy
+
+    for source in naming.RESIDUAL_SOURCES:
+        rows = []
+        for st in states:
+            if source == "hidden_in":
+                vecs = [st[("residual", layer)] for layer in layers]
+            elif source == "hidden_out":
+                vecs = [st[("residual", layer + 1)] for layer in layers]
+            else:
+                vecs = [st[(source, layer)] for layer in layers]
+            rows.append(to_numpy(torch.stack(vecs).to(torch_dtype)))
+        data = np.stack(rows)
+        arr = group.create_array(
+            f"{where}/{source}",
+            shape=data.shape,
+            chunks=(1, *data.shape[1:]),
+            dtype=data.dtype,
+            compressors=layout.COMPRESSOR,
+            fill_value=0,
+            attributes={"actstore_dtype": store_dtype, "layers": layers},
+        )
+        arr[...] = data
+
+
+def _run_meta(
+    scenario: Scenario,
+    loaded: LoadedModel,
+    sites: ModelSites,
+    layers: list[int],
+    sources: set[str],
+    prompt_ids: list[int],
+    n_positions: int,
+    steps: list[dict[str, Any]],
+    text: str,
+    snapshot_meta: list[dict[str, Any]],
+) -> dict[str, Any]:
+    tok = loaded.tokenizer
+    import transformers
+    import zarr
+
+    served = [s for s in naming.ALL_SOURCES if s in sources]
+    return {
+        "scenario": scenario.expanded(),
+        "model": {
+            "id": loaded.model_id,
+            "source": loaded.source,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": str(loaded.device),
+            "arch": {
+                "family": sites.family,
+                "model_type": getattr(loaded.model.config, "model_type", None),
+                "num_layers": sites.num_layers,
+                "hidden_size": sites.hidden_size,
+                "intermediate_size": sites.intermediate_size,
+                "num_attention_heads": sites.num_heads,
+                "num_key_value_heads": sites.num_kv_heads,
+                "head_dim": sites.head_dim,
+                "vocab_size": sites.vocab_size,
+                "paths": sites.paths,
+            },
+        },
+        "tokenizer": {
+            "vocab_size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "has_chat_template": bool(getattr(tok, "chat_template", None)),
+        },
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+            "zarr": zarr.__version__,
+            "actstore": __version__,
+            "device": str(loaded.device),
+            "platform": platform.platform(),
+        },
+        "created_at": datetime.now(UTC).isoformat(),
+        "prompt_token_ids": prompt_ids,
+        "prompt_tokens": tok.convert_ids_to_tokens(prompt_ids),
+        "prompt_len": len(prompt_ids),
+        "n_positions": n_positions,
+        "layers": layers,
+        "sources": served,
+        "residual_boundaries": layout.residual_boundaries(layers) if "hidden_in" in sources else [],
+        "gated_mlp": sites.gated_mlp,
+        "store_dtype": scenario.capture.store_dtype,
+        "steps": steps,
+        "generated_token_ids": [s["generated_token_id"] for s in steps],
+        "generated_text": text,
+        "snapshots": snapshot_meta,
+        "references": [r.label for r in scenario.reference_states],
+    }
+
+
+def _catalog_entry(meta: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """What `actstore ls` shows, readable without opening any array."""
+    return {
+        "id": run_id,
+        "scenario": meta["scenario"]["name"],
+        "model": meta["model"]["id"],
+        "created_at": meta["created_at"],
+        "prompt_len": meta["prompt_len"],
+        "n_steps": len(meta["steps"]),
+        "n_positions": meta["n_positions"],
+        "n_layers": len(meta["layers"]),
+        "layers": meta["layers"],
+        "sources": meta["sources"],
+        "n_snapshots": len(meta["snapshots"]),
+        "n_references": len(meta["references"]),
+        "store_dtype": meta["store_dtype"],
+        "generated_text": meta["generated_text"][:200],
+    }
+
+
+def _discard(store: ActStore, run_id: str) -> None:
+    """Best effort: remove an uncommitted run's group (a kill leaves it invisible anyway)."""
+    try:
+        runs = store.root[naming.RUNS_PREFIX]
+        del runs[run_id]  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - cleanup must not hide the original error
+        pass

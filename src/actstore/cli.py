@@ -1,0 +1,186 @@
+"""The ``actstore`` command line: thin click commands over the library.
+
+Each command parses options, calls one library function and prints its result. Library
+errors (``ActstoreError``) become one line on stderr and exit code 2, here and nowhere
+else; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from actstore.errors import ActstoreError
+
+STORE_ENV = "ACTSTORE_STORE"
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ActstoreError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` pairs; values that parse as JSON (numbers, true) are typed."""
+    opts: dict[str, Any] = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--storage-option")
+        key, value = item.split("=", 1)
+        try:
+            opts[key] = json.loads(value)
+        except ValueError:
+            opts[key] = value
+    return opts
+
+
+def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--store and --storage-option, shared by every command that opens a store."""
+    fn = click.option(
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="fsspec option for object storage (repeatable), e.g. endpoint_url=http://127.0.0.1:9000",
+    )(fn)
+    fn = click.option(
+        "--store",
+        "store_location",
+        envvar=STORE_ENV,
+        default=None,
+        metavar="PATH|URL",
+        help=f"store location (default: ${STORE_ENV}, else stores/actstore.zarr)",
+    )(fn)
+    return fn
+
+
+def open_store(location: str | None, storage_options: tuple[str, ...], create: bool = False) -> Any:
+    from actstore.scenario import DEFAULT_STORE
+    from actstore.store.store import ActStore
+
+    return ActStore.open(
+        location or DEFAULT_STORE, create=create, storage_options=parse_storage_options(storage_options)
+    )
+
+
+def _quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--quiet", "-q", is_flag=True, help="no progress bars")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="actstore")
+def main() -> None:
+    """Capture every activation of a causal LM into a Zarr store, and query it."""
+
+
+@main.command()
+@click.argument("scenario_path", metavar="SCENARIO.yaml|DIR")
+@store_options
+@_quiet_option
+@_fail_cleanly
+def capture(
+    scenario_path: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool
+) -> None:
+    """Run the model on a scenario file (or every scenario in a folder) and store the runs."""
+    from actstore.capture.runner import attn_implementation, capture as do_capture
+    from actstore.models.loading import load_model
+    from actstore.scenario import DEFAULT_STORE, load_scenarios
+
+    scenarios = load_scenarios(scenario_path)  # validate everything before any work
+    loaded: dict[tuple[Any, ...], Any] = {}
+    for sc in scenarios:
+        location = store_location or sc.output.store or DEFAULT_STORE
+        store = open_store(location, storage_options, create=True)
+        key = (sc.model.id, sc.model.dtype, sc.model.device, sc.model.gguf_file)
+        if key not in loaded:
+            loaded[key] = load_model(sc.model, attn_implementation=attn_implementation(sc))
+        for result in do_capture(sc, store, loaded=loaded[key], progress=None if not quiet else False):
+            click.echo(
+                f"{result.run_id}\t{store.location}\t{result.n_steps} steps, "
+                f"{result.n_positions} positions, {result.seconds:.1f}s"
+            )
+
+
+@main.command("ls")
+@store_options
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@_fail_cleanly
+def ls_cmd(store_location: str | None, storage_options: tuple[str, ...], fmt: str) -> None:
+    """List the committed runs in a store (reads the catalog only)."""
+    store = open_store(store_location, storage_options)
+    df = store.catalog()
+    cols = ["id", "scenario", "model", "created_at", "prompt_len", "n_steps", "n_layers", "n_snapshots", "n_references"]
+    click.echo(render_frame(df[cols], fmt))
+
+
+@main.command()
+@click.argument("run", default="latest")
+@store_options
+@_fail_cleanly
+def inspect(run: str, store_location: str | None, storage_options: tuple[str, ...]) -> None:
+    """Summarise one run: model, prompt, generated text, steps, arrays."""
+    from actstore.store.inspect import describe_run
+
+    store = open_store(store_location, storage_options)
+    click.echo(describe_run(store.run(run)))
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--gguf-file", default=None, help="GGUF file inside MODEL_ID's folder")
+@click.option("--trust-remote-code", is_flag=True)
+@_fail_cleanly
+def layers(model_id: str, gguf_file: str | None, trust_remote_code: bool) -> None:
+    """Print a model's module tree and where each capture point hooks in."""
+    from actstore.models.architectures import describe_model
+    from actstore.models.loading import load_model
+    from actstore.scenario import ModelConfig
+
+    cfg = ModelConfig(id=model_id, dtype="float32", device="cpu", gguf_file=gguf_file,
+                      trust_remote_code=trust_remote_code)  # fmt: skip
+    click.echo(describe_model(load_model(cfg).model))
+
+
+def render_frame(df: Any, fmt: str) -> str:
+    """A DataFrame as an aligned table, CSV or JSON records."""
+    if fmt == "csv":
+        return str(df.to_csv(index=False)).rstrip("\n")
+    if fmt == "json":
+        return str(df.to_json(orient="records", indent=2))
+    if df.empty:
+        return "(no rows)"
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
+        return str(df.to_string(index=False))
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules (export/import, queries, reports)."""
+    for module in ("actstore.cli_npz", "actstore.cli_query", "actstore.cli_report"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(main)
+
+
+_register_optional()
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))

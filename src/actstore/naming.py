@@ -1,0 +1,131 @@
+"""The one place that names activation sites, store paths and NPZ keys.
+
+Nothing else in actstore formats ``layer_NN/...`` strings or array paths: every module
+asks this one. A *source* is a kind of captured tensor (``hidden_out``, ``q``,
+``logits``...). Per-layer sources live in arrays with a leading layer axis; global
+sources have none.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Per-layer sources in the order the seed documents them.
+LAYER_SOURCES: tuple[str, ...] = (
+    "hidden_in",
+    "hidden_out",
+    "q",
+    "k",
+    "v",
+    "attn_out",
+    "attn_weights",
+    "mlp_gate",
+    "mlp_up",
+    "mlp_act",
+    "mlp_down_in",
+    "mlp_down_out",
+)
+GLOBAL_SOURCES: tuple[str, ...] = ("embeddings", "logits")
+ALL_SOURCES: tuple[str, ...] = LAYER_SOURCES + GLOBAL_SOURCES
+
+# The residual-stream sources kept for snapshots and references, and compared by reports.
+RESIDUAL_SOURCES: tuple[str, ...] = ("hidden_in", "hidden_out", "attn_out", "mlp_down_out")
+
+# Which capture flag switches which sources on (embeddings ride with hidden_states).
+FLAG_SOURCES: dict[str, tuple[str, ...]] = {
+    "hidden_states": ("hidden_in", "hidden_out", "embeddings"),
+    "qkv": ("q", "k", "v", "attn_out"),
+    "attention_weights": ("attn_weights",),
+    "mlp": ("mlp_gate", "mlp_up", "mlp_act", "mlp_down_in", "mlp_down_out"),
+    "logits": ("logits",),
+}
+
+# Run group layout (relative to the run group).
+ACTS_GROUP = "acts"
+SNAPSHOTS_GROUP = "snapshots"
+REFERENCES_GROUP = "references"
+RESIDUAL_ARRAY = "residual"  # (boundaries, T, H): hidden_in/out stored once, see store.layout
+TOKENS_ARRAY = "tokens"
+POSITION_STEP_ARRAY = "position_step"
+
+RUNS_PREFIX = "runs"
+CATALOG_PREFIX = "catalog"
+
+_NPZ_LAYER_KEY = re.compile(r"^layer_(\d+)/([a-z_]+)$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def act_path(source: str) -> str:
+    """Array path of a step source inside a run group."""
+    check_source(source)
+    return f"{ACTS_GROUP}/{source}"
+
+
+def snapshot_path(source: str) -> str:
+    return f"{SNAPSHOTS_GROUP}/{source}"
+
+
+def reference_path(source: str) -> str:
+    return f"{REFERENCES_GROUP}/{source}"
+
+
+def run_path(run_id: str) -> str:
+    """Group path of a run inside the store."""
+    check_run_id(run_id)
+    return f"{RUNS_PREFIX}/{run_id}"
+
+
+def catalog_key(run_id: str) -> str:
+    """Key of a run's catalog entry: written last, it is the run's commit marker."""
+    check_run_id(run_id)
+    return f"{CATALOG_PREFIX}/{run_id}.json"
+
+
+def npz_key(layer: int | None, source: str) -> str:
+    """The seed's NPZ key: ``layer_NN/<source>`` or a bare global source name."""
+    check_source(source)
+    if source in GLOBAL_SOURCES:
+        return source
+    if layer is None:
+        raise ValueError(f"source {source!r} needs a layer")
+    return f"layer_{layer:02d}/{source}"
+
+
+def parse_npz_key(key: str) -> tuple[int | None, str]:
+    """Inverse of :func:`npz_key`."""
+    if key in GLOBAL_SOURCES:
+        return None, key
+    m = _NPZ_LAYER_KEY.match(key)
+    if not m or m.group(2) not in LAYER_SOURCES:
+        raise ValueError(f"not an activation key: {key!r}")
+    return int(m.group(1)), m.group(2)
+
+
+def step_file(step: int) -> str:
+    return f"tensors/step_{step:03d}.npz"
+
+
+def snapshot_file(index: int, role: str) -> str:
+    return f"conversation_snapshots/snapshot_{index:02d}_{role}.npz"
+
+
+def reference_file(label: str) -> str:
+    return f"references/ref_{label}.npz"
+
+
+def check_source(source: str) -> str:
+    if source not in ALL_SOURCES:
+        raise ValueError(f"unknown source {source!r}; known: {', '.join(ALL_SOURCES)}")
+    return source
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"bad run id {run_id!r}")
+    return run_id
+
+
+def sources_for_flags(flags: dict[str, bool]) -> tuple[str, ...]:
+    """The sources a capture section switches on, in canonical order."""
+    wanted = {s for flag, srcs in FLAG_SOURCES.items() if flags.get(flag) for s in srcs}
+    return tuple(s for s in ALL_SOURCES if s in wanted)

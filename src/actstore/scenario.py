@@ -1,0 +1,371 @@
+"""Scenario files: the seed's YAML format, validated, with every default in one place.
+
+A scenario says which model to load, which conversation to feed it, how to generate and
+what to capture. This module parses YAML into frozen pydantic models and turns every
+validation failure into one ``ScenarioError`` line: ``<file>: <field.path>: <what> (<fix>)``.
+The format is the seed's unchanged, plus ``output.store`` (where the Zarr store goes).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from actstore.errors import ScenarioError
+
+DEFAULT_STORE = "stores/actstore.zarr"  # used when output.store is null; relative to the cwd
+
+Dtype = Literal["float16", "bfloat16", "float32"]
+Role = Literal["system", "user", "assistant"]
+
+_DEVICE = re.compile(r"^(auto|cuda|mps|cpu|cuda:\d+)$")
+_BAD_NAME_CHARS = re.compile(r"[\s/\\]")
+
+
+class _Invalid(ValueError):
+    """A validator failure that carries its own fix and, optionally, a deeper field path."""
+
+    def __init__(self, what: str, fix: str, at: tuple[str | int, ...] = ()) -> None:
+        super().__init__(f"{what} ({fix})")
+        self.what, self.fix, self.at = what, fix, at
+
+
+def _check_safe_name(value: str, kind: str, example: str) -> str:
+    # Names and labels become directory and file names, so they must be one path segment.
+    if not value:
+        raise _Invalid(f"{kind} must not be empty", f"use e.g. {example}")
+    if _BAD_NAME_CHARS.search(value):
+        fixed = _BAD_NAME_CHARS.sub("_", value)
+        raise _Invalid(f"{kind} {value!r} must contain no spaces or slashes", f"use e.g. {fixed}")
+    return value
+
+
+def _parse_layers(value: Any) -> Any:
+    """Accept "all" or a list of unique non-negative ints; store the list sorted."""
+    if value == "all":
+        return value
+    if not isinstance(value, list):
+        raise _Invalid(f"expected \"all\" or a list of layer indices, got {_show(value)}", "write all or e.g. [0, 5, 10]")
+    seen: set[int] = set()
+    for i, idx in enumerate(value):
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            raise _Invalid(f"expected a layer index, got {_show(idx)}", "write a whole number", (i,))
+        if idx < 0:
+            raise _Invalid(f"layer index {idx} is negative", "layer indices count from 0", (i,))
+        if idx in seen:
+            raise _Invalid(f"layer index {idx} is listed twice", "list each layer once", (i,))
+        seen.add(idx)
+    return sorted(value)
+
+
+class _Strict(BaseModel):
+    # strict: YAML already gives real types, so "50" or "yes" is a mistake, not a number or bool.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelConfig(_Strict):
+    id: str
+    dtype: Dtype = "float16"
+    device: str = "auto"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise _Invalid(f"unknown device {v!r}", "use one of auto, cuda, cuda:N, mps, cpu")
+        return v
+
+
+class Message(_Strict):
+    role: Role
+    content: str
+
+
+class PromptConfig(_Strict):
+    messages: list[Message] = Field(min_length=1)
+    run_at_each_message: bool = False
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(default=50, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int = 42
+
+
+class CaptureConfig(_Strict):
+    hidden_states: bool = True
+    attention_weights: bool = True
+    qkv: bool = True
+    mlp: bool = True
+    logits: bool = True
+    top_k_probs: int = Field(default=20, ge=0)
+    layers: Annotated[Literal["all"] | list[int], BeforeValidator(_parse_layers)] = "all"
+    store_dtype: Dtype = "float16"
+
+    def flags(self) -> dict[str, bool]:
+        """The five capture switches, in the seed's order (see naming.FLAG_SOURCES)."""
+        return {k: getattr(self, k) for k in ("hidden_states", "attention_weights", "qkv", "mlp", "logits")}
+
+
+class OutputConfig(_Strict):
+    dir: str = "./runs"
+    format: Literal["json+npz"] = "json+npz"
+    store: str | None = None  # Zarr store path or URL; None means DEFAULT_STORE
+
+    def store_location(self) -> str:
+        return self.store if self.store is not None else DEFAULT_STORE
+
+
+class ReferenceState(_Strict):
+    label: str
+    messages: list[Message] = Field(min_length=1)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        return _check_safe_name(v, "label", "calm")
+
+
+class Scenario(_Strict):
+    name: str
+    model: ModelConfig
+    prompt: PromptConfig
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    reference_states: list[ReferenceState] = []
+
+    _source_path: Path | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_safe_name(v, "name", "my_experiment")
+
+    @field_validator("reference_states")
+    @classmethod
+    def _unique_labels(cls, refs: list[ReferenceState]) -> list[ReferenceState]:
+        # Labels are file names (ref_<label>.npz), so a repeat would overwrite the first.
+        seen: set[str] = set()
+        for i, ref in enumerate(refs):
+            if ref.label in seen:
+                raise _Invalid(f"duplicate label {ref.label!r}", "labels must be unique; rename one", (i, "label"))
+            seen.add(ref.label)
+        return refs
+
+    @property
+    def source_path(self) -> Path | None:
+        """The YAML file this scenario came from, or None when built from a dict."""
+        return self._source_path
+
+    @property
+    def source(self) -> str:
+        """How error messages name this scenario's origin."""
+        return str(self._source_path) if self._source_path is not None else "<dict>"
+
+    def expanded(self) -> dict[str, Any]:
+        """Every key with its default filled in, JSON-serialisable (goes into run metadata)."""
+        return self.model_dump(mode="json")
+
+    def prefix_scenarios(self) -> list[Scenario]:
+        """One scenario per message prefix messages[:1..n], each running the prefix once."""
+        out: list[Scenario] = []
+        msgs = self.prompt.messages
+        for k in range(1, len(msgs) + 1):
+            prompt = PromptConfig(messages=list(msgs[:k]), run_at_each_message=False)
+            sub = self.model_copy(update={"prompt": prompt})
+            sub._source_path = self._source_path
+            out.append(sub)
+        return out
+
+    def runs(self) -> list[Scenario]:
+        """The scenarios to actually run: the prefixes when run_at_each_message, else self."""
+        return self.prefix_scenarios() if self.prompt.run_at_each_message else [self]
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, kept short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _field_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model class whose keys live at ``loc`` (list indices skipped)."""
+    cls: type[BaseModel] = Scenario
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        while get_origin(ann) is list:
+            ann = get_args(ann)[0]
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+_TYPE_WORDS: dict[str, tuple[str, str]] = {
+    "int_type": ("an integer", "write a whole number without quotes"),
+    "float_type": ("a number", "write a number without quotes"),
+    "bool_type": ("true or false", "write true or false without quotes"),
+    "string_type": ("text", "quote the value"),
+    "list_type": ("a list", "write a YAML list of '- ' items"),
+    "model_type": ("a mapping", "write indented 'key: value' lines"),
+    "dict_type": ("a mapping", "write indented 'key: value' lines"),
+}
+
+
+def _describe(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str, str]:
+    """(field loc, what is wrong, how to fix) for one pydantic error."""
+    loc, kind, ctx, value = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "value_error" and isinstance(ctx.get("error"), _Invalid):
+        e = ctx["error"]
+        return loc + e.at, e.what, e.fix
+    if kind == "missing":
+        where = f"under {_field_path(loc[:-1])}" if len(loc) > 1 else "at the top level"
+        return loc, "missing required key", f"add '{loc[-1]}:' {where}"
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        allowed = ", ".join(model.model_fields) if model else "see the scenario format"
+        return loc, f"unknown key {loc[-1]!r}", f"allowed keys: {allowed}"
+    if kind in _TYPE_WORDS:
+        want, fix = _TYPE_WORDS[kind]
+        return loc, f"expected {want}, got {_show(value)}", fix
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return loc, f"{loc[-1]} {_show(value)} is not allowed", f"use one of: {', '.join(options)}"
+    if kind == "too_short":
+        entry = "message with role and content" if loc[-1] == "messages" else "entry"
+        return loc, "must not be empty", f"add at least one {entry}"
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return loc, f"must be {bounds[kind]} {limit}, got {_show(value)}", f"use a value {bounds[kind]} {limit}"
+    # Anything unforeseen: pydantic's own short message, without its URL or traceback.
+    return loc, str(err["msg"]).rstrip("."), "see the scenario format in the README"
+
+
+def _translate(exc: ValidationError, source: str) -> ScenarioError:
+    errors = exc.errors()
+    loc, what, fix = _describe(errors[0])
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ScenarioError(_one_line(f"{source}: {_field_path(loc)}: {what} ({fix}){more}"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """SafeLoader that refuses repeated keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def scenario_from_dict(data: Any, source: str = "<dict>") -> Scenario:
+    """Validate parsed YAML (or any mapping); errors become one ScenarioError line."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else _show(data)
+        raise ScenarioError(
+            f"{source}: <top level>: expected a mapping of scenario keys, got {got} "
+            f"(start the file with 'name: ...', 'model:' and 'prompt:')"
+        )
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise _translate(exc, source) from None
+    if source != "<dict>":
+        scenario._source_path = Path(source)
+    return scenario
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate one scenario YAML file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ScenarioError(f"{p}: is a directory (pass a .yaml file, or use load_scenarios)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(f"{p}: file not found (check the path)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(_one_line(f"{p}: cannot read file: {exc} (check it is UTF-8 text)")) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ScenarioError(_one_line(f"{p}: {where}: invalid YAML: {problem} (fix the YAML there)")) from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(_one_line(f"{p}: YAML error: {exc} (fix the YAML)")) from None
+    return scenario_from_dict(data, source=str(p))
+
+
+def load_scenarios(path_or_dir: str | Path) -> list[Scenario]:
+    """One file, or every *.yaml/*.yml directly inside a directory, sorted by file name."""
+    p = Path(path_or_dir)
+    if not p.is_dir():
+        return [load_scenario(p)]
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml"))
+    if not files:
+        raise ScenarioError(f"{p}: no *.yaml or *.yml scenario files in this directory (add one or pass a file)")
+    return [load_scenario(f) for f in files]
+
+
+def check_layers(scenario: Scenario, num_layers: int) -> list[int]:
+    """Resolve capture.layers against a model with ``num_layers`` layers."""
+    layers = scenario.capture.layers
+    if layers == "all":
+        return list(range(num_layers))
+    for i, idx in enumerate(layers):
+        if idx >= num_layers:
+            raise ScenarioError(
+                f"{scenario.source}: capture.layers[{i}]: layer index {idx} is out of range for "
+                f"{scenario.model.id} with {num_layers} layers (use 0..{num_layers - 1} or all)"
+            )
+    return list(layers)

@@ -1,0 +1,44 @@
+"""A human-readable summary of one run (what `actstore inspect` prints)."""
+
+from __future__ import annotations
+
+from actstore.store.reader import RunReader, _ranges
+
+
+def describe_run(run: RunReader) -> str:
+    m = run.meta
+    arch = m["model"]["arch"]
+    lines = [
+        f"run        {run.id}",
+        f"scenario   {m['scenario']['name']}",
+        f"created    {m['created_at']}",
+        f"model      {m['model']['id']} ({arch['family']}, {arch['num_layers']} layers, "
+        f"hidden {arch['hidden_size']}, {m['model']['dtype']} on {m['model']['device']})",
+        f"prompt     {run.prompt_len} tokens, {len(m['scenario']['prompt']['messages'])} messages",
+        f"steps      {run.n_steps} forward passes ({run.n_positions} positions)",
+        f"layers     {_ranges(run.layers)}",
+        f"store      {m['store_dtype']}",
+        "",
+        "generated  " + repr(run.generated_text()),
+        "",
+        "step tensors (per layer: L x positions x width; derived ones are computed on read):",
+    ]
+    for source in run.sources:
+        x = run.array(source)
+        derived = source in ("hidden_in", "hidden_out", "mlp_down_in")
+        note = "  (derived)" if source == "mlp_down_in" else "  (residual boundaries)" if derived else ""
+        lines.append(f"  {source:<14} {str(tuple(x.shape)):<26} {x.dtype}{note}")
+    if run.snapshot_index:
+        lines += ["", f"conversation snapshots ({len(run.snapshot_index)}):"]
+        for s in run.snapshot_index:
+            lines.append(f"  {s['index']:>3} {s['role']:<9} {s['content_preview'][:60]!r}")
+    if run.reference_labels:
+        lines += ["", f"references: {', '.join(run.reference_labels)}"]
+    lines += ["", "first steps:"]
+    for st in run.steps[:5]:
+        top = ", ".join(f"{t['token']!r} {t['logprob']:.2f}" for t in st["top_k"][:3])
+        lines.append(
+            f"  step {st['step']:>3} {st['kind']:<7} seq_len {st['seq_len']:>4} -> "
+            f"{st['generated_token']!r}  top: {top}"
+        )
+    return "\n".join(lines)

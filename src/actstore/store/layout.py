@@ -1,0 +1,131 @@
+"""How a run's arrays are shaped, chunked, sharded and compressed.
+
+This is the performance contract of the store. Every step source is one position-major
+array: ``(L, T, W)`` for per-layer vectors, ``(L, heads, T, T)`` for attention weights,
+``(T, W)`` for embeddings and logits. Arrays are Zarr v3 with sharding:
+
+* a *shard* (one stored object) spans every captured layer, all of W and a block of
+  positions sized so a shard stays near ``SHARD_BUDGET`` bytes. A capture writes whole
+  shards only (no read-modify-write), so it makes few, large objects.
+* an *inner chunk* holds one layer and ``INNER_POSITIONS`` positions, so a query for one
+  position's vector at every layer decodes a few KiB per layer from one object.
+
+Bytes are saved by not storing what can be derived: the residual stream is stored once
+per layer *boundary* (hidden_in of layer l+1 is hidden_out of layer l, bit for bit), the
+MLP's down_proj input is computed at read time (act * up for gated MLPs, act otherwise),
+and attention tiles above the causal diagonal are never written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec, BloscShuffle
+
+SHARD_BUDGET = 64 * 2**20  # bytes of raw data per shard, before compression
+INNER_POSITIONS = 32  # positions per inner chunk of a vector array
+LOGITS_INNER_POSITIONS = 4  # logits rows are wide (a vocabulary), keep one read small
+ATTN_TILE = 64  # attention weights are stored in TILE x TILE tiles per (layer, all heads)
+MIN_BLOCK, MAX_BLOCK = 64, 4096
+
+# Float activations barely compress (see DESIGN.md): pick a fast codec, win bytes elsewhere.
+COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def physical_dtype(store_dtype: str) -> np.dtype:
+    """The dtype written to Zarr. bfloat16 has no NumPy dtype: it keeps its 16 bits as a
+    uint16 view, and the array's ``actstore_dtype`` attribute records the truth."""
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype {store_dtype!r} not in {STORE_DTYPES}")
+    return np.dtype("uint16") if store_dtype == "bfloat16" else np.dtype(store_dtype)
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _pow2_floor(x: float) -> int:
+    p = 1
+    while p * 2 <= x:
+        p *= 2
+    return p
+
+
+def position_block(bytes_per_position: int, inner: int = INNER_POSITIONS) -> int:
+    """Positions per shard so one shard holds about SHARD_BUDGET raw bytes."""
+    block = _pow2_floor(max(1, SHARD_BUDGET // max(1, bytes_per_position)))
+    return max(inner, MIN_BLOCK, min(MAX_BLOCK, block))
+
+
+def attn_block(n_layers: int, n_heads: int, itemsize: int) -> int:
+    """Rows (and columns) per attention shard: a shard is (L, heads, B, B)."""
+    per_square = n_layers * n_heads * itemsize
+    side = _pow2_floor(max(1.0, (SHARD_BUDGET / per_square) ** 0.5))
+    return max(ATTN_TILE, min(MAX_BLOCK, side))
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape and chunking of one stored array, with the position axis named."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]  # inner chunk
+    shards: tuple[int, ...]
+    dtype: np.dtype
+    position_axes: tuple[int, ...]  # axes indexed by token position (attention has two)
+
+    @property
+    def block(self) -> int:
+        """Positions per shard along the (first) position axis."""
+        return self.shards[self.position_axes[0]]
+
+
+def vector_spec(
+    name: str, n_layers: int | None, n_positions: int, width: int, dtype: np.dtype
+) -> ArraySpec:
+    """Spec of a ``(L, T, W)`` array, or ``(T, W)`` when ``n_layers`` is None."""
+    inner = LOGITS_INNER_POSITIONS if width > 8192 else INNER_POSITIONS
+    layers = n_layers or 1
+    block = position_block(layers * width * dtype.itemsize, inner)
+    block = min(block, _round_up(n_positions, inner))
+    if n_layers is None:
+        return ArraySpec(name, (n_positions, width), (inner, width), (block, width), dtype, (0,))
+    return ArraySpec(
+        name,
+        (n_layers, n_positions, width),
+        (1, inner, width),
+        (n_layers, block, width),
+        dtype,
+        (1,),
+    )
+
+
+def attn_spec(n_layers: int, n_heads: int, n_positions: int, dtype: np.dtype) -> ArraySpec:
+    block = min(attn_block(n_layers, n_heads, dtype.itemsize), _round_up(n_positions, ATTN_TILE))
+    return ArraySpec(
+        "attn_weights",
+        (n_layers, n_heads, n_positions, n_positions),
+        (1, n_heads, ATTN_TILE, ATTN_TILE),
+        (n_layers, n_heads, block, block),
+        dtype,
+        (2, 3),
+    )
+
+
+def _round_up(x: int, m: int) -> int:
+    return max(m, -(-x // m) * m)
+
+
+def residual_boundaries(layers: list[int]) -> list[int]:
+    """Residual boundaries to store for the captured layers.
+
+    Boundary b is the stream entering layer b (= leaving layer b-1). hidden_in of layer l
+    is boundary l and hidden_out is boundary l+1, so all N layers need N+1 boundaries,
+    not 2N vectors.
+    """
+    return sorted({b for layer in layers for b in (layer, layer + 1)})

@@ -1,0 +1,188 @@
+"""Lazy read access to one committed run.
+
+The reader hands out Dask arrays over the run's Zarr arrays and serves the derived
+sources as if they were stored: ``hidden_in`` / ``hidden_out`` are views of the
+residual-boundary array, ``mlp_down_in`` is ``mlp_act * mlp_up`` (gated MLPs) or
+``mlp_act`` (plain MLPs), and bfloat16 bits are widened to float32. Nothing is read
+until a caller computes; this module is the only place that turns Zarr arrays into Dask
+arrays, with deterministic graph names.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from actstore import naming
+from actstore.errors import SelectionError
+from actstore.store import layout
+
+
+class RunReader:
+    """One run: metadata, catalog entry, and lazy arrays.
+
+    >>> run = ActStore.open("stores/actstore.zarr").run("latest")   # doctest: +SKIP
+    >>> run.array("hidden_out")[:, run.final_position].compute()     # doctest: +SKIP
+    """
+
+    def __init__(self, run_id: str, group: zarr.Group, entry: dict[str, Any]):
+        self.id = run_id
+        self.group = group
+        self.entry = entry
+
+    # ---- metadata -----------------------------------------------------------------
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs["run"])  # type: ignore[arg-type]
+
+    @property
+    def scenario(self) -> dict[str, Any]:
+        return self.meta["scenario"]
+
+    @property
+    def layers(self) -> list[int]:
+        """Real layer indices of the captured layers (the layer coordinate)."""
+        return list(self.meta["layers"])
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return list(self.meta["steps"])
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.meta["prompt_len"])
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.meta["n_positions"])
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def prefill_position(self) -> int:
+        """Position of the last prompt token: the seed's 'initial' state."""
+        return self.prompt_len - 1
+
+    @property
+    def final_position(self) -> int:
+        """Position fed to the last forward pass: the seed's 'final' state."""
+        return self.n_positions - 1
+
+    def step_positions(self, step: int) -> range:
+        """Positions computed by one forward pass (all prompt positions for step 0)."""
+        if not 0 <= step < self.n_steps:
+            raise SelectionError(f"run {self.id} has steps 0..{self.n_steps - 1}, not {step}")
+        if step == 0:
+            return range(0, self.prompt_len)
+        p = self.prompt_len + step - 1
+        return range(p, p + 1)
+
+    def layer_index(self, layers: list[int] | None) -> list[int]:
+        """Positions along the layer axis of real layer indices (None = every layer)."""
+        if layers is None:
+            return list(range(len(self.layers)))
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise SelectionError(
+                f"run {self.id} did not capture layer(s) {missing}; captured: {_ranges(self.layers)}"
+            )
+        return [self.layers.index(layer) for layer in layers]
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every step source this run can serve, stored or derived."""
+        return tuple(self.meta["sources"])
+
+    @property
+    def snapshot_index(self) -> list[dict[str, Any]]:
+        return list(self.meta.get("snapshots", []))
+
+    @property
+    def reference_labels(self) -> list[str]:
+        return list(self.meta.get("references", []))
+
+    # ---- arrays -------------------------------------------------------------------
+    def _dask(self, path: str) -> da.Array:
+        arr = self.group[path]
+        assert isinstance(arr, zarr.Array)
+        x = da.from_zarr(arr, name=f"actstore-{self.id}-{path.replace('/', '-')}")
+        if arr.attrs.get("actstore_dtype") == "bfloat16":
+            x = x.map_blocks(layout.bfloat16_to_float32, dtype=np.float32)
+        return x
+
+    def array(self, source: str) -> da.Array:
+        """Lazy step array of a source: (L, T, W), (L, heads, T, T) or (T, W)."""
+        naming.check_source(source)
+        if source not in self.sources:
+            raise SelectionError(
+                f"run {self.id} did not capture {source!r}; it has: {', '.join(self.sources)}"
+            )
+        if source in ("hidden_in", "hidden_out"):
+            res = self._dask(f"{naming.ACTS_GROUP}/{naming.RESIDUAL_ARRAY}")
+            bounds: list[int] = self.meta["residual_boundaries"]
+            shift = 0 if source == "hidden_in" else 1
+            idx = [bounds.index(layer + shift) for layer in self.layers]
+            if idx == list(range(idx[0], idx[0] + len(idx))):
+                return res[idx[0] : idx[0] + len(idx)]
+            return res[idx]
+        if source == "mlp_down_in" and naming.act_path(source) not in self.group:
+            act = self.array("mlp_act")
+            return act * self.array("mlp_up") if self.meta["gated_mlp"] else act
+        return self._dask(naming.act_path(source))
+
+    def vectors(self, source: str, positions: Any, layers: list[int] | None = None) -> da.Array:
+        """(L, len(positions), W) slice of a per-layer source, or (n, W) for a global one."""
+        x = self.array(source)
+        if source in naming.GLOBAL_SOURCES:
+            return x[positions]
+        li = self.layer_index(layers)
+        x = x[li] if layers is not None else x
+        return x[:, positions]
+
+    def snapshots(self, source: str) -> da.Array:
+        """(messages, L, H) last-token vectors of each conversation prefix."""
+        return self._stacked(naming.snapshot_path(source), "snapshots", source)
+
+    def references(self, source: str) -> da.Array:
+        """(references, L, H) last-token vectors of each reference state."""
+        return self._stacked(naming.reference_path(source), "references", source)
+
+    def _stacked(self, path: str, what: str, source: str) -> da.Array:
+        if source not in naming.RESIDUAL_SOURCES:
+            raise SelectionError(f"{what} keep only {', '.join(naming.RESIDUAL_SOURCES)}, not {source!r}")
+        if path not in self.group:
+            raise SelectionError(f"run {self.id} has no {what} of {source!r}")
+        return self._dask(path)
+
+    def tokens(self) -> np.ndarray:
+        """Token id at every position (prompt, then each generated token fed back)."""
+        arr = self.group[naming.TOKENS_ARRAY]
+        return np.asarray(arr[...])  # type: ignore[index]
+
+    def position_steps(self) -> np.ndarray:
+        arr = self.group[naming.POSITION_STEP_ARRAY]
+        return np.asarray(arr[...])  # type: ignore[index]
+
+    def generated_text(self) -> str:
+        return str(self.meta.get("generated_text", ""))
+
+    def __repr__(self) -> str:
+        return (
+            f"RunReader({self.id!r}, positions={self.n_positions}, steps={self.n_steps}, "
+            f"layers={_ranges(self.layers)}, sources={list(self.sources)})"
+        )
+
+
+def _ranges(values: list[int]) -> str:
+    """'0-29' or '0,5,10' for a list of layer indices."""
+    if not values:
+        return "none"
+    if values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))

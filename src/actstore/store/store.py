@@ -1,0 +1,229 @@
+"""A store: one Zarr v3 hierarchy holding many runs, plus a catalog of committed runs.
+
+Layout::
+
+    <store>/zarr.json                 root group (attrs: actstore format version)
+    <store>/runs/<run_id>/...         one group per run (arrays, metadata in attrs)
+    <store>/catalog/<run_id>.json     one small JSON per committed run
+
+A run's catalog entry is written last, in one atomic put (rename on local disk, one
+PUT on object storage). It is the commit marker: readers list ``catalog/`` only, so a
+capture killed half-way leaves an orphan group that no reader ever sees, and two
+captures never touch the same key, so concurrent writers both land. Listing the catalog
+reads the small JSON entries concurrently and never opens a tensor array.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from actstore import naming
+from actstore.errors import RunNotFoundError, StoreError
+
+FORMAT_VERSION = 1
+_ROOT_ATTR = "actstore"
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def open_zarr_store(
+    location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, read_only: bool = False
+) -> LocalStore | FsspecStore:
+    """A zarr Store for a local path or an fsspec URL (``s3://bucket/prefix``)."""
+    loc = os.fspath(location)
+    if _is_url(loc):
+        return FsspecStore.from_url(loc, storage_options=storage_options or {}, read_only=read_only)
+    if loc.startswith("file://"):
+        loc = loc[len("file://") :]
+    return LocalStore(loc, read_only=read_only)
+
+
+class ActStore:
+    """Many runs in one Zarr store.
+
+    >>> store = ActStore.open("stores/actstore.zarr")          # doctest: +SKIP
+    >>> store.catalog()                                         # doctest: +SKIP
+    >>> run = store.run("latest"); run.array("hidden_out")       # doctest: +SKIP
+    """
+
+    def __init__(self, zstore: LocalStore | FsspecStore, location: str, root: zarr.Group):
+        self.zstore = zstore
+        self.location = location
+        self.root = root
+
+    # ---- opening -------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        location: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> ActStore:
+        loc = os.fspath(location)
+        zstore = open_zarr_store(loc, storage_options)
+        try:
+            root = zarr.open_group(store=zstore, mode="r+" if not create else "a", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
+            raise StoreError(
+                f"{loc}: no actstore store here (run `actstore capture` first, or check the path)"
+            ) from e
+        if create and _ROOT_ATTR not in root.attrs:
+            root.attrs[_ROOT_ATTR] = {"format_version": FORMAT_VERSION}
+        elif _ROOT_ATTR not in root.attrs:
+            raise StoreError(f"{loc}: a Zarr group, but not an actstore store (no '{_ROOT_ATTR}' attribute)")
+        return cls(zstore, loc, root)
+
+    # ---- writing ---------------------------------------------------------------------
+    def new_run_id(self, name: str) -> str:
+        """``<name>_<utc timestamp>_<random>``: sortable by time, unique across writers."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        return naming.check_run_id(f"{name}_{stamp}_{secrets.token_hex(3)}")
+
+    def create_run_group(self, run_id: str) -> zarr.Group:
+        runs = self.root.require_group(naming.RUNS_PREFIX)
+        return runs.create_group(run_id)
+
+    def commit(self, run_id: str, entry: dict[str, Any]) -> None:
+        """Make a run visible: write its catalog entry atomically, as the last step."""
+        data = json.dumps({**entry, "id": run_id}, sort_keys=True).encode()
+        key = naming.catalog_key(run_id)
+        if isinstance(self.zstore, LocalStore):
+            path = Path(self.zstore.root) / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            buf = default_buffer_prototype().buffer.from_bytes(data)
+            sync(self.zstore.set(key, buf))
+
+    # ---- reading ---------------------------------------------------------------------
+    def catalog_entries(self) -> list[dict[str, Any]]:
+        """Every committed run's catalog entry, oldest first. Reads entries concurrently."""
+        return sync(self._read_catalog())
+
+    async def _read_catalog(self) -> list[dict[str, Any]]:
+        prefix = naming.CATALOG_PREFIX + "/"
+        keys = [k async for k in self.zstore.list_prefix(prefix) if k.endswith(".json")]
+        keys = [k for k in keys if not k.rsplit("/", 1)[-1].startswith(".")]
+        proto = default_buffer_prototype()
+        sem = asyncio.Semaphore(64)
+
+        async def get(key: str) -> dict[str, Any] | None:
+            async with sem:
+                buf = await self.zstore.get(key, prototype=proto)
+            if buf is None:
+                return None
+            try:
+                return json.loads(buf.to_bytes())
+            except ValueError:  # a torn write can only be an uncommitted run
+                return None
+
+        entries = [e for e in await asyncio.gather(*(get(k) for k in keys)) if e]
+        return sorted(entries, key=lambda e: (e.get("created_at", ""), e["id"]))
+
+    def catalog(self) -> Any:
+        """The catalog as a pandas DataFrame, one row per run."""
+        import pandas as pd
+
+        rows = self.catalog_entries()
+        columns = [
+            "id", "scenario", "model", "created_at", "prompt_len", "n_steps",
+            "n_positions", "n_layers", "sources", "n_snapshots", "n_references",
+        ]  # fmt: skip
+        df = pd.DataFrame(rows)
+        for c in columns:
+            if c not in df:
+                df[c] = None
+        return df[columns + [c for c in df.columns if c not in columns]]
+
+    def run_ids(self) -> list[str]:
+        return [e["id"] for e in self.catalog_entries()]
+
+    def resolve(self, selector: str = "latest") -> list[str]:
+        """Run ids for a selector: an exact id, an id prefix, a scenario name (every run
+        of it), ``latest``, ``latest:<scenario>`` or ``all``."""
+        entries = self.catalog_entries()
+        if not entries:
+            raise RunNotFoundError(f"{self.location}: the store holds no committed runs")
+        ids = [e["id"] for e in entries]
+        if selector == "all":
+            return ids
+        if selector == "latest":
+            return [ids[-1]]
+        if selector.startswith("latest:"):
+            name = selector.split(":", 1)[1]
+            named = [e["id"] for e in entries if e.get("scenario") == name]
+            if not named:
+                raise RunNotFoundError(f"{self.location}: no run of scenario {name!r}")
+            return [named[-1]]
+        if selector in ids:
+            return [selector]
+        by_name = [e["id"] for e in entries if e.get("scenario") == selector]
+        if by_name:
+            return by_name
+        by_prefix = [i for i in ids if i.startswith(selector)]
+        if len(by_prefix) == 1:
+            return by_prefix
+        if by_prefix:
+            raise RunNotFoundError(f"{selector!r} matches {len(by_prefix)} runs; give more of the id")
+        raise RunNotFoundError(
+            f"{self.location}: no run matches {selector!r} (see `actstore ls` for the run ids)"
+        )
+
+    def resolve_many(self, selectors: Iterable[str]) -> list[str]:
+        out: list[str] = []
+        for s in selectors:
+            out += [i for i in self.resolve(s) if i not in out]
+        return out
+
+    def run(self, selector: str = "latest") -> Any:
+        """A lazy reader for one committed run."""
+        from actstore.store.reader import RunReader
+
+        ids = self.resolve(selector)
+        if len(ids) > 1:
+            raise RunNotFoundError(f"{selector!r} names {len(ids)} runs; pick one id")
+        entry = next(e for e in self.catalog_entries() if e["id"] == ids[0])
+        group = self.root[naming.run_path(ids[0])]
+        assert isinstance(group, zarr.Group)
+        return RunReader(ids[0], group, entry)
+
+    def runs(self, selectors: Iterable[str] = ("all",)) -> list[Any]:
+        from actstore.store.reader import RunReader
+
+        entries = {e["id"]: e for e in self.catalog_entries()}
+        readers = []
+        for run_id in self.resolve_many(selectors):
+            group = self.root[naming.run_path(run_id)]
+            assert isinstance(group, zarr.Group)
+            readers.append(RunReader(run_id, group, entries[run_id]))
+        return readers
+
+    def orphans(self) -> list[str]:
+        """Run groups with no catalog entry: captures that were killed or are running."""
+        committed = set(self.run_ids())
+        if naming.RUNS_PREFIX not in self.root:
+            return []
+        runs = self.root[naming.RUNS_PREFIX]
+        assert isinstance(runs, zarr.Group)
+        return sorted(k for k in runs.group_keys() if k not in committed)

@@ -1,0 +1,213 @@
+"""The run writer: takes step tensors off the forward path and writes whole shards.
+
+Data flow: the capture loop hands each forward pass's tensors (still on the model's
+device, already cast to the store dtype) to :meth:`RunWriter.submit`, which only puts
+them on a bounded queue. A writer thread moves them to host memory, stacks layers, and
+fills one position block per array; each block that fills up is written as whole shards
+(compression happens inside zarr, in this thread, with the GIL released by blosc). The
+bounded queue is the back-pressure that keeps host memory flat on long runs.
+
+Nothing here makes a run visible: :meth:`finish` writes the last blocks and metadata,
+then the caller commits the catalog entry.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from actstore import naming
+from actstore.store import layout
+
+_STOP = object()
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Host copy of a tensor already in its store dtype (bfloat16 kept as uint16 bits)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.cpu().numpy()
+
+
+@dataclass
+class ArrayPlan:
+    """What the writer needs to know about one step array before data arrives."""
+
+    source: str  # a naming source, or naming.RESIDUAL_ARRAY
+    spec: layout.ArraySpec
+    keys: tuple[Any, ...]  # the step-buffer keys stacked along the layer axis, in order
+    attrs: dict[str, Any]
+
+
+class _VectorBlocks:
+    """Fills position blocks of a (L, T, W) or (T, W) array and writes full ones."""
+
+    def __init__(self, arr: zarr.Array, plan: ArrayPlan):
+        self.arr, self.plan = arr, plan
+        self.layered = len(plan.spec.shape) == 3
+        self.block = plan.spec.block
+        self.start = 0  # first position of the current block
+        shape = list(plan.spec.shape)
+        shape[plan.spec.position_axes[0]] = self.block
+        self.buf = np.zeros(shape, dtype=plan.spec.dtype)
+
+    def add(self, pos: int, data: np.ndarray) -> None:
+        n = data.shape[-2]
+        done = 0
+        while done < n:
+            offset = pos + done - self.start
+            take = min(n - done, self.block - offset)
+            if self.layered:
+                self.buf[:, offset : offset + take] = data[:, done : done + take]
+            else:
+                self.buf[offset : offset + take] = data[done : done + take]
+            done += take
+            if offset + take == self.block:
+                self._flush(self.block)
+
+    def _flush(self, count: int) -> None:
+        s, e = self.start, self.start + count
+        if self.layered:
+            self.arr[:, s:e] = self.buf[:, :count]
+        else:
+            self.arr[s:e] = self.buf[:count]
+        self.start = e
+        self.buf[...] = 0
+
+    def finish(self, n_positions: int) -> None:
+        if n_positions > self.start:
+            self._flush(n_positions - self.start)
+
+
+class _AttentionBlocks:
+    """Fills row blocks of the (L, heads, T, T) attention array. Only columns up to the
+    block's last row are written: tiles above the causal diagonal stay unstored."""
+
+    def __init__(self, arr: zarr.Array, plan: ArrayPlan):
+        self.arr, self.plan = arr, plan
+        L, H, _, t_max = plan.spec.shape
+        self.block = plan.spec.block
+        self.start = 0
+        self.buf = np.zeros((L, H, self.block, t_max), dtype=plan.spec.dtype)
+
+    def add(self, pos: int, data: np.ndarray) -> None:
+        # data: (L, heads, n, kv) with kv = pos + n (causal: row p sees columns 0..p)
+        n, kv = data.shape[2], data.shape[3]
+        done = 0
+        while done < n:
+            offset = pos + done - self.start
+            take = min(n - done, self.block - offset)
+            self.buf[:, :, offset : offset + take, :kv] = data[:, :, done : done + take]
+            done += take
+            if offset + take == self.block:
+                self._flush(self.block)
+
+    def _flush(self, count: int) -> None:
+        s, e = self.start, self.start + count
+        self.arr[:, :, s:e, :e] = self.buf[:, :, :count, :e]
+        self.start = e
+        self.buf[...] = 0
+
+    def finish(self, n_positions: int) -> None:
+        if n_positions > self.start:
+            self._flush(n_positions - self.start)
+
+
+class RunWriter:
+    """Writes the step arrays of one run group from a background thread."""
+
+    def __init__(self, group: zarr.Group, plans: list[ArrayPlan], max_pending: int = 4):
+        self.group = group
+        self.plans = plans
+        self._blocks: dict[str, _VectorBlocks | _AttentionBlocks] = {}
+        for plan in plans:
+            arr = _create(group, naming.ACTS_GROUP + "/" + plan.spec.name, plan.spec, plan.attrs)
+            cls = _AttentionBlocks if plan.source == "attn_weights" else _VectorBlocks
+            self._blocks[plan.source] = cls(arr, plan)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="actstore-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, position: int, tensors: dict[Any, torch.Tensor]) -> None:
+        """Queue one forward pass's tensors; ``position`` is its first position."""
+        self._raise_if_failed()
+        self._queue.put((position, tensors))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._error is not None:
+                continue  # drain so submit() never blocks forever after a failure
+            try:
+                position, tensors = item
+                for plan in self.plans:
+                    parts = [to_numpy(tensors[k]) for k in plan.keys]
+                    data = np.stack(parts) if len(plan.spec.shape) >= 3 else parts[0]
+                    self._blocks[plan.source].add(position, data)
+            except BaseException as e:  # surfaced in the capture thread by _raise_if_failed
+                self._error = e
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"activation writer failed: {self._error!r}") from self._error
+
+    def finish(self, n_positions: int) -> None:
+        """Wait for queued steps, shrink arrays to the real length, write the last blocks."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._raise_if_failed()
+        for plan in self.plans:
+            blocks = self._blocks[plan.source]
+            shape = list(plan.spec.shape)
+            for ax in plan.spec.position_axes:
+                shape[ax] = n_positions
+            blocks.arr.resize(tuple(shape))
+            blocks.finish(n_positions)
+
+    def abort(self) -> None:
+        """Stop the thread without writing more (the run stays uncommitted)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+
+def _create(group: zarr.Group, path: str, spec: layout.ArraySpec, attrs: dict[str, Any]) -> zarr.Array:
+    return group.create_array(
+        path,
+        shape=spec.shape,
+        chunks=spec.chunks,
+        shards=spec.shards,
+        dtype=spec.dtype,
+        compressors=layout.COMPRESSOR,
+        fill_value=0,
+        attributes=attrs,
+        config={"write_empty_chunks": False},
+    )
+
+
+def write_small_array(
+    group: zarr.Group, path: str, data: np.ndarray, attrs: dict[str, Any] | None = None
+) -> zarr.Array:
+    """Write a small array (tokens, snapshots, references) in one chunk."""
+    arr = group.create_array(
+        path,
+        shape=data.shape,
+        chunks=data.shape if data.size else (1,) * data.ndim,
+        dtype=data.dtype,
+        compressors=layout.COMPRESSOR,
+        fill_value=0,
+        attributes=attrs or {},
+    )
+    if data.size:
+        arr[...] = data
+    return arr

@@ -13,6 +13,7 @@ hybrid caches) falls back to a separate prefill, which is always correct.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,19 +49,32 @@ def sliced_cache(cache: Any, n: int) -> DynamicCache | None:
 def forward(model: Any, input_ids: torch.Tensor, *, cache: Any = None, use_cache: bool = True,
             last_logits_only: bool = True) -> Any:
     """One forward pass; asks for last-position logits only where the model supports it."""
+    params = _forward_params(type(model))
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": use_cache}
     if cache is not None:
-        kwargs["past_key_values"] = cache
-    if last_logits_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        # transformers 5.2x renamed past_key_values to cache
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if last_logits_only and "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
     return model(**kwargs)
+
+
+@functools.cache
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned (``cache``, formerly ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 @torch.inference_mode()
 def prefill_base(model: Any, tokens: list[int], device: torch.device) -> Base:
     """Run an uncaptured prefill of ``tokens`` and keep its cache as a base."""
     out = forward(model, torch.tensor([tokens], device=device))
-    return Base(tokens, out.past_key_values)
+    return Base(tokens, cache_of(out))
 
 
 @torch.inference_mode()

@@ -135,7 +135,7 @@ def capture_run(
                 if writer is None:
                     writer = RunWriter(group, _plans(tensors, sources, layers, n_max, cap.store_dtype))
                 writer.submit(position, tensors)
-                cache = out.past_key_values
+                cache = prefixes.cache_of(out)
                 choice = sampling.choose(
                     logits[-1],
                     do_sample=gen.do_sample,

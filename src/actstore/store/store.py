@@ -15,7 +15,6 @@ reads the small JSON entries concurrently and never opens a tensor array.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -78,7 +77,12 @@ class ActStore:
         loc = os.fspath(location)
         zstore = open_zarr_store(loc, storage_options)
         try:
-            root = zarr.open_group(store=zstore, mode="r+" if not create else "a", zarr_format=3)
+            # Root attrs go in with the creating PUT: concurrent first writers then write the
+            # same zarr.json, and no reader ever sees a root without them.
+            attrs = {_ROOT_ATTR: {"format_version": FORMAT_VERSION}} if create else None
+            root = zarr.open_group(
+                store=zstore, mode="r+" if not create else "a", zarr_format=3, attributes=attrs
+            )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
             raise StoreError(
                 f"{loc}: no actstore store here (run `actstore capture` first, or check the path)"
@@ -122,23 +126,11 @@ class ActStore:
         return sync(self._read_catalog())
 
     async def _read_catalog(self) -> list[dict[str, Any]]:
-        prefix = naming.CATALOG_PREFIX + "/"
-        keys = [k async for k in self.zstore.list_prefix(prefix) if k.endswith(".json")]
-        keys = [k for k in keys if not k.rsplit("/", 1)[-1].startswith(".")]
-        proto = default_buffer_prototype()
-        sem = asyncio.Semaphore(64)
+        # One LIST, one snapshot GET, then only the entries newer than the snapshot
+        # (concurrently): see store/remote.py for why and for the numbers.
+        from actstore.store.remote import read_catalog
 
-        async def get(key: str) -> dict[str, Any] | None:
-            async with sem:
-                buf = await self.zstore.get(key, prototype=proto)
-            if buf is None:
-                return None
-            try:
-                return json.loads(buf.to_bytes())
-            except ValueError:  # a torn write can only be an uncommitted run
-                return None
-
-        entries = [e for e in await asyncio.gather(*(get(k) for k in keys)) if e]
+        entries = await read_catalog(self.zstore)
         return sorted(entries, key=lambda e: (e.get("created_at", ""), e["id"]))
 
     def catalog(self) -> Any:

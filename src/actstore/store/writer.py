@@ -152,6 +152,8 @@ class RunWriter:
                 position, tensors = item
                 for plan in self.plans:
                     parts = [to_numpy(tensors[k]) for k in plan.keys]
+                    if plan.source == "attn_weights":
+                        parts = [_right_align(p, position + p.shape[-2]) for p in parts]
                     data = np.stack(parts) if len(plan.spec.shape) >= 3 else parts[0]
                     self._blocks[plan.source].add(position, data)
             except BaseException as e:  # surfaced in the capture thread by _raise_if_failed
@@ -179,6 +181,17 @@ class RunWriter:
         self._error = self._error or RuntimeError("aborted")
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
+
+
+def _right_align(weights: np.ndarray, kv: int) -> np.ndarray:
+    """Pad (heads, n, k) weights on the left to ``kv`` columns. A sliding-window layer's
+    cache holds only the last k positions, so its columns are the last k of the row."""
+    k = weights.shape[-1]
+    if k == kv:
+        return weights
+    out = np.zeros((*weights.shape[:-1], kv), dtype=weights.dtype)
+    out[..., kv - k :] = weights
+    return out
 
 
 def _create(group: zarr.Group, path: str, spec: layout.ArraySpec, attrs: dict[str, Any]) -> zarr.Array:

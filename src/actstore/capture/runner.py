@@ -33,7 +33,7 @@ from actstore.models.architectures import ModelSites, resolve_sites
 from actstore.models.loading import LoadedModel, load_model, resolve_dtype
 from actstore.scenario import DEFAULT_STORE, Scenario, check_layers
 from actstore.store import layout
-from actstore.store.store import ActStore
+from actstore.store.store import ActStore, catalog_entry
 from actstore.store.writer import ArrayPlan, RunWriter, write_small_array
 
 
@@ -176,7 +176,7 @@ def capture_run(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )
         group.attrs["run"] = meta
-        entry = _catalog_entry(meta, run_id)
+        entry = catalog_entry(meta, run_id)
         store.commit(run_id, entry)
     except BaseException:
         if writer is not None:
@@ -349,25 +349,6 @@ def _run_meta(
         "references": [r.label for r in scenario.reference_states],
     }
 
-
-def _catalog_entry(meta: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """What `actstore ls` shows, readable without opening any array."""
-    return {
-        "id": run_id,
-        "scenario": meta["scenario"]["name"],
-        "model": meta["model"]["id"],
-        "created_at": meta["created_at"],
-        "prompt_len": meta["prompt_len"],
-        "n_steps": len(meta["steps"]),
-        "n_positions": meta["n_positions"],
-        "n_layers": len(meta["layers"]),
-        "layers": meta["layers"],
-        "sources": meta["sources"],
-        "n_snapshots": len(meta["snapshots"]),
-        "n_references": len(meta["references"]),
-        "store_dtype": meta["store_dtype"],
-        "generated_text": meta["generated_text"][:200],
-    }
 
 
 def _discard(store: ActStore, run_id: str) -> None:

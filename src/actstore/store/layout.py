@@ -19,6 +19,7 @@ and attention tiles above the causal diagonal are never written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from zarr.codecs import ZstdCodec
@@ -50,6 +51,26 @@ def physical_dtype(store_dtype: str) -> np.dtype:
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to the nearest bfloat16 (ties to even), kept as float32."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def derive_down_in(act: Any, up: Any, gated: bool, store_dtype: str) -> Any:
+    """mlp_down_in from stored act and up (NumPy or Dask): act * up for gated MLPs, act
+    otherwise, rounded once to the store dtype like a stored value would be."""
+    if not gated:
+        return act
+    product = act * up
+    if store_dtype == "bfloat16":  # served widened to float32; round as bfloat16 storage would
+        if hasattr(product, "map_blocks"):
+            return product.map_blocks(round_to_bfloat16, dtype=np.float32)
+        return round_to_bfloat16(product)
+    return product
 
 
 def _pow2_floor(x: float) -> int:

@@ -132,8 +132,9 @@ class RunReader:
                 return res[idx[0] : idx[0] + len(idx)]
             return res[idx]
         if source == "mlp_down_in" and naming.act_path(source) not in self.group:
-            act = self.array("mlp_act")
-            return act * self.array("mlp_up") if self.meta["gated_mlp"] else act
+            return layout.derive_down_in(
+                self.array("mlp_act"), self.array("mlp_up"), self.meta["gated_mlp"], self.meta["store_dtype"]
+            )
         return self._dask(naming.act_path(source))
 
     def vectors(self, source: str, positions: Any, layers: list[int] | None = None) -> da.Array:

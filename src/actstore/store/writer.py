@@ -156,7 +156,7 @@ class RunWriter:
                         parts = [_right_align(p, position + p.shape[-2]) for p in parts]
                     data = np.stack(parts) if len(plan.spec.shape) >= 3 else parts[0]
                     self._blocks[plan.source].add(position, data)
-            except BaseException as e:  # surfaced in the capture thread by _raise_if_failed
+            except BaseException as e:  # noqa: BLE001 - re-raised in the capture thread
                 self._error = e
 
     def _raise_if_failed(self) -> None:

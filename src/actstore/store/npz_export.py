@@ -1,0 +1,190 @@
+"""Write one committed run as the seed's run directory (see :mod:`actstore.store.npz`).
+
+Every source the run serves is exported, derived ones (hidden_in / hidden_out from the
+residual boundaries, mlp_down_in from act * up) included, exactly as the reader serves
+them. Tensors are read one forward pass at a time through the reader's lazy arrays, so
+memory is bounded by one step, and the directory appears only once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+from tqdm.auto import tqdm
+
+from actstore import __version__, naming
+from actstore.errors import StoreError
+from actstore.store.reader import RunReader
+
+# run.json keys the seed defines, in its order.
+SEED_RUN_KEYS = ("scenario", "model", "tokenizer", "prompt_token_ids", "prompt_tokens", "env", "created_at")
+# steps.json keys the seed defines per step (tensors_file / tensor_index are added per export).
+SEED_STEP_KEYS = (
+    "step", "kind", "seq_len", "input_token_ids", "input_tokens", "generated_token_id",
+    "generated_token", "logit_argmax_id", "logit_argmax_logprob", "top_k",
+)  # fmt: skip
+# run.json key holding what only actstore knows (run id, dtypes, layer list...).
+INFO_KEY = "actstore"
+
+
+def default_export_dir(out: str | os.PathLike[str], run: RunReader) -> Path:
+    """``<out>/<run_id>``: where ``actstore export npz RUN --out OUT`` writes."""
+    return Path(out) / run.id
+
+
+def export_npz(
+    run: RunReader, out_dir: str | os.PathLike[str], *, quiet: bool = False, overwrite: bool = False
+) -> Path:
+    """Write ``run`` as a seed run directory at ``out_dir`` (created; returned).
+
+    The files go to a temporary sibling first and are renamed into place at the end, so
+    an export killed half-way leaves no directory that looks complete.
+    """
+    target = Path(out_dir)
+    if target.exists() and not overwrite:
+        raise StoreError(f"{target}: already exists (remove it, choose another --out, or overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        _write_run_dir(run, tmp, quiet=quiet)
+        if target.exists():  # overwrite: move the old one aside first, drop it after
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def step_tensors(run: RunReader, step: int) -> dict[str, np.ndarray]:
+    """The seed's NPZ arrays of one forward pass, keyed ``layer_NN/<source>`` / global name."""
+    pos = run.step_positions(step)
+    p0, p1 = pos.start, pos.stop
+    lazy: dict[str, Any] = {}
+    for source in run.sources:
+        x = run.array(source)
+        if source == "attn_weights":
+            lazy[source] = x[:, :, p0:p1, :p1]  # kv_len = last position + 1, as the seed
+        elif source in naming.GLOBAL_SOURCES:
+            lazy[source] = x[p0:p1]
+        else:
+            lazy[source] = x[:, p0:p1]
+    # One compute: hidden_in / hidden_out / mlp_down_in share chunks, read them once.
+    values = dict(zip(lazy, dask.compute(*lazy.values()), strict=True))
+    out: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(run.layers):
+        for source in naming.LAYER_SOURCES:
+            if source in values:
+                out[naming.npz_key(layer, source)] = np.ascontiguousarray(values[source][i])[None]
+    for source in naming.GLOBAL_SOURCES:
+        if source in values:
+            out[naming.npz_key(None, source)] = np.ascontiguousarray(values[source])[None]
+    return out
+
+
+def _write_run_dir(run: RunReader, root: Path, *, quiet: bool) -> None:
+    meta = run.meta
+    snapshots = run.snapshot_index
+    labels = run.reference_labels
+    bar = tqdm(
+        total=run.n_steps + len(snapshots) + len(labels),
+        desc=f"export {run.id}",
+        unit="file",
+        disable=quiet or not sys.stderr.isatty(),
+        file=sys.stderr,
+    )
+    try:
+        (root / "tensors").mkdir()
+        steps_out = []
+        npz_dtype = None
+        for step_meta in run.steps:
+            step = int(step_meta["step"])
+            arrays = step_tensors(run, step)
+            rel = naming.step_file(step)
+            np.savez_compressed(root / rel, **arrays)  # type: ignore[arg-type]
+            entry = {k: step_meta.get(k) for k in SEED_STEP_KEYS}
+            entry["top_k"] = entry["top_k"] or []
+            # Extra keys (e.g. positions) ride along: the seed's readers ignore them.
+            entry.update({k: v for k, v in step_meta.items() if k not in entry})
+            entry["tensors_file"] = rel
+            entry["tensor_index"] = {
+                k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in arrays.items()
+            }
+            npz_dtype = npz_dtype or next((str(a.dtype) for a in arrays.values()), None)
+            steps_out.append(entry)
+            bar.update()
+        _write_json(root / "steps.json", {"steps": steps_out})
+        _write_stacked(run, root, "snapshots", [(s["index"], s["role"]) for s in snapshots], bar)
+        if snapshots:
+            index = [{k: s.get(k) for k in ("index", "role", "content_preview")} for s in snapshots]
+            _write_json(root / "conversation_snapshots" / "index.json", index)
+        _write_stacked(run, root, "references", [(label, None) for label in labels], bar)
+        if labels:
+            _write_json(root / "references" / "index.json", {"labels": labels})
+        _write_json(root / "run.json", _run_json(run, meta, npz_dtype))
+    finally:
+        bar.close()
+
+
+def _write_stacked(
+    run: RunReader, root: Path, what: str, rows: list[tuple[Any, str | None]], bar: Any
+) -> None:
+    """One NPZ per snapshot / reference row: ``layer_NN/<source>`` (H,) per residual source."""
+    if not rows:
+        return
+    stacked = {}
+    for source in naming.RESIDUAL_SOURCES:
+        path = (naming.snapshot_path if what == "snapshots" else naming.reference_path)(source)
+        if path in run.group:  # a run captured without a source simply has no file key
+            x = run.snapshots(source) if what == "snapshots" else run.references(source)
+            stacked[source] = np.asarray(x.compute())  # (rows, L, H): small
+    if not stacked:
+        return
+    for r, (name, role) in enumerate(rows):
+        rel = (
+            naming.snapshot_file(int(name), str(role)) if what == "snapshots" else naming.reference_file(name)
+        )
+        arrays = {
+            naming.npz_key(layer, source): np.ascontiguousarray(data[r, i])
+            for i, layer in enumerate(run.layers)
+            for source, data in stacked.items()
+        }
+        (root / rel).parent.mkdir(exist_ok=True)
+        np.savez_compressed(root / rel, **arrays)  # type: ignore[arg-type]
+        bar.update()
+
+
+def _run_json(run: RunReader, meta: dict[str, Any], npz_dtype: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {k: meta.get(k) for k in SEED_RUN_KEYS}
+    out["generated_text"] = meta.get("generated_text", "")
+    store_dtype = meta.get("store_dtype")
+    out[INFO_KEY] = {
+        "run_id": run.id,
+        "exported_by": f"actstore {__version__}",
+        "store_dtype": store_dtype,
+        # bfloat16 has no NumPy dtype: its values are widened to float32 exactly.
+        "npz_dtype": npz_dtype or ("float32" if store_dtype == "bfloat16" else store_dtype),
+        "layers": run.layers,
+        "sources": list(run.sources),
+        "gated_mlp": meta.get("gated_mlp"),
+        "prompt_len": run.prompt_len,
+        "n_positions": run.n_positions,
+    }
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

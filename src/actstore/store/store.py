@@ -46,7 +46,12 @@ def open_zarr_store(
     """A zarr Store for a local path or an fsspec URL (``s3://bucket/prefix``)."""
     loc = os.fspath(location)
     if _is_url(loc):
-        return FsspecStore.from_url(loc, storage_options=storage_options or {}, read_only=read_only)
+        opts = dict(storage_options or {})
+        if loc.startswith(("s3://", "s3a://")):
+            # s3fs HEADs every whole-object read to decide on a chunked parallel download;
+            # our whole-object reads are small (metadata, snapshot rows): one GET is enough.
+            opts.setdefault("max_concurrency", 1)
+        return FsspecStore.from_url(loc, storage_options=opts, read_only=read_only)
     if loc.startswith("file://"):
         loc = loc[len("file://") :]
     return LocalStore(loc, read_only=read_only)
@@ -85,6 +90,7 @@ class ActStore:
         self.zstore = zstore
         self.location = location
         self.root = root
+        self._writing: dict[str, Any] = {}  # run id -> the store its group is being written through
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
@@ -133,10 +139,27 @@ class ActStore:
             return runs.create_group(run_id)
         if sync(self.zstore.exists(f"{path}/zarr.json")):  # the one real check: ids are unique
             raise StoreError(f"{self.location}: run {run_id} already exists")
+        self._writing[run_id] = sub
         return zarr.open_group(store=sub, mode="w-", zarr_format=3)
 
+    def _consolidate(self, run_id: str) -> None:
+        """Put every array's metadata of the finished run into its group's zarr.json, so a
+        reader opens a run, and all its arrays, with one GET (a query over N runs would
+        otherwise make ~16 metadata requests per run, one after another)."""
+        import warnings
+
+        sub = self._writing.pop(run_id, None)
+        with warnings.catch_warnings():  # "not part of the Zarr v3 spec yet": zarr-python reads it
+            warnings.simplefilter("ignore", UserWarning)
+            if sub is not None:  # served from what this writer wrote: one PUT, no reads
+                zarr.consolidate_metadata(sub)
+            else:
+                zarr.consolidate_metadata(self.zstore, path=naming.run_path(run_id))
+
     def commit(self, run_id: str, entry: dict[str, Any]) -> None:
-        """Make a run visible: write its catalog entry atomically, as the last step."""
+        """Make a run visible: consolidate its metadata, then write its catalog entry
+        atomically, as the last step. A committed run is never modified again."""
+        self._consolidate(run_id)
         data = json.dumps({**entry, "id": run_id}, sort_keys=True).encode()
         key = naming.catalog_key(run_id)
         if isinstance(self.zstore, LocalStore):

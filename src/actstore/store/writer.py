@@ -224,3 +224,20 @@ def write_small_array(
     if data.size:
         arr[...] = data
     return arr
+
+
+def write_rows(group: zarr.Group, path: str, data: np.ndarray, store_dtype: str, layers: list[int]) -> zarr.Array:
+    """Write a (rows, L, H) snapshot or reference stack: one stored object (a shard)
+    holding one inner chunk per row, so reading one row decodes only that row."""
+    arr = group.create_array(
+        path,
+        shape=data.shape,
+        chunks=(1, *data.shape[1:]),
+        shards=data.shape,
+        dtype=data.dtype,
+        compressors=layout.COMPRESSOR,
+        fill_value=0,
+        attributes={"actstore_dtype": store_dtype, "layers": layers},
+    )
+    arr[...] = data
+    return arr

@@ -25,7 +25,7 @@ def captured(tmp_path_factory: Any) -> tuple[ActStore, str]:
     location = tmp_path_factory.mktemp("e2e") / "store.zarr"
     result = CliRunner().invoke(main, ["capture", str(ROOT / "scenarios" / "quick.yaml"), "--store", str(location), "-q"])
     assert result.exit_code == 0, result.output
-    run_id = result.output.split("\t")[0].strip()
+    run_id = result.stdout.split("\t")[0].strip()
     return ActStore.open(location), run_id
 
 

@@ -66,8 +66,6 @@ def capture(
         store = ActStore.open(location, create=True, storage_options=storage_options)
     if loaded is None:
         loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
-    else:
-        _ensure_attention(loaded, scenario)
     return [capture_run(sub, store, loaded, progress=progress) for sub in scenario.runs()]
 
 
@@ -88,6 +86,7 @@ def capture_run(
 ) -> CaptureResult:
     """One prefill + decode loop with capture, committed as one run."""
     t0 = time.perf_counter()
+    _ensure_attention(loaded, scenario)
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
     sites = resolve_sites(model)
     layers = check_layers(scenario, sites.num_layers)

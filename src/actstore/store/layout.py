@@ -7,8 +7,12 @@ array: ``(L, T, W)`` for per-layer vectors, ``(L, heads, T, T)`` for attention w
 * a *shard* (one stored object) spans every captured layer, all of W and a block of
   positions sized so a shard stays near ``SHARD_BUDGET`` bytes. A capture writes whole
   shards only (no read-modify-write), so it makes few, large objects.
-* an *inner chunk* holds one layer and ``INNER_POSITIONS`` positions, so a query for one
-  position's vector at every layer decodes a few KiB per layer from one object.
+* an *inner chunk* holds every layer of a few positions (about ``INNER_CHUNK_BYTES``),
+  so "this position's vector at every layer", the commonest question, decodes one small
+  chunk from one object. Measured on the emotions run: reading two states over all 30
+  layers took 17.9 ms with (1 layer x 32 positions) chunks and 2.75 ms with (30 x 8);
+  scanning one layer over every position went the other way (5.7 ms -> 39.6 ms), which
+  the heatmap and trajectory paths can afford.
 
 Bytes are saved by not storing what can be derived: the residual stream is stored once
 per layer *boundary* (hidden_in of layer l+1 is hidden_out of layer l, bit for bit), the
@@ -25,7 +29,8 @@ import numpy as np
 from zarr.codecs import ZstdCodec
 
 SHARD_BUDGET = 64 * 2**20  # bytes of raw data per shard, before compression
-INNER_POSITIONS = 32  # positions per inner chunk of a vector array
+INNER_POSITIONS = 32  # positions per inner chunk of a (T, W) array
+INNER_CHUNK_BYTES = 512 * 2**10  # target raw size of an all-layers inner chunk
 LOGITS_INNER_POSITIONS = 4  # logits rows are wide (a vocabulary), keep one read small
 ATTN_TILE = 64  # attention weights are stored in TILE x TILE tiles per (layer, all heads)
 MIN_BLOCK, MAX_BLOCK = 64, 4096
@@ -114,16 +119,20 @@ def vector_spec(
     name: str, n_layers: int | None, n_positions: int, width: int, dtype: np.dtype
 ) -> ArraySpec:
     """Spec of a ``(L, T, W)`` array, or ``(T, W)`` when ``n_layers`` is None."""
-    inner = LOGITS_INNER_POSITIONS if width > 8192 else INNER_POSITIONS
     layers = n_layers or 1
-    block = position_block(layers * width * dtype.itemsize, inner)
+    per_position = layers * width * dtype.itemsize
+    if n_layers is None:
+        inner = LOGITS_INNER_POSITIONS if width > 8192 else INNER_POSITIONS
+    else:
+        inner = max(1, min(INNER_POSITIONS, _pow2_floor(INNER_CHUNK_BYTES / per_position)))
+    block = position_block(per_position, inner)
     block = min(block, _round_up(n_positions, inner))
     if n_layers is None:
         return ArraySpec(name, (n_positions, width), (inner, width), (block, width), dtype, (0,))
     return ArraySpec(
         name,
         (n_layers, n_positions, width),
-        (1, inner, width),
+        (n_layers, inner, width),
         (n_layers, block, width),
         dtype,
         (1,),

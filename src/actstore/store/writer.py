@@ -227,13 +227,13 @@ def write_small_array(
 
 
 def write_rows(group: zarr.Group, path: str, data: np.ndarray, store_dtype: str, layers: list[int]) -> zarr.Array:
-    """Write a (rows, L, H) snapshot or reference stack: one stored object (a shard)
-    holding one inner chunk per row, so reading one row decodes only that row."""
+    """Write a (rows, L, H) snapshot or reference stack as one chunk: the stacks are
+    small (rows x L x H) and nearly always read whole (8 stacks: 48 ms with a chunk per
+    row, 8.8 ms with one chunk, measured on the emotions run)."""
     arr = group.create_array(
         path,
         shape=data.shape,
-        chunks=(1, *data.shape[1:]),
-        shards=data.shape,
+        chunks=data.shape,
         dtype=data.dtype,
         compressors=layout.COMPRESSOR,
         fill_value=0,

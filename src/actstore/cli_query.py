@@ -1,0 +1,281 @@
+"""``actstore query``: the query layer on the command line.
+
+    actstore query cosine --layers 29-33                 # latest run, initial vs final
+    actstore query mae --runs all --compare runs --format csv
+    actstore query jaccard --compare snapshot:3:reference:joy --source hidden_in
+    actstore query cross-layer --matrix
+    actstore query trajectory --layer 20 --neuron 7
+    actstore query tables --run emotions
+
+Each command parses its options, calls one function of ``actstore.query`` and prints
+the DataFrame it returns as a table, CSV or JSON (``cli.render_frame``). Library errors
+become one line and exit code 2 (``cli._fail_cleanly``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from actstore.cli import _fail_cleanly, open_store, render_frame, store_options
+
+COMPARE_HELP = (
+    "initial-final (default: each run's last prompt token vs its last position), runs "
+    "(every pair of runs, initial and final states), snapshots-references, or two states "
+    "STATE:STATE with STATE one of initial, final, step:N, pos:N, snapshot:K, reference:LABEL "
+    "(e.g. step:0:final, snapshot:3:reference:joy)"
+)
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """``"all"`` -> None; ``"29-33"`` -> [29..33]; ``"0,5,10"`` and ``"0-3,10"`` likewise."""
+    if text.strip().lower() == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            rng = range(int(lo), int(hi) + 1) if sep else [int(lo)]
+            if sep and int(hi) < int(lo):
+                raise ValueError
+            out += [i for i in rng if i not in out]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use all, a range like 29-33, or a list like 0,5,10") from None
+    return out
+
+
+def parse_steps(text: str | None) -> list[int] | None:
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use all or a list of steps like 0,5,-1") from None
+
+
+def _opt(*decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(*decls, show_default=True, **kw)
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = _opt("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")(fn)
+    fn = _opt("--layers", default="all", help="real layer indices: all, 29-33, 0,5,10")(fn)
+    return store_options(fn)
+
+
+def _run_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return _opt("--run", "run_sel", default="latest", help="run id, id prefix, scenario name or latest")(fn)
+
+
+@click.group("query")
+def query() -> None:
+    """Query stored activations lazily (only the chunks an answer needs are read)."""
+
+
+def _metric_command(metric: str) -> click.Command:
+    @_opt("--runs", "runs", multiple=True, default=("latest",),
+          help="run ids, id prefixes, scenario names, latest or all (repeatable)")  # fmt: skip
+    @_opt(
+        "--source",
+        "sources",
+        multiple=True,
+        default=("hidden_out",),
+        help="source(s) to compare (repeatable)",
+    )
+    @_opt("--compare", "compare", default="initial-final", help=COMPARE_HELP)
+    @_opt("--frac", type=click.FloatRange(0, 1, min_open=True), default=0.01, help="top fraction for jaccard")
+    @_opt("--magnitude", is_flag=True, help="jaccard ranks by |value|")
+    @_opt("--summary", is_flag=True, help="the seed's per-group summary columns instead of per-layer rows")
+    @_common
+    @_fail_cleanly
+    def command(
+        runs: tuple[str, ...], sources: tuple[str, ...], compare: str, frac: float, magnitude: bool,
+        summary: bool, layers: str, fmt: str, store_location: str | None, storage_options: tuple[str, ...],
+    ) -> None:  # fmt: skip
+        from actstore import query as q
+
+        store = open_store(store_location, storage_options)
+        readers = store.runs(runs)
+        kw: dict[str, Any] = {
+            "sources": list(sources),
+            "layers": parse_layers(layers),
+            "frac": frac,
+            "magnitude": magnitude,
+        }
+        if compare == "initial-final":
+            df = q.intra_run(readers, **kw)
+        elif compare == "runs":
+            df = q.inter_run(readers, **kw)
+        elif compare == "snapshots-references":
+            df = q.snapshots_vs_references(readers, **kw)
+        else:
+            a, b = q.parse_state_pair(compare)
+            df = q.compare_states(readers, a, b, **kw)
+        if summary:
+            df = q.summarize(df)
+        else:
+            df = df.drop(columns=[m for m in ("cosine", "mae", "jaccard") if m != metric])
+        click.echo(render_frame(df, fmt))
+
+    command.__doc__ = {
+        "cosine": "Cosine similarity between two states, per layer (1 = same direction).",
+        "mae": "Mean absolute difference between two states, per layer.",
+        "jaccard": "Overlap (Jaccard) of the top-fraction neurons of two states, per layer.",
+    }[metric]
+    return click.command(metric)(command)
+
+
+for _m in ("cosine", "mae", "jaccard"):
+    query.add_command(_metric_command(_m))
+
+
+@query.command("cross-layer")
+@_run_option
+@_opt("--source", default="hidden_out")
+@_opt("--state", default="final", help="initial, final, step:N, pos:N, snapshot:K or reference:LABEL")
+@_opt("--matrix", is_flag=True, help="print the L x L matrix instead of long rows")
+@_common
+@_fail_cleanly
+def cross_layer_cmd(run_sel: str, source: str, state: str, matrix: bool, layers: str, fmt: str,
+                    store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Cosine between every pair of layers' vectors at one state."""
+    from actstore import query as q
+
+    run = open_store(store_location, storage_options).run(run_sel)
+    df = q.cross_layer(run, source=source, state=state, layers=parse_layers(layers))
+    if matrix:
+        df = df.pivot(index="layer_a", columns="layer_b", values="cosine").reset_index()
+        df.columns = [str(c) for c in df.columns]
+    click.echo(render_frame(df, fmt))
+
+
+@query.command("trajectory")
+@_run_option
+@_opt("--layer", type=int, required=True)
+@_opt("--neuron", type=int, required=True)
+@_opt("--source", default="hidden_out")
+@_opt("--over", type=click.Choice(["steps", "positions"]), default="steps")
+@_opt("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@store_options
+@_fail_cleanly
+def trajectory_cmd(run_sel: str, layer: int, neuron: int, source: str, over: str, fmt: str,
+                   store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """One neuron's value at the last position of every step (or at every position)."""
+    from actstore import query as q
+
+    run = open_store(store_location, storage_options).run(run_sel)
+    click.echo(render_frame(q.neuron_trajectory(run, layer, neuron, source=source, over=over), fmt))
+
+
+@query.command("decomposition")
+@_run_option
+@_opt("--steps", default="all", help="all or a list like 0,5,-1")
+@_common
+@_fail_cleanly
+def decomposition_cmd(run_sel: str, steps: str, layers: str, fmt: str,
+                      store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Norms of hidden_in, attn_out, mlp_down_out, hidden_out and their alignment, per layer and step."""
+    from actstore import query as q
+
+    run = open_store(store_location, storage_options).run(run_sel)
+    df = q.residual_decomposition(run, steps=parse_steps(steps), layers=parse_layers(layers))
+    click.echo(render_frame(df, fmt))
+
+
+@query.command("discrimination")
+@_run_option
+@_opt("--source", "sources", multiple=True, help="residual source(s) (default: all four)")
+@_opt("--rank-by", type=click.Choice(["separation", "fisher"]), default="separation")
+@_opt("--top", type=int, default=None, help="only the N best layers per source")
+@_common
+@_fail_cleanly
+def discrimination_cmd(run_sel: str, sources: tuple[str, ...], rank_by: str, top: int | None, layers: str,
+                       fmt: str, store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Rank layers by how well they separate the run's reference states."""
+    from actstore import query as q
+
+    run = open_store(store_location, storage_options).run(run_sel)
+    df = q.layer_discrimination(
+        run, sources=list(sources) or None, layers=parse_layers(layers), rank_by=rank_by
+    )
+    if top is not None:
+        df = df.groupby("source", sort=False).head(top)
+    click.echo(render_frame(df, fmt))
+
+
+TABLES = ("intra_run_drift", "message_reference", "reference_source", "role_gap")
+
+
+@query.command("tables")
+@_run_option
+@_opt("--table", type=click.Choice(["all", *TABLES]), default="all")
+@_common
+@_fail_cleanly
+def tables_cmd(run_sel: str, table: str, layers: str, fmt: str,
+               store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """The emotion experiment's four tables (drift, message x reference, reference x source, user vs assistant).
+
+    With --table all, table and CSV output give one section per table headed '# NAME';
+    JSON gives one object keyed by table name.
+    """
+    from actstore import query as q
+
+    run = open_store(store_location, storage_options).run(run_sel)
+    tables = q.paper_tables(run, layers=parse_layers(layers))
+    chosen = {k: v for k, v in tables.items() if table in ("all", k)}
+    if table != "all" and not chosen:
+        raise click.ClickException(f"run {run.id} has no {table} table (it needs snapshots and references)")
+    if fmt == "json":
+        click.echo(
+            json.dumps({k: json.loads(v.to_json(orient="records")) for k, v in chosen.items()}, indent=2)
+        )
+    elif len(chosen) == 1:
+        click.echo(render_frame(next(iter(chosen.values())), fmt))
+    else:
+        click.echo("\n\n".join(f"# {k}\n{render_frame(v, fmt)}" for k, v in chosen.items()))
+
+
+@query.command("logit-lens")
+@_run_option
+@_opt("--steps", default="all", help="all or a list like 0,5,-1")
+@_opt("--position", type=int, default=-1, help="which of each step's positions (-1: its last)")
+@_opt("--top-k", type=int, default=10)
+@_opt("--device", default=None, help="override the scenario's device (e.g. cpu)")
+@_opt(
+    "--json-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="also write the seed's logit_lens.json here",
+)
+@_common
+@_fail_cleanly
+def logit_lens_cmd(run_sel: str, steps: str, position: int, top_k: int, device: str | None, json_out: str | None,
+                   layers: str, fmt: str, store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Each layer's hidden_out through the final norm and LM head: top tokens and KL from the last layer."""
+    from actstore import query as q
+    from actstore.models.loading import load_model
+    from actstore.scenario import ModelConfig
+
+    run = open_store(store_location, storage_options).run(run_sel)
+    cfg = dict(run.scenario["model"])
+    if device is not None:
+        cfg["device"] = device
+    # ModelConfig satisfies load_model's protocol; mypy sees Literal vs str attributes
+    loaded = load_model(ModelConfig(**cfg))  # type: ignore[arg-type]
+    df = q.logit_lens(
+        run, loaded, steps=parse_steps(steps), position=position, top_k=top_k, layers=parse_layers(layers)
+    )
+    if json_out:
+        q.write_logit_lens_json(df, json_out)
+    shown = df.assign(
+        top=[" ".join(f"{t['token']!r}:{t['logprob']:.2f}" for t in tops[:5]) for tops in df["top"]]
+    )
+    click.echo(render_frame(shown if fmt != "json" else df, fmt))
+
+
+def register(main: click.Group) -> None:
+    """Called by ``actstore.cli`` to add the ``query`` group."""
+    main.add_command(query)

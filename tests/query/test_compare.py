@@ -1,0 +1,162 @@
+"""Comparisons against plain NumPy on vectors read straight from Zarr."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+
+from actstore.errors import SelectionError
+from actstore.query import compare as C
+
+from .helpers import RESIDUAL, np_cos, np_jaccard, np_mae, raw, raw_stack
+
+METRIC_FNS = {"cosine": np_cos, "mae": np_mae, "jaccard": np_jaccard}
+
+
+def _check_rows(
+    df: pd.DataFrame, expected: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]], keys: list[str]
+) -> None:
+    assert len(df) == len(expected)
+    for row in df.itertuples(index=False):
+        a, b = expected[tuple(getattr(row, k) for k in keys)]
+        for m, fn in METRIC_FNS.items():
+            assert getattr(row, m) == pytest.approx(fn(a, b), rel=1e-9, abs=1e-12), (m, row)
+
+
+class CountingScheduler:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return dask.get(dsk, keys, **kwargs)
+
+
+def test_intra_run_matches_numpy(any_run: Any) -> None:
+    run = any_run
+    layers = run.layers[-3:]
+    sched = CountingScheduler()
+    with dask.config.set(scheduler=sched):
+        df = C.intra_run([run], layers=layers)
+    assert sched.calls == 1  # one graph for every source and layer
+    assert list(df.columns) == ["run", "state_a", "state_b", "source", "layer", "cosine", "mae", "jaccard"]
+    expected = {}
+    for s in RESIDUAL:
+        x = raw(run, s)
+        for la in layers:
+            li = run.layers.index(la)
+            expected[(run.id, s, la)] = (x[li, run.prompt_len - 1], x[li, run.n_positions - 1])
+    _check_rows(df, expected, ["run", "source", "layer"])
+
+
+def test_compare_states_between_arbitrary_states(any_run: Any) -> None:
+    run = any_run
+    df = C.compare_states(run, "step:0", "snapshot:0", sources=["hidden_in"])
+    x, snaps = raw(run, "hidden_in"), raw_stack(run, "snapshots", "hidden_in")
+    expected = {(la,): (x[i, run.prompt_len - 1], snaps[0, i]) for i, la in enumerate(run.layers)}
+    _check_rows(df, expected, ["layer"])
+    assert set(df["state_b"]) == {"snapshot:0"}
+
+
+def test_inter_run_every_pair(synth_store: Any) -> None:
+    runs = synth_store.runs(["all"])
+    sched = CountingScheduler()
+    with dask.config.set(scheduler=sched):
+        df = C.inter_run(runs, sources=["hidden_out", "mlp_down_out"], layers=[0, 3], frac=0.05)
+    assert sched.calls == 1
+    raws = {(r.id, s): raw(r, s) for r in runs for s in ("hidden_out", "mlp_down_out")}
+    pos = {r.id: {"initial": r.prompt_len - 1, "final": r.n_positions - 1} for r in runs}
+    assert len(df) == 3 * 2 * 2 * 2  # pairs x states x sources x layers
+    assert [tuple(p) for p in df[["run_a", "run_b"]].drop_duplicates().to_numpy()] == [
+        (a.id, b.id) for a, b in combinations(runs, 2)
+    ]
+    for row in df.itertuples(index=False):
+        li = [0, 1, 2, 3].index(row.layer)
+        a = raws[(row.run_a, row.source)][li, pos[row.run_a][row.state]]
+        b = raws[(row.run_b, row.source)][li, pos[row.run_b][row.state]]
+        assert row.cosine == pytest.approx(np_cos(a, b)) and row.mae == pytest.approx(np_mae(a, b))
+        assert row.jaccard == pytest.approx(np_jaccard(a, b, 0.05))
+
+
+def test_inter_run_one_run_is_empty(synth_store: Any) -> None:
+    df = C.inter_run(synth_store.runs(["all"])[:1])
+    assert df.empty and "cosine" in df.columns
+
+
+def test_snapshots_vs_references(any_run: Any) -> None:
+    run = any_run
+    sched = CountingScheduler()
+    with dask.config.set(scheduler=sched):
+        df = C.snapshots_vs_references(run, layers=run.layers[:2])
+    assert sched.calls == 1
+    assert list(df.columns) == [
+        "run",
+        "message",
+        "role",
+        "reference",
+        "source",
+        "layer",
+        "cosine",
+        "mae",
+        "jaccard",
+    ]
+    expected = {}
+    for s in RESIDUAL:
+        snaps, refs = raw_stack(run, "snapshots", s), raw_stack(run, "references", s)
+        for m in range(len(snaps)):
+            for r, label in enumerate(run.reference_labels):
+                for li in range(2):
+                    expected[(m, label, s, run.layers[li])] = (snaps[m, li], refs[r, li])
+    _check_rows(df, expected, ["message", "reference", "source", "layer"])
+    roles = {s["index"]: s["role"] for s in run.snapshot_index}
+    assert (df["role"] == df["message"].map(roles)).all()
+
+
+def test_role_averages(any_run: Any) -> None:
+    df = C.snapshots_vs_references(any_run, sources=["hidden_out"])
+    avg = C.role_averages(df)
+    assert set(avg["role"]) == {"user", "assistant"}
+    for role in ("user", "assistant"):
+        sub = df[
+            (df.role == role)
+            & (df.reference == any_run.reference_labels[0])
+            & (df.layer == any_run.layers[0])
+        ]
+        row = avg[
+            (avg.role == role)
+            & (avg.reference == any_run.reference_labels[0])
+            & (avg.layer == any_run.layers[0])
+        ]
+        assert row["cosine"].item() == pytest.approx(np.mean(sub["cosine"]))
+        assert row["n_messages"].item() == sub["message"].nunique()
+
+
+def test_summarize_seed_columns() -> None:
+    df = pd.DataFrame({
+        "run": ["a"] * 4 + ["b"] * 4, "source": "hidden_out", "layer": [0, 1, 2, 3] * 2,
+        "cosine": [0.9, 0.5, 0.7, np.nan, 1, 1, 1, 1], "mae": [0.1, 0.4, 0.2, 0.3, 0, 0, 0, 0],
+        "jaccard": [1, 0.5, 0.25, 0.5, 1, 1, 1, 1],
+    })  # fmt: skip
+    s = C.summarize(df, by=["run", "source"])
+    assert list(s.columns) == ["run", "source", *C.SUMMARY_COLUMNS]
+    a = s[s.run == "a"].iloc[0]
+    cos = np.array([0.9, 0.5, 0.7])
+    assert a.mean_cosine == pytest.approx(cos.mean()) and a.std_cosine == pytest.approx(cos.std())
+    assert a.median_cosine == pytest.approx(0.7) and a.min_cosine == 0.5 and a.most_divergent_layer == 1
+    assert (
+        a.mean_MAE == pytest.approx(0.25)
+        and a.max_MAE_layer == 1
+        and a.std_MAE == pytest.approx(np.std([0.1, 0.4, 0.2, 0.3]))
+    )
+    assert a.min_overlap == 0.25 and a.min_overlap_layer == 2 and a.median_overlap == pytest.approx(0.5)
+    assert (C.summarize(df)["run"] == ["a", "b"]).all()  # default by: every non-metric column but layer
+
+
+def test_missing_source_is_an_error(synth_store: Any) -> None:
+    with pytest.raises(SelectionError, match="did not capture"):
+        C.intra_run(synth_store.runs(["all"]), sources=["k"])

@@ -1,0 +1,113 @@
+"""State selection: parsing, positions, and vectors equal to direct Zarr reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actstore.errors import SelectionError
+from actstore.query import states as S
+
+from .helpers import raw, raw_stack
+from .synth import write_synthetic_run
+
+
+def test_parse_states() -> None:
+    assert S.parse_state("final") == S.State("final")
+    assert str(S.parse_state("step:-1")) == "step:-1"
+    assert S.parse_state_pair("step:0:final") == (S.State("step", "0"), S.State("final"))
+    assert S.parse_state_pair("snapshot:3:reference:joy") == (
+        S.State("snapshot", "3"),
+        S.State("reference", "joy"),
+    )
+    assert S.parse_state_pair("initial:pos:7") == (S.State("initial"), S.State("pos", "7"))
+    for bad in ("foo", "step", "step:x", "final:final:final", "", "reference:"):
+        with pytest.raises(SelectionError):
+            S.parse_state_pair(bad) if bad.count(":") >= 2 else S.parse_state(bad)
+    with pytest.raises(SelectionError):
+        S.parse_state_pair("final")
+
+
+def test_state_positions(any_run: Any) -> None:
+    run = any_run
+    P, T = run.prompt_len, run.n_positions
+    assert S.state_position(run, "initial") == P - 1 == S.state_position(run, "step:0")
+    assert S.state_position(run, "final") == T - 1 == S.state_position(run, "step:-1")
+    if run.n_steps > 1:
+        assert S.state_position(run, "step:1") == P
+    assert S.state_position(run, "pos:-1") == T - 1
+    for bad in ("step:999", "pos:100000"):
+        with pytest.raises(SelectionError):
+            S.state_position(run, bad)
+
+
+def test_select_equals_direct_zarr_reads(any_run: Any) -> None:
+    run = any_run
+    positions = [0, run.prefill_position, run.final_position]
+    layers = run.layers[-2:]
+    li = [run.layers.index(la) for la in layers]
+    for source in S.vector_sources(run):
+        got = S.select(run, source, positions, layers).compute()
+        np.testing.assert_array_equal(
+            got.astype(np.float64), raw(run, source)[li][:, positions], err_msg=source
+        )
+        # and the reader's own per-chunk path serves the same numbers
+        np.testing.assert_array_equal(got, run.array(source)[li][:, positions].compute(), err_msg=source)
+    for source in ("embeddings", "logits"):
+        if source in run.sources:
+            got = S.select(run, source, positions).compute()
+            np.testing.assert_array_equal(got.astype(np.float64), raw(run, source)[positions])
+
+
+def test_state_vectors_snapshots_and_references(any_run: Any) -> None:
+    run = any_run
+    label = run.reference_labels[-1]
+    for source in ("hidden_out", "attn_out"):
+        snaps, refs = raw_stack(run, "snapshots", source), raw_stack(run, "references", source)
+        np.testing.assert_array_equal(S.state_vectors(run, "snapshot:1", source).compute(), snaps[1])
+        np.testing.assert_array_equal(S.state_vectors(run, "snapshot:-1", source).compute(), snaps[-1])
+        np.testing.assert_array_equal(S.state_vectors(run, f"reference:{label}", source, run.layers[:1]).compute(),
+                                      refs[-1][:1])  # fmt: skip
+        assert S.snapshot_stack(run, source).shape == snaps.shape
+        final = S.state_vectors(run, "final", source, [run.layers[0]]).compute()
+        np.testing.assert_array_equal(final, raw(run, source)[:1, run.final_position])
+    with pytest.raises(SelectionError, match="no reference"):
+        S.state_vectors(run, "reference:nope", "hidden_out")
+    with pytest.raises(SelectionError):
+        S.state_vectors(run, "snapshot:99", "hidden_out")
+    with pytest.raises(SelectionError, match="keep only"):
+        S.state_vectors(run, "snapshot:0", "q")
+
+
+def test_selection_errors(any_run: Any) -> None:
+    run = any_run
+    with pytest.raises(SelectionError, match="did not capture layer"):
+        S.state_vectors(run, "final", "hidden_out", [10_000])
+    with pytest.raises(SelectionError):
+        S.select(run, "attn_weights", [0])
+    with pytest.raises(ValueError):
+        S.select(run, "nonsense", [0])
+
+
+def test_bfloat16_runs_are_widened(tmp_path: Any) -> None:
+    from actstore.store.store import ActStore
+
+    store = ActStore.open(tmp_path / "bf.zarr", create=True)
+    write_synthetic_run(store, store_dtype="bfloat16", n_layers=2, width=32)
+    run = store.run("latest")
+    got = S.select(run, "hidden_out", [1, 5]).compute()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, run.array("hidden_out")[:, [1, 5]].compute())
+    assert np.isfinite(got).all() and got.std() > 0.5
+
+
+def test_as_xarray(any_run: Any) -> None:
+    run = any_run
+    x = S.as_xarray(run, "hidden_out")
+    assert x.dims == ("layer", "position", "width")
+    assert list(x.layer.values) == run.layers
+    assert int(x.step[-1]) == run.n_steps - 1 and int(x.step[run.prefill_position]) == 0
+    v = x.sel(layer=run.layers[-1]).isel(position=-1).values
+    np.testing.assert_array_equal(v.astype(np.float64), raw(run, "hidden_out")[-1, -1])

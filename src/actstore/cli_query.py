@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from actstore.cli import _fail_cleanly, open_store, render_frame, store_options
+from actstore.errors import SelectionError
 
 COMPARE_HELP = (
     "initial-final (default: each run's last prompt token vs its last position), runs "
@@ -45,6 +46,21 @@ def parse_layers(text: str) -> list[int] | None:
     except ValueError:
         raise click.BadParameter(f"{text!r}: use all, a range like 29-33, or a list like 0,5,10") from None
     return out
+
+
+def fit_layers(text: str, readers: list[Any]) -> list[int] | None:
+    """Layers for a query over ``readers``. A range is a span ("29-33" on a 30-layer model
+    means the captured layers in it, with a note); listed indices must all exist."""
+    wanted = parse_layers(text)
+    if wanted is None or "-" not in text or not readers:
+        return wanted
+    have = set.intersection(*(set(r.layers) for r in readers))
+    kept = [layer for layer in wanted if layer in have]
+    if not kept:
+        raise SelectionError(f"--layers {text}: none of these layers were captured (have {min(have)}-{max(have)})")
+    if len(kept) < len(wanted):
+        click.echo(f"note: --layers {text}: using {kept} (the runs captured layers {min(have)}-{max(have)})", err=True)
+    return kept
 
 
 def parse_steps(text: str | None) -> list[int] | None:
@@ -101,7 +117,7 @@ def _metric_command(metric: str) -> click.Command:
         readers = store.runs(runs)
         kw: dict[str, Any] = {
             "sources": list(sources),
-            "layers": parse_layers(layers),
+            "layers": fit_layers(layers, readers),
             "frac": frac,
             "magnitude": magnitude,
         }

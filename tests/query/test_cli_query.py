@@ -112,7 +112,8 @@ def test_tables_all_formats(synth_store: Any) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["cosine", "--layers", "29-33"],  # not captured
+        ["cosine", "--layers", "29-33"],  # no layer of the range was captured
+        ["cosine", "--layers", "2,9"],  # a listed layer that was not captured
         ["cosine", "--compare", "nonsense"],
         ["cosine", "--compare", "reference:nope:final"],
         ["cosine", "--runs", "no-such-run"],
@@ -124,6 +125,13 @@ def test_user_errors_exit_2_with_one_line(synth_store: Any, args: list[str]) -> 
     res = _run(synth_store, *args)
     assert res.exit_code == 2, res.output
     assert res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) == 1
+
+
+def test_a_range_past_the_last_layer_uses_the_captured_part(synth_store: Any) -> None:
+    res = CliRunner().invoke(main, ["query", "cosine", "--layers", "2-9", "--format", "csv", "--store", synth_store.location])
+    assert res.exit_code == 0, res.output
+    assert "note: --layers 2-9: using [2, 3]" in res.stderr
+    assert sorted(set(pd.read_csv(io.StringIO(res.stdout))["layer"])) == [2, 3]
 
 
 def test_bad_option_values_are_usage_errors(synth_store: Any) -> None:

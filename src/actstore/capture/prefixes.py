@@ -42,14 +42,16 @@ def sliced_cache(cache: Any, n: int) -> DynamicCache | None:
         return None
     new = DynamicCache()
     for i, layer in enumerate(cache.layers):
-        new.update(layer.keys[..., :n, :], layer.values[..., :n, :], i)
+        keys, values = layer.keys, layer.values  # type: ignore[union-attr]
+        assert keys is not None and values is not None
+        new.update(keys[..., :n, :], values[..., :n, :], i)
     return new
 
 
 def forward(model: Any, input_ids: torch.Tensor, *, cache: Any = None, use_cache: bool = True,
             last_logits_only: bool = True) -> Any:
     """One forward pass; asks for last-position logits only where the model supports it."""
-    params = _forward_params(type(model))
+    params = _forward_params(type(model))  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": use_cache}
     if cache is not None:
         # transformers 5.2x renamed past_key_values to cache
@@ -60,7 +62,7 @@ def forward(model: Any, input_ids: torch.Tensor, *, cache: Any = None, use_cache
 
 
 @functools.cache
-def _forward_params(cls: type) -> frozenset[str]:
+def _forward_params(cls: Any) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from actstore import __version__, naming
@@ -342,6 +343,7 @@ def _discard(store: ActStore, run_id: str) -> None:
     """Best effort: remove an uncommitted run's group (a kill leaves it invisible anyway)."""
     try:
         runs = store.root[naming.RUNS_PREFIX]
-        del runs[run_id]  # type: ignore[attr-defined]
+        assert isinstance(runs, zarr.Group)
+        del runs[run_id]
     except Exception:  # noqa: BLE001 - cleanup must not hide the original error
         pass

@@ -57,11 +57,17 @@ _DTYPES: dict[str, torch.dtype] = {
 class ModelConfigLike(Protocol):
     """The attributes of a scenario's model section that loading reads."""
 
-    id: str
-    dtype: str
-    device: str
-    gguf_file: str | None
-    trust_remote_code: bool
+    # read-only properties, so configs with narrower (Literal) types match
+    @property
+    def id(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def gguf_file(self) -> str | None: ...
+    @property
+    def trust_remote_code(self) -> bool: ...
 
 
 @dataclass

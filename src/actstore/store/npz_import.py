@@ -401,7 +401,7 @@ def _read_stacked(paths: list[Path], group: Any, where: str, schema: _Schema, de
         if len(stack) != len(paths):
             raise StoreError(f"{paths[0].parent}: {source} is in some files but not all")
         data = np.stack(stack)
-        write_rows(group, f"{where}/{source}", data, dtype, schema.layers)
+        write_rows(group, f"{where}/{source}", data, dtype or schema.store_dtype, schema.layers)
 
 
 def _is_key(key: str) -> bool:

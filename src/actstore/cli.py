@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from actstore.distributed import scheduler_address_option
 from actstore.errors import ActstoreError
 
 STORE_ENV = "ACTSTORE_STORE"
@@ -76,6 +77,13 @@ def open_store(location: str | None, storage_options: tuple[str, ...], create: b
     )
 
 
+def _quiet_hf_loading() -> None:
+    """transformers' per-tensor loading bar is noise next to our own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--quiet", "-q", is_flag=True, help="no progress bars")(fn)
 
@@ -89,17 +97,34 @@ def main() -> None:
 @main.command()
 @click.argument("scenario_path", metavar="SCENARIO.yaml|DIR")
 @store_options
+@scheduler_address_option
 @_quiet_option
 @_fail_cleanly
 def capture(
-    scenario_path: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool
-) -> None:
-    """Run the model on a scenario file (or every scenario in a folder) and store the runs."""
-    from actstore.capture.runner import attn_implementation, capture as do_capture
-    from actstore.models.loading import load_model
+    scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],
+    scheduler_address: str | None, quiet: bool,
+) -> None:  # fmt: skip
+    """Run the model on a scenario file (or every scenario in a folder) and store the runs.
+
+    With --scheduler, each scenario is one task on the cluster's workers, which write into
+    the store directly: give a store they can all reach (an s3:// URL or a shared path)."""
     from actstore.scenario import DEFAULT_STORE, load_scenarios
 
     scenarios = load_scenarios(scenario_path)  # validate everything before any work
+    _quiet_hf_loading()
+    if scheduler_address:
+        from actstore.distributed import capture_with_scheduler
+
+        opts = parse_storage_options(storage_options)
+        for result in capture_with_scheduler(scenarios, scheduler_address, store_location,
+                                             storage_options=opts, progress=not quiet):  # fmt: skip
+            click.echo(f"{result.run_id}\t{result.store}\t{result.n_steps} steps, "
+                       f"{result.n_positions} positions, {result.seconds:.1f}s")  # fmt: skip
+        return
+    from actstore.capture.runner import attn_implementation
+    from actstore.capture.runner import capture as do_capture
+    from actstore.models.loading import load_model
+
     loaded: dict[tuple[Any, ...], Any] = {}
     for sc in scenarios:
         location = store_location or sc.output.store or DEFAULT_STORE
@@ -178,6 +203,11 @@ def _register_optional() -> None:
                 raise
             continue
         mod.register(main)
+    from actstore.distributed import add_scheduler_option
+
+    for name in ("query", "report"):  # their Dask graphs may run on a cluster
+        if name in main.commands:
+            add_scheduler_option(main.commands[name])
 
 
 _register_optional()

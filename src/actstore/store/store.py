@@ -15,10 +15,12 @@ reads the small JSON entries concurrently and never opens a tensor array.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import tempfile
+import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +35,7 @@ from actstore import naming
 from actstore.errors import RunNotFoundError, StoreError
 
 FORMAT_VERSION = 1
+_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"  # of the v3 spec; zarr-python reads it
 _ROOT_ATTR = "actstore"
 
 
@@ -106,7 +109,7 @@ class ActStore:
         try:
             # Root attrs go in with the creating PUT: concurrent first writers then write the
             # same zarr.json, and no reader ever sees a root without them.
-            attrs = {_ROOT_ATTR: {"format_version": FORMAT_VERSION}} if create else None
+            attrs: dict[str, Any] | None = {_ROOT_ATTR: {"format_version": FORMAT_VERSION}} if create else None
             root = zarr.open_group(
                 store=zstore, mode="r+" if not create else "a", zarr_format=3, attributes=attrs
             )
@@ -146,15 +149,17 @@ class ActStore:
         """Put every array's metadata of the finished run into its group's zarr.json, so a
         reader opens a run, and all its arrays, with one GET (a query over N runs would
         otherwise make ~16 metadata requests per run, one after another)."""
-        import warnings
-
+        # A global, idempotent filter rather than catch_warnings, which is not thread-safe
+        # (writers run concurrently) and the warning is raised on zarr's event-loop thread.
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING, category=UserWarning)
         sub = self._writing.pop(run_id, None)
-        with warnings.catch_warnings():  # "not part of the Zarr v3 spec yet": zarr-python reads it
-            warnings.simplefilter("ignore", UserWarning)
-            if sub is not None:  # served from what this writer wrote: one PUT, no reads
-                zarr.consolidate_metadata(sub)
-            else:
+        if sub is not None:  # served from what this writer wrote: one PUT, no reads
+            zarr.consolidate_metadata(sub)
+        else:  # written through another ActStore object: list and read it back
+            try:
                 zarr.consolidate_metadata(self.zstore, path=naming.run_path(run_id))
+            except FileNotFoundError:
+                pass  # an entry without a group (tests): nothing to consolidate
 
     def commit(self, run_id: str, entry: dict[str, Any]) -> None:
         """Make a run visible: consolidate its metadata, then write its catalog entry
@@ -206,10 +211,11 @@ class ActStore:
     def run_ids(self) -> list[str]:
         return [e["id"] for e in self.catalog_entries()]
 
-    def resolve(self, selector: str = "latest") -> list[str]:
+    def resolve(self, selector: str = "latest", entries: list[dict[str, Any]] | None = None) -> list[str]:
         """Run ids for a selector: an exact id, an id prefix, a scenario name (every run
-        of it), ``latest``, ``latest:<scenario>`` or ``all``."""
-        entries = self.catalog_entries()
+        of it), ``latest``, ``latest:<scenario>`` or ``all``. ``entries``: a catalog
+        already read (else it is read here)."""
+        entries = self.catalog_entries() if entries is None else entries
         if not entries:
             raise RunNotFoundError(f"{self.location}: the store holds no committed runs")
         ids = [e["id"] for e in entries]
@@ -237,10 +243,16 @@ class ActStore:
             f"{self.location}: no run matches {selector!r} (see `actstore ls` for the run ids)"
         )
 
-    def resolve_many(self, selectors: Iterable[str]) -> list[str]:
+    def resolve_many(
+        self, selectors: Iterable[str], entries: list[dict[str, Any]] | None = None
+    ) -> list[str]:
+        entries = self.catalog_entries() if entries is None else entries  # one listing for all
         out: list[str] = []
+        seen: set[str] = set()
         for s in selectors:
-            out += [i for i in self.resolve(s) if i not in out]
+            new = [i for i in self.resolve(s, entries) if i not in seen]
+            out += new
+            seen.update(new)
         return out
 
     def run(self, selector: str = "latest") -> Any:
@@ -258,13 +270,28 @@ class ActStore:
     def runs(self, selectors: Iterable[str] = ("all",)) -> list[Any]:
         from actstore.store.reader import RunReader
 
-        entries = {e["id"]: e for e in self.catalog_entries()}
-        readers = []
-        for run_id in self.resolve_many(selectors):
-            group = self.root[naming.run_path(run_id)]
-            assert isinstance(group, zarr.Group)
-            readers.append(RunReader(run_id, group, entries[run_id]))
-        return readers
+        listed = self.catalog_entries()
+        entries = {e["id"]: e for e in listed}
+        ids = self.resolve_many(selectors, listed)
+        return [RunReader(i, g, entries[i]) for i, g in zip(ids, self._open_groups(ids), strict=True)]
+
+    def _open_groups(self, run_ids: list[str]) -> list[zarr.Group]:
+        """Open run groups concurrently: one GET each (metadata is consolidated), 64 in
+        flight, instead of one round trip after another (~25 s for 1,000 runs on S3)."""
+        from zarr.core.group import AsyncGroup
+
+        root_path = self.root.store_path
+
+        async def open_all() -> list[AsyncGroup]:
+            sem = asyncio.Semaphore(64)
+
+            async def one(run_id: str) -> AsyncGroup:
+                async with sem:
+                    return await AsyncGroup.open(root_path / naming.run_path(run_id), zarr_format=3)
+
+            return await asyncio.gather(*(one(i) for i in run_ids))
+
+        return [zarr.Group(g) for g in sync(open_all())]
 
     def orphans(self) -> list[str]:
         """Run groups with no catalog entry: captures that were killed or are running."""

@@ -137,8 +137,8 @@ def seed_style(loaded: Any, sc: Any, out: Path) -> None:
     import numpy as np
     import torch
 
-    from actstore.capture.prompts import as_dicts, render_ids
     from actstore.capture.prefixes import cache_of, forward
+    from actstore.capture.prompts import as_dicts, render_ids
     from actstore.models.architectures import resolve_sites
 
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device

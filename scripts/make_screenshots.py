@@ -1,0 +1,107 @@
+"""Regenerate the README's figures: screenshots of the HTML report and one heatmap.
+
+Run: ``.venv/bin/python scripts/make_screenshots.py [--store PATH] [--run latest:emotions] [--out docs/img]``
+
+Builds the report of one run (default: the latest emotions run, else the latest run)
+into a temporary folder, opens it in headless Chromium with the network cut (as the
+browser test does), and writes:
+
+* ``report_summary.png``: the first screen (what the run shows, in plain words);
+* ``report_references.png``: the run card's reference comparison block;
+* ``report_topk.png``: the generation explorer after moving its slider;
+* ``heatmap_mlp_act.png``: the MLP activation of decode step 5 at a middle layer, its
+  width drawn as a grid (``actstore heatmap RUN --source mlp_act --steps 5
+  --normalize signed --cmap RdBu_r``); hidden_out when the run has no MLP capture.
+
+Needs the dev extra (playwright) and a Chromium binary (``apt-get install chromium``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pick_run(store: object, selector: str | None) -> str:
+    from actstore.errors import RunNotFoundError
+
+    for sel in [selector] if selector else ["latest:emotions", "latest"]:
+        try:
+            return str(store.resolve(sel)[-1])  # type: ignore[attr-defined]
+        except RunNotFoundError:
+            continue
+    raise SystemExit(
+        "no run found in the store: capture one first (actstore capture scenarios/emotions.yaml)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--store", default=os.environ.get("ACTSTORE_STORE", str(ROOT / "stores" / "actstore.zarr"))
+    )
+    ap.add_argument("--run", default=None, help="run selector (default: latest:emotions, else latest)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "img"))
+    args = ap.parse_args()
+
+    from actstore.report import build_report, write_heatmaps
+    from actstore.report.browser import find_chromium, open_page, wait_idle
+    from actstore.store.store import ActStore
+
+    if find_chromium() is None:
+        raise SystemExit("no Chromium binary: apt-get install chromium (or set $CHROMIUM)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ActStore.open(args.store)
+    run_id = pick_run(store, args.run)
+    tmp = Path(tempfile.mkdtemp(prefix="actstore-shots-"))
+    try:
+        report = build_report(store, [run_id], tmp / "report", progress=False)
+        with open_page(report, width=1400, height=1000) as (page, log):
+            wait_idle(page)
+            page.screenshot(path=str(out / "report_summary.png"))
+            refs = page.locator(".run-card .ref-block").first
+            if refs.count():
+                refs.scroll_into_view_if_needed()
+                wait_idle(page)
+                refs.locator("h3").first.scroll_into_view_if_needed()
+                page.evaluate("window.scrollBy(0, -70)")  # clear the sticky header
+                page.screenshot(path=str(out / "report_references.png"))
+            topk = page.locator(".topk").first
+            if topk.count():
+                slider = topk.locator(".topk-slider")
+                slider.focus()
+                for _ in range(3):
+                    page.keyboard.press("ArrowRight")
+                wait_idle(page)
+                page.locator(
+                    ".run-card h3", has_text="Generation explorer"
+                ).first.scroll_into_view_if_needed()
+                page.evaluate("window.scrollBy(0, -110)")  # clear the sticky header
+                page.screenshot(path=str(out / "report_topk.png"))
+            if log.errors or log.blocked:
+                print(
+                    f"warning: console errors {log.errors[:3]}, blocked requests {log.blocked[:3]}",
+                    file=sys.stderr,
+                )
+        run = store.run(run_id)
+        source = "mlp_act" if "mlp_act" in run.sources else "hidden_out"
+        layer = run.layers[len(run.layers) // 2]
+        step = min(5, run.n_steps - 1)  # a decode step: one vector, drawn as a grid
+        [png] = write_heatmaps(run, source, [layer], [step], cmap="RdBu_r", normalize="signed",
+                               out=tmp / "heatmaps", progress=False)  # fmt: skip
+        shutil.copyfile(png, out / f"heatmap_{source}.png")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for p in sorted(out.glob("*.png")):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The report's numbers come from the query layer: the plan-based pieces equal the
+query functions they stand in for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from actstore.query.analyses import layer_discrimination
+from actstore.report.frames import dense
+from actstore.report.gather import gather, model_groups
+
+
+def test_discrimination_equals_layer_discrimination(two_run_store: Any) -> None:
+    data = gather(two_run_store.runs(["all"]))
+    for rr in data.runs:
+        expected = layer_discrimination(rr.run)
+        pd.testing.assert_frame_equal(rr.discrimination, expected, check_exact=False, rtol=1e-10)
+
+
+def test_gather_shapes(two_run_store: Any) -> None:
+    runs = two_run_store.runs(["all"])
+    data = gather(runs)
+    assert [r.label for r in data.runs] == ["R1", "R2"]
+    assert len(data.intra_summary) == 2 * 4 and len(data.inter_summary) == 2 * 4
+    for rr in data.runs:
+        assert rr.svr is not None and rr.cube is not None and rr.message_reference is not None
+        assert rr.discrimination is not None and rr.cross is not None
+    assert len(model_groups(runs)) == 1
+
+
+def test_dense() -> None:
+    df = pd.DataFrame({"a": ["x", "y", "x", "z"], "b": [1, 1, 2, 2], "v": [1.0, 2.0, 3.0, 4.0]})
+    cube = dense(df, [("a", ["x", "y"]), ("b", [1, 2])], ["v"])
+    np.testing.assert_array_equal(cube[0], [[1.0, 3.0], [2.0, np.nan]])
+
+
+def test_cube_reductions_equal_the_query_tables(two_run_store: Any) -> None:
+    from actstore.query.compare import role_averages
+    from actstore.query.tables import reference_tables
+
+    for rr in gather(two_run_store.runs(["all"])).runs:
+        assert rr.svr is not None and rr.cube is not None
+        expected = reference_tables(rr.svr, rr.run)["message_reference"]
+        pd.testing.assert_frame_equal(rr.message_reference, expected, check_dtype=False, rtol=1e-12)
+        roles = role_averages(rr.svr)
+        c = rr.cube
+        for role in ("user", "assistant"):
+            mean = c.role_mean(role)
+            assert mean is not None
+            sub = roles[roles["role"] == role]
+            for metric_i, metric in enumerate(("cosine", "mae", "jaccard")):
+                for row in sub.itertuples(index=False):
+                    got = mean[
+                        metric_i,
+                        c.labels.index(row.reference),
+                        c.sources.index(row.source),
+                        c.layers.index(row.layer),
+                    ]
+                    np.testing.assert_allclose(got, getattr(row, metric), rtol=1e-12)

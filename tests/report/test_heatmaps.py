@@ -1,0 +1,110 @@
+"""PNG heatmaps: file layout, shapes, per-head images, colour scales, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actstore.errors import SelectionError
+from actstore.report import heatmaps as H
+
+
+@pytest.mark.parametrize(
+    ("width", "shape"), [(576, (24, 24)), (1536, (32, 48)), (64, (8, 8)), (97, (10, 10)), (1, (1, 1))]
+)
+def test_grid_shape(width: int, shape: tuple[int, int]) -> None:
+    assert H.grid_shape(width) == shape
+    assert shape[0] * shape[1] >= width
+
+
+def test_vector_heatmaps_default_layout(two_run_store: Any, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    paths = H.write_heatmaps(run, "hidden_out", [0, 1], [0, -1], out=tmp_path, progress=False)
+    last = run.n_steps - 1
+    expected = {
+        tmp_path / run.id / "hidden_out" / f"layer_{la:02d}_step_{s:03d}.png"
+        for la in (0, 1)
+        for s in (0, last)
+    }
+    assert set(paths) == expected
+    for p in paths:
+        img = matplotlib.image.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_slices_read_are_the_steps_positions(two_run_store: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    calls: list[tuple[Any, ...]] = []
+    real = H.select
+
+    def spy(run_: Any, source: str, positions: list[int], layers: Any = None) -> Any:
+        calls.append((source, list(positions), layers))
+        return real(run_, source, positions, layers)
+
+    monkeypatch.setattr(H, "select", spy)
+    H.write_heatmaps(run, "mlp_act", [1], [0, 1], out=tmp_path, progress=False)
+    assert calls == [("mlp_act", list(range(run.prompt_len)), [1]), ("mlp_act", [run.prompt_len], [1])]
+
+
+def test_decode_step_is_drawn_as_a_grid(two_run_store: Any) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    sl = H.plan_slices(run, "hidden_out", [0], [1], False, Path("x"))[0]
+    data, _x, ylabel, reshaped = H.read_slice(run, "hidden_out", sl, "signed")
+    assert reshaped and data.shape == H.grid_shape(run.group["acts/residual"].shape[-1])
+    prefill = H.plan_slices(run, "hidden_out", [0], [0], False, Path("x"))[0]
+    data, _x, ylabel, reshaped = H.read_slice(run, "hidden_out", prefill, "abs")
+    assert not reshaped and data.shape[0] == run.prompt_len and (data >= 0).all()
+
+
+def test_attention_per_head_and_mean(two_run_store: Any, tmp_path: Path) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    heads = run.array("attn_weights").shape[1]
+    per_head = H.write_heatmaps(run, "attn_weights", [0], [0, 2], per_head=True, out=tmp_path, progress=False)
+    assert len(per_head) == 2 * heads
+    assert tmp_path / run.id / "attn_weights" / "layer_00" / "step_002_head_00.png" in per_head
+    mean = H.write_heatmaps(run, "attn_weights", [1], [2], out=tmp_path, progress=False)
+    assert mean == [tmp_path / run.id / "attn_weights" / "layer_01_step_002.png"]
+    sl = H.plan_slices(run, "attn_weights", [1], [2], False, tmp_path)[0]
+    data, *_ = H.read_slice(run, "attn_weights", sl, "signed")
+    p = run.prompt_len + 1  # step 2 computed position P+1: one query row, keys 0..P+1
+    assert data.shape == (1, p + 1)
+    np.testing.assert_allclose(data.sum(), 1.0, atol=1e-3)  # each head's row sums to one
+
+
+@pytest.mark.parametrize("normalize", ["none", "per_image", "signed", "global"])
+def test_color_scales(two_run_store: Any, tmp_path: Path, monkeypatch: Any, normalize: str) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    ranges: list[tuple[float, float, float, float]] = []
+
+    def fake_render(data: np.ndarray, path: Path, *a: Any, **k: Any) -> Path:
+        vmin, vmax = a[4], a[5]
+        ranges.append((vmin, vmax, float(np.nanmin(data)), float(np.nanmax(data))))
+        return path
+
+    monkeypatch.setattr(H, "render_png", fake_render)
+    H.write_heatmaps(run, "attn_out", [0, 1], [0, 1], normalize=normalize, out=tmp_path, progress=False)
+    assert len(ranges) == 4
+    if normalize == "global":
+        assert len({(lo, hi) for lo, hi, _, _ in ranges}) == 1
+        assert ranges[0][0] == min(r[2] for r in ranges) and ranges[0][1] == max(r[3] for r in ranges)
+    elif normalize == "signed":
+        assert all(lo == -hi and hi == max(abs(a), abs(b)) for lo, hi, a, b in ranges)
+    else:
+        assert all((lo, hi) == (a, b) for lo, hi, a, b in ranges)
+
+
+def test_errors(two_run_store: Any, tmp_path: Path) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    with pytest.raises(SelectionError, match="steps"):
+        H.write_heatmaps(run, "hidden_out", [0], [99], out=tmp_path, progress=False)
+    with pytest.raises(SelectionError, match="layer"):
+        H.write_heatmaps(run, "hidden_out", [7], [0], out=tmp_path, progress=False)
+    with pytest.raises(SelectionError, match="colormap"):
+        H.write_heatmaps(run, "hidden_out", [0], [0], cmap="nope", out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unknown source"):
+        H.write_heatmaps(run, "bogus", [0], [0], out=tmp_path, progress=False)

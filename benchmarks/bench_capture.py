@@ -215,7 +215,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--one", choices=CONFIGS)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--render-log", help="re-render the table from a log of a previous run's JSON lines")
     args = ap.parse_args()
+    if args.render_log:
+        lines = [json.loads(x) for x in Path(args.render_log).read_text().splitlines() if x.startswith("{")]
+        md = render({v["config"]: v for v in lines}, args.scenario)
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "capture.md").write_text(md)
+        print(md)
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.scenario, args.repeat)))
         return
@@ -240,6 +248,7 @@ def main() -> None:
 def render(r: dict[str, dict[str, Any]], scenario: str) -> str:
     floors = [r[c]["median_s"] for c in ("floor_sdpa", "floor_eager") if c in r]
     floor = min(floors) if floors else float("nan")
+    best_floor = min((min(r[c]["times"]) for c in ("floor_sdpa", "floor_eager") if c in r), default=float("nan"))
     lines = [
         "## Capture",
         "",
@@ -247,19 +256,22 @@ def render(r: dict[str, dict[str, Any]], scenario: str) -> str:
         f"{r.get('floor_sdpa', r[next(iter(r))])['prompt_len']} prompt tokens, CPU. "
         f"Wall time excludes model load (median); floor = fastest plain loop = {floor:.2f} s.",
         "",
-        "| configuration | median s | x floor | peak RSS MB | bytes on disk | files | step-tensor bytes | step-tensor files |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | median s | x floor | best s | best x best floor | all runs s | peak RSS MB | bytes on disk | files | step-tensor bytes | step-tensor files |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, v in r.items():
         lines.append(
-            f"| {c} | {v['median_s']:.2f} | {v['median_s'] / floor:.2f} | {v['peak_rss_mb']:.0f} | "
+            f"| {c} | {v['median_s']:.2f} | {v['median_s'] / floor:.2f} | {min(v['times']):.2f} | "
+            f"{min(v['times']) / best_floor:.2f} | {', '.join(f'{t:.1f}' for t in v['times'])} | {v['peak_rss_mb']:.0f} | "
             f"{v['bytes'] / 1e6:.1f} MB | {v['files']} | {v['step_bytes'] / 1e6:.1f} MB | {v['step_files']} |"
         )
     lines.append("")
     for c, target in TARGETS.items():
         if c in r:
             x = r[c]["median_s"] / floor
-            lines.append(f"- {c} job: {x:.2f}x the floor, target <= {target}x: {'met' if x <= target else 'NOT met'}")
+            xb = min(r[c]["times"]) / best_floor
+            lines.append(f"- {c} job: {x:.2f}x the floor by medians, {xb:.2f}x by best runs; target <= {target}x: "
+                         f"{'met' if x <= target else 'NOT met'} by medians, {'met' if xb <= target else 'NOT met'} by best runs")
     if "full" in r and "seed_full" in r:
         br = r["full"]["step_bytes"] / max(1, r["seed_full"]["step_bytes"])
         fr = r["full"]["step_files"] / max(1, r["seed_full"]["step_files"])

@@ -37,18 +37,24 @@ def test_vector_heatmaps_default_layout(two_run_store: Any, tmp_path: Path) -> N
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
-def test_slices_read_are_the_steps_positions(two_run_store: Any, tmp_path: Path, monkeypatch: Any) -> None:
+def test_only_the_needed_slices_are_read(two_run_store: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Each image computes one (layer, step) slice of the reader's lazy array (whose
+    compute reads only the chunks under it), never the whole source."""
     run = two_run_store.run(two_run_store.run_ids()[0])
     calls: list[tuple[Any, ...]] = []
-    real = H.select
+    real = run.vectors
 
-    def spy(run_: Any, source: str, positions: list[int], layers: Any = None) -> Any:
-        calls.append((source, list(positions), layers))
-        return real(run_, source, positions, layers)
+    def spy(source: str, positions: Any, layers: Any = None) -> Any:
+        x = real(source, positions, layers)
+        calls.append((source, positions, layers, None, x.shape))
+        return x
 
-    monkeypatch.setattr(H, "select", spy)
+    monkeypatch.setattr(run, "vectors", spy)
     H.write_heatmaps(run, "mlp_act", [1], [0, 1], out=tmp_path, progress=False)
-    assert calls == [("mlp_act", list(range(run.prompt_len)), [1]), ("mlp_act", [run.prompt_len], [1])]
+    width = run.array("mlp_act").shape[-1]
+    p = run.prompt_len
+    assert [c[:3] for c in calls] == [("mlp_act", slice(0, p), [1]), ("mlp_act", slice(p, p + 1), [1])]
+    assert [c[4] for c in calls] == [(1, p, width), (1, 1, width)]
 
 
 def test_decode_step_is_drawn_as_a_grid(two_run_store: Any) -> None:

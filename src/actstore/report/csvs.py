@@ -53,15 +53,23 @@ def short_generated(run: Any) -> str:
     return generated_text(run)[:40] or run.id
 
 
-def pair_name(a: str, b: str) -> str:
-    return f"{a}  vs  {b}"
+def _texts(data: ReportData) -> dict[str, dict[str, str]]:
+    """Per run id, once: the prompt, generated text and short label (not once per row)."""
+    return {
+        r.run.id: {
+            "prompt": prompt_text(r.run),
+            "generated": generated_text(r.run),
+            "short": short_generated(r.run),
+        }
+        for r in data.runs
+    }
 
 
 def intra_report(data: ReportData) -> pd.DataFrame:
-    runs = {r.run.id: r.run for r in data.runs}
+    texts = _texts(data)
     df = data.intra_summary.copy()
-    df.insert(1, "generated", df["run"].map(lambda i: generated_text(runs[i])))
-    df.insert(2, "prompt", df["run"].map(lambda i: prompt_text(runs[i])))
+    df.insert(1, "generated", df["run"].map({k: v["generated"] for k, v in texts.items()}))
+    df.insert(2, "prompt", df["run"].map({k: v["prompt"] for k, v in texts.items()}))
     return df[INTRA_REPORT_COLUMNS]
 
 
@@ -70,27 +78,31 @@ def intra_cosines(data: ReportData) -> pd.DataFrame:
     return df[INTRA_COSINES_COLUMNS].reset_index(drop=True)
 
 
-def _pair_columns(df: pd.DataFrame, data: ReportData) -> pd.DataFrame:
-    runs = {r.run.id: r.run for r in data.runs}
+def _pair_columns(df: pd.DataFrame, data: ReportData, prompts: bool) -> pd.DataFrame:
+    texts = _texts(data)
+    short = {k: v["short"] for k, v in texts.items()}
     out = df.copy()
-    out.insert(0, "pair", [pair_name(a, b) for a, b in zip(out["run_a"], out["run_b"], strict=True)])
-    out["generated_a"] = out["run_a"].map(lambda i: short_generated(runs[i]))
-    out["generated_b"] = out["run_b"].map(lambda i: short_generated(runs[i]))
-    out["prompt_a"] = out["run_a"].map(lambda i: prompt_text(runs[i]))
-    out["prompt_b"] = out["run_b"].map(lambda i: prompt_text(runs[i]))
+    pair = out["run_a"].astype(str) + "  vs  " + out["run_b"].astype(str)  # the seed's pair key
+    out.insert(0, "pair", pair)
+    out["generated_a"] = out["run_a"].map(short)
+    out["generated_b"] = out["run_b"].map(short)
+    if prompts:
+        prompt = {k: v["prompt"] for k, v in texts.items()}
+        out["prompt_a"] = out["run_a"].map(prompt)
+        out["prompt_b"] = out["run_b"].map(prompt)
     return out
 
 
 def comparison_report(data: ReportData) -> pd.DataFrame:
     if not len(data.inter_summary):
         return pd.DataFrame(columns=COMPARISON_REPORT_COLUMNS)
-    return _pair_columns(data.inter_summary, data)[COMPARISON_REPORT_COLUMNS]
+    return _pair_columns(data.inter_summary, data, prompts=True)[COMPARISON_REPORT_COLUMNS]
 
 
 def comparison_cosines(data: ReportData) -> pd.DataFrame:
     if not len(data.inter):
         return pd.DataFrame(columns=COMPARISON_COSINES_COLUMNS)
-    df = _pair_columns(data.inter.rename(columns=_METRIC_NAMES), data)
+    df = _pair_columns(data.inter.rename(columns=_METRIC_NAMES), data, prompts=False)
     return df[COMPARISON_COSINES_COLUMNS].reset_index(drop=True)
 
 

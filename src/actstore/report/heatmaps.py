@@ -4,10 +4,11 @@
 >>> write_heatmaps(run, "hidden_out", layers=[0, 10], steps=[0, 1])     # doctest: +SKIP
 [PosixPath('heatmaps/<run_id>/hidden_out/layer_00_step_000.png'), ...]
 
-Data flow: for each (layer, step), only that slice is read from the store: the step's
-positions x width of a vector source (``query.states.select``: one Zarr orthogonal
-read), or the step's query rows x the keys up to its last position of one layer's
-attention weights (a Dask slice of ``RunReader.array``). A step with one position (a
+Data flow: for each (layer, step), only that slice is read, through the run reader's
+lazy Dask arrays: the step's positions x width of one layer of a vector source
+(``RunReader.vectors``), or the step's query rows x the keys up to its last position of
+one layer's attention weights (a slice of ``RunReader.array``). Computing the slice
+reads just the chunks under it. A step with one position (a
 decode step) is one vector, drawn as a near-square grid of its width instead of a
 1-pixel strip. Attention is averaged over heads unless ``per_head``.
 
@@ -33,7 +34,6 @@ import numpy as np
 
 from actstore import naming
 from actstore.errors import SelectionError
-from actstore.query.states import select
 from actstore.report import progress as P
 
 NORMALIZE = ("none", "per_image", "signed", "global")
@@ -124,7 +124,8 @@ def read_slice(run: Any, source: str, sl: Slice, reduce: str) -> tuple[np.ndarra
         data = (att[sl.head] if sl.head is not None else att.mean(axis=0)).compute()
         xlabel, ylabel, reshaped = "key position", "query position", False
     else:
-        x = select(run, source, list(positions), None if sl.layer is None else [sl.layer]).compute()
+        window = slice(positions.start, positions.stop)
+        x = run.vectors(source, window, None if sl.layer is None else [sl.layer]).compute()
         data, reshaped = as_image(np.asarray(x[0] if x.ndim == 3 else x, dtype=np.float64))
         xlabel, ylabel = (
             ("channel (grid column)", "channel (grid row)") if reshaped else ("channel", "token position")

@@ -2,7 +2,7 @@
 
 >>> import actstore                                               # doctest: +SKIP
 >>> scenario = actstore.load_scenario("scenarios/quick.yaml")      # doctest: +SKIP
->>> [result] = actstore.capture(scenario, "stores/actstore.zarr")  # doctest: +SKIP
+>>> [result] = actstore.capture_scenario(scenario, "stores/actstore.zarr")  # doctest: +SKIP
 >>> run = actstore.open_store("stores/actstore.zarr").run(result.run_id)  # doctest: +SKIP
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "capture", "load_scenario", "load_scenarios", "open_store"]
+__all__ = ["__version__", "capture_scenario", "load_scenario", "load_scenarios", "open_store"]
 
 
 def open_store(location: str, *, create: bool = False, storage_options: dict[str, Any] | None = None) -> Any:
@@ -34,8 +34,11 @@ def load_scenarios(path: str) -> Any:
     return _load(path)
 
 
-def capture(scenario: Any, store: Any = None, **kwargs: Any) -> Any:
-    """Capture a scenario into a store; see actstore.capture.runner.capture."""
+def capture_scenario(scenario: Any, store: Any = None, **kwargs: Any) -> Any:
+    """Capture a scenario into a store; see actstore.capture.runner.capture.
+
+    (Not named ``capture``: that name is the ``actstore.capture`` subpackage, which
+    replaces a same-named attribute as soon as anything imports it.)"""
     from actstore.capture.runner import capture as _capture
 
     return _capture(scenario, store, **kwargs)

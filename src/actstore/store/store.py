@@ -110,9 +110,14 @@ class ActStore:
             # Root attrs go in with the creating PUT: concurrent first writers then write the
             # same zarr.json, and no reader ever sees a root without them.
             attrs: dict[str, Any] | None = {_ROOT_ATTR: {"format_version": FORMAT_VERSION}} if create else None
-            root = zarr.open_group(
-                store=zstore, mode="r+" if not create else "a", zarr_format=3, attributes=attrs
-            )
+            try:
+                root = zarr.open_group(
+                    store=zstore, mode="r+" if not create else "a", zarr_format=3, attributes=attrs
+                )
+            except zarr.errors.ContainsGroupError:
+                # Another writer created the root between zarr's check and its write: the
+                # store exists now, which is all a creating open wanted.
+                root = zarr.open_group(store=zstore, mode="r+", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
             raise StoreError(
                 f"{loc}: no actstore store here (run `actstore capture` first, or check the path)"

@@ -161,3 +161,29 @@ def tiny_model(family: str, *, attn_implementation: str | None = None, seed: int
     model.eval()
     model.requires_grad_(False)
     return model, test_tokenizer()
+
+
+# A short conversation and two references, shared by tests that capture tiny runs.
+SAMPLE_MESSAGES: list[dict[str, str]] = [
+    {"role": "system", "content": "You are a calm assistant."},
+    {"role": "user", "content": "I am thrilled, the sun is out!"},
+    {"role": "assistant", "content": "That sounds lovely."},
+    {"role": "user", "content": "Now I am scared of the storm."},
+]
+SAMPLE_REFERENCES: list[dict[str, Any]] = [
+    {"label": "joy", "messages": [{"role": "user", "content": "I am so happy!"}]},
+    {"label": "fear", "messages": [{"role": "user", "content": "I am terrified."}]},
+]
+
+
+def tiny_loaded(family: str = "llama", *, eager: bool = True) -> Any:
+    """A tiny random model wrapped as the LoadedModel that capture takes (CPU, float32)."""
+    import torch
+
+    from actstore.models.loading import LoadedModel
+
+    model, tok = tiny_model(family, attn_implementation="eager" if eager else None)
+    return LoadedModel(
+        model=model, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,
+        source="tiny random model", model_id=f"tiny-{family}",
+    )  # fmt: skip

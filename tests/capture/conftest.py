@@ -5,31 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
 from actstore.models.loading import LoadedModel
 from actstore.scenario import scenario_from_dict
 from actstore.store.store import ActStore
-from actstore.testing import tiny_model
+from actstore.testing import SAMPLE_MESSAGES, SAMPLE_REFERENCES, tiny_loaded
 
-MESSAGES = [
-    {"role": "system", "content": "You are a calm assistant."},
-    {"role": "user", "content": "I am thrilled, the sun is out!"},
-    {"role": "assistant", "content": "That sounds lovely."},
-    {"role": "user", "content": "Now I am scared of the storm."},
-]
-REFERENCES = [
-    {"label": "joy", "messages": [{"role": "user", "content": "I am so happy!"}]},
-    {"label": "fear", "messages": [{"role": "user", "content": "I am terrified."}]},
-]
+MESSAGES = SAMPLE_MESSAGES
+REFERENCES = SAMPLE_REFERENCES
 
 
 def loaded_tiny(family: str, *, eager: bool = True) -> LoadedModel:
-    model, tok = tiny_model(family, attn_implementation="eager" if eager else None)
-    return LoadedModel(
-        model=model, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,
-        source="tiny random model", model_id=f"tiny-{family}",
-    )  # fmt: skip
+    loaded: LoadedModel = tiny_loaded(family, eager=eager)
+    return loaded
 
 
 def make_scenario(**overrides: Any) -> Any:

@@ -11,18 +11,11 @@ from typing import Any
 import yaml
 
 from actstore.scenario import scenario_from_dict
+from actstore.testing import SAMPLE_MESSAGES, SAMPLE_REFERENCES
 
 HERE = Path(__file__).resolve().parent
-MESSAGES = [
-    {"role": "system", "content": "You are a calm assistant."},
-    {"role": "user", "content": "I am thrilled, the sun is out!"},
-    {"role": "assistant", "content": "That sounds lovely."},
-    {"role": "user", "content": "Now I am scared of the storm."},
-]
-REFERENCES = [
-    {"label": "joy", "messages": [{"role": "user", "content": "I am so happy!"}]},
-    {"label": "fear", "messages": [{"role": "user", "content": "I am terrified."}]},
-]
+MESSAGES = SAMPLE_MESSAGES
+REFERENCES = SAMPLE_REFERENCES
 
 
 def scenario_dict(

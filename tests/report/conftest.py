@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from actstore.capture.runner import capture_run
 from actstore.models.loading import LoadedModel
 from actstore.scenario import scenario_from_dict
 from actstore.store.store import ActStore
-from actstore.testing import tiny_model
+from actstore.testing import tiny_loaded
 
 MESSAGES_A = [
     {"role": "system", "content": "You are a calm assistant."},
@@ -42,9 +41,8 @@ TOP_K = 5
 
 
 def loaded_tiny(family: str = "llama") -> LoadedModel:
-    model, tok = tiny_model(family, attn_implementation="eager")
-    return LoadedModel(model=model, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,
-                       source="tiny random model", model_id=f"tiny-{family}")  # fmt: skip
+    loaded: LoadedModel = tiny_loaded(family)
+    return loaded
 
 
 def scenario(name: str, messages: list[dict[str, str]], store_dtype: str = "float32") -> Any:

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.storage import LocalStore, WrapperStore
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -180,34 +178,12 @@ def ours_intra_run(location: Path, run_id: str) -> Any:
     return intra_run(ActStore.open(location).run(run_id), sources=list(RESIDUAL))
 
 
-class CountingStore(WrapperStore[Any]):
-    """Records (key, bytes) of every data read."""
-
-    def __init__(self, store: Any, log: list[tuple[str, int]] | None = None) -> None:
-        super().__init__(store)
-        self.log: list[tuple[str, int]] = [] if log is None else log
-
-    def _with_store(self, store: Any) -> CountingStore:
-        return type(self)(store, self.log)
-
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        buf = await self._store.get(key, prototype, byte_range)
-        self.log.append((key, 0 if buf is None else len(buf)))
-        return buf
-
-    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
-        key_ranges = list(key_ranges)
-        bufs = await self._store.get_partial_values(prototype, key_ranges)
-        self.log += [(k, 0 if b is None else len(b)) for (k, _), b in zip(key_ranges, bufs, strict=True)]
-        return bufs
-
-
 def objects_touched(location: Path, run_id: str) -> list[dict[str, Any]]:
     from actstore.query import state_vectors
-    from actstore.store.store import ActStore
+    from actstore.testing import counting_store
 
-    cs = CountingStore(LocalStore(str(location), read_only=True))
-    run = ActStore(cs, str(location), zarr.open_group(store=cs, mode="r")).run(run_id)
+    store, cs = counting_store(location)
+    run = store.run(run_id)
     rows = []
     for what, layers in (("one layer (29)", [29]), ("all 30 layers", None)):
         for source in ("hidden_out", "mlp_down_out"):

@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import zarr
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import LocalStore, WrapperStore
 
 from actstore.models.loading import _file_lock, cache_root, embedded_cache_dir, embedded_gguf_path
+from actstore.store.store import ActStore
 
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox", "gpt2", "phi3")
 
@@ -187,3 +192,42 @@ def tiny_loaded(family: str = "llama", *, eager: bool = True) -> Any:
         model=model, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,
         source="tiny random model", model_id=f"tiny-{family}",
     )  # fmt: skip
+
+
+
+# An instrumented store: proves what a query reads (objects, bytes), in tests and benchmarks.
+class CountingStore(WrapperStore[Any]):
+    """Records (key, bytes) of every get / get_partial_values."""
+
+    def __init__(self, store: Any, log: list[tuple[str, int]] | None = None) -> None:
+        super().__init__(store)
+        self.log: list[tuple[str, int]] = [] if log is None else log
+
+    def _with_store(self, store: Any) -> CountingStore:
+        return type(self)(store, self.log)
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        buf = await self._store.get(key, prototype, byte_range)
+        self.log.append((key, 0 if buf is None else len(buf)))
+        return buf
+
+    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Any) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), buf in zip(key_ranges, bufs, strict=True):
+            self.log.append((key, 0 if buf is None else len(buf)))
+        return bufs
+
+    def data_reads(self) -> list[tuple[str, int]]:
+        """Reads of array data (not metadata, not the catalog)."""
+        return [(k, n) for k, n in self.log if not k.endswith("zarr.json") and not k.startswith("catalog/")]
+
+    def reset(self) -> None:
+        self.log.clear()
+
+
+def counting_store(location: str | Path) -> tuple[ActStore, CountingStore]:
+    cs = CountingStore(LocalStore(str(location), read_only=True))
+    return ActStore(cs, str(location), zarr.open_group(store=cs, mode="r")), cs

@@ -7,16 +7,10 @@ and query code, for the plain-NumPy expectations the tests compare against.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import LocalStore, WrapperStore
-
-from actstore.store.store import ActStore
 
 RESIDUAL = ("hidden_in", "hidden_out", "attn_out", "mlp_down_out")
 
@@ -60,39 +54,5 @@ def np_jaccard(a: np.ndarray, b: np.ndarray, frac: float = 0.01, magnitude: bool
     return len(sa & sb) / len(sa | sb)
 
 
-# ---- a store that counts reads ---------------------------------------------------------
-class CountingStore(WrapperStore[Any]):
-    """Records (key, bytes) of every get / get_partial_values."""
-
-    def __init__(self, store: Any, log: list[tuple[str, int]] | None = None) -> None:
-        super().__init__(store)
-        self.log: list[tuple[str, int]] = [] if log is None else log
-
-    def _with_store(self, store: Any) -> CountingStore:
-        return type(self)(store, self.log)
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        buf = await self._store.get(key, prototype, byte_range)
-        self.log.append((key, 0 if buf is None else len(buf)))
-        return buf
-
-    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Any) -> list[Buffer | None]:
-        key_ranges = list(key_ranges)
-        bufs = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, _), buf in zip(key_ranges, bufs, strict=True):
-            self.log.append((key, 0 if buf is None else len(buf)))
-        return bufs
-
-    def data_reads(self) -> list[tuple[str, int]]:
-        """Reads of array data (not metadata, not the catalog)."""
-        return [(k, n) for k, n in self.log if not k.endswith("zarr.json") and not k.startswith("catalog/")]
-
-    def reset(self) -> None:
-        self.log.clear()
-
-
-def counting_store(location: str | Path) -> tuple[ActStore, CountingStore]:
-    cs = CountingStore(LocalStore(str(location), read_only=True))
-    return ActStore(cs, str(location), zarr.open_group(store=cs, mode="r")), cs
+# The read-counting store lives in actstore.testing (the query benchmark uses it too).
+from actstore.testing import CountingStore, counting_store  # noqa: E402,F401

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import zarr
+from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
@@ -89,7 +90,7 @@ class ActStore:
     >>> run = store.run("latest"); run.array("hidden_out")       # doctest: +SKIP
     """
 
-    def __init__(self, zstore: LocalStore | FsspecStore, location: str, root: zarr.Group):
+    def __init__(self, zstore: Store, location: str, root: zarr.Group):
         self.zstore = zstore
         self.location = location
         self.root = root

@@ -109,6 +109,7 @@ def _commit_fake(store: ActStore, n: int, start: int = 0) -> list[str]:
     ids = []
     for i in range(start, start + n):
         rid = f"fake_20260101T0000{i:02d}_{i:06x}"
+        store.create_run_group(rid)  # an empty run: the catalog is what is under test
         store.commit(rid, {"scenario": "fake", "model": "m", "created_at": f"2026-01-01T00:00:{i:02d}"})
         ids.append(rid)
     return ids

@@ -147,7 +147,17 @@ def ls_cmd(store_location: str | None, storage_options: tuple[str, ...], fmt: st
     """List the committed runs in a store (reads the catalog only)."""
     store = open_store(store_location, storage_options)
     df = store.catalog()
-    cols = ["id", "scenario", "model", "created_at", "prompt_len", "n_steps", "n_layers", "n_snapshots", "n_references"]
+    cols = [
+        "id",
+        "scenario",
+        "model",
+        "created_at",
+        "prompt_len",
+        "n_steps",
+        "n_layers",
+        "n_snapshots",
+        "n_references",
+    ]
     click.echo(render_frame(df[cols], fmt))
 
 

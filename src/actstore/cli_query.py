@@ -57,9 +57,14 @@ def fit_layers(text: str, readers: list[Any]) -> list[int] | None:
     have = set.intersection(*(set(r.layers) for r in readers))
     kept = [layer for layer in wanted if layer in have]
     if not kept:
-        raise SelectionError(f"--layers {text}: none of these layers were captured (have {min(have)}-{max(have)})")
+        raise SelectionError(
+            f"--layers {text}: none of these layers were captured (have {min(have)}-{max(have)})"
+        )
     if len(kept) < len(wanted):
-        click.echo(f"note: --layers {text}: using {kept} (the runs captured layers {min(have)}-{max(have)})", err=True)
+        click.echo(
+            f"note: --layers {text}: using {kept} (the runs captured layers {min(have)}-{max(have)})",
+            err=True,
+        )
     return kept
 
 

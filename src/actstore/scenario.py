@@ -58,7 +58,9 @@ def _parse_layers(value: Any) -> Any:
     if value == "all":
         return value
     if not isinstance(value, list):
-        raise _Invalid(f"expected \"all\" or a list of layer indices, got {_show(value)}", "write all or e.g. [0, 5, 10]")
+        raise _Invalid(
+            f'expected "all" or a list of layer indices, got {_show(value)}', "write all or e.g. [0, 5, 10]"
+        )
     seen: set[int] = set()
     for i, idx in enumerate(value):
         if not isinstance(idx, int) or isinstance(idx, bool):
@@ -167,7 +169,9 @@ class Scenario(_Strict):
         seen: set[str] = set()
         for i, ref in enumerate(refs):
             if ref.label in seen:
-                raise _Invalid(f"duplicate label {ref.label!r}", "labels must be unique; rename one", (i, "label"))
+                raise _Invalid(
+                    f"duplicate label {ref.label!r}", "labels must be unique; rename one", (i, "label")
+                )
             seen.add(ref.label)
         return refs
 
@@ -279,7 +283,11 @@ def _describe(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str, str]:
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return loc, f"must be {bounds[kind]} {limit}, got {_show(value)}", f"use a value {bounds[kind]} {limit}"
+        return (
+            loc,
+            f"must be {bounds[kind]} {limit}, got {_show(value)}",
+            f"use a value {bounds[kind]} {limit}",
+        )
     # Anything unforeseen: pydantic's own short message, without its URL or traceback.
     return loc, str(err["msg"]).rstrip("."), "see the scenario format in the README"
 
@@ -348,7 +356,9 @@ def load_scenario(path: str | Path) -> Scenario:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ScenarioError(_one_line(f"{p}: {where}: invalid YAML: {problem} (fix the YAML there)")) from None
+        raise ScenarioError(
+            _one_line(f"{p}: {where}: invalid YAML: {problem} (fix the YAML there)")
+        ) from None
     except yaml.YAMLError as exc:
         raise ScenarioError(_one_line(f"{p}: YAML error: {exc} (fix the YAML)")) from None
     return scenario_from_dict(data, source=str(p))
@@ -361,7 +371,9 @@ def load_scenarios(path_or_dir: str | Path) -> list[Scenario]:
         return [load_scenario(p)]
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml"))
     if not files:
-        raise ScenarioError(f"{p}: no *.yaml or *.yml scenario files in this directory (add one or pass a file)")
+        raise ScenarioError(
+            f"{p}: no *.yaml or *.yml scenario files in this directory (add one or pass a file)"
+        )
     return [load_scenario(f) for f in files]
 
 

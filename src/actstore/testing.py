@@ -194,7 +194,6 @@ def tiny_loaded(family: str = "llama", *, eager: bool = True) -> Any:
     )  # fmt: skip
 
 
-
 # An instrumented store: proves what a query reads (objects, bytes), in tests and benchmarks.
 class CountingStore(WrapperStore[Any]):
     """Records (key, bytes) of every get / get_partial_values."""

@@ -98,3 +98,25 @@ def test_metrics_stack_is_the_three_metrics() -> None:
     np.testing.assert_allclose(stacked[2], M.jaccard(s, r, 0.05, True))
     lazy = M.metrics_stack(da.from_array(s, chunks=(1, 1, 2, 300)), da.from_array(r), 0.05, True)
     np.testing.assert_allclose(lazy.compute(), stacked)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_pairs_stack_matches_loops(lazy: bool, magnitude: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = RNG.standard_normal((6, 4, 300)).astype(np.float16)
+    v[2, 1] = 0  # a zero vector: NaN cosine, as the pairwise metrics give
+    monkeypatch.setattr(M, "_PAIR_BATCH_BYTES", 3 * 300 * 8)  # several batches of pairs
+    got = M.pairs_stack(da.from_array(v, chunks=(2, 3, 100)) if lazy else v, 0.05, magnitude)
+    got = np.asarray(got.compute() if lazy else got)
+    iu, ju = np.triu_indices(6, 1)
+    assert got.shape == (3, len(iu), 4)
+    x = v.astype(np.float64)
+    for p, (i, j) in enumerate(zip(iu, ju, strict=True)):
+        for layer in range(4):
+            a, b = x[i, layer], x[j, layer]
+            np.testing.assert_allclose(got[1, p, layer], np_mae(a, b), rtol=1e-12)
+            np.testing.assert_allclose(got[2, p, layer], np_jaccard(a, b, 0.05, magnitude), rtol=1e-12)
+            if (i, layer) == (2, 1) or (j, layer) == (2, 1):
+                assert np.isnan(got[0, p, layer])
+            else:
+                np.testing.assert_allclose(got[0, p, layer], np_cos(a, b), rtol=1e-12)

@@ -7,11 +7,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from actstore.query.analyses import layer_discrimination
 from actstore.report.frames import dense
-from actstore.report.gather import gather, inter_run_shared_plan, model_groups
+from actstore.report.gather import gather, model_groups
 
 
 def test_discrimination_equals_layer_discrimination(two_run_store: Any) -> None:
@@ -63,19 +62,10 @@ def test_cube_reductions_equal_the_query_tables(two_run_store: Any) -> None:
                     np.testing.assert_allclose(got, getattr(row, metric), rtol=1e-12)
 
 
-@pytest.mark.parametrize("magnitude", [True, False])
-def test_inter_run_shared_plan_equals_inter_run(two_run_store: Any, magnitude: bool) -> None:
-    from actstore.query.compare import inter_run
-
-    runs = two_run_store.runs(["all"])
-    ours = inter_run_shared_plan(runs, magnitude=magnitude).compute()
-    pd.testing.assert_frame_equal(ours, inter_run(runs, magnitude=magnitude), check_exact=False, rtol=1e-12)
-
-
 def test_report_reads_each_state_once(two_run_store: Any) -> None:
     """The intra-run and inter-run plans name the same reads, so one compute reads each
     stored array of a run once."""
-    from actstore.query.compare import compare_states_plan
+    from actstore.query.compare import compare_states_plan, inter_run_plan
 
     runs = two_run_store.runs(["all"])
 
@@ -87,5 +77,5 @@ def test_report_reads_each_state_once(two_run_store: Any) -> None:
         }
         return {str(k) for k in keys if str(k).startswith("actstore-sel-")}
 
-    intra, inter = reads(compare_states_plan(runs, "initial", "final")), reads(inter_run_shared_plan(runs))
+    intra, inter = reads(compare_states_plan(runs, "initial", "final")), reads(inter_run_plan(runs))
     assert inter and inter <= intra

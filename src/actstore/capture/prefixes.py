@@ -48,8 +48,14 @@ def sliced_cache(cache: Any, n: int) -> DynamicCache | None:
     return new
 
 
-def forward(model: Any, input_ids: torch.Tensor, *, cache: Any = None, use_cache: bool = True,
-            last_logits_only: bool = True) -> Any:
+def forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    cache: Any = None,
+    use_cache: bool = True,
+    last_logits_only: bool = True,
+) -> Any:
     """One forward pass; asks for last-position logits only where the model supports it."""
     params = _forward_params(type(model))  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": use_cache}
@@ -102,8 +108,9 @@ def last_token_states(
             best_n = 0
         recorder.mode = "last"
         try:
-            forward(model, torch.tensor([seq[best_n:]], device=device), cache=cache,
-                    use_cache=cache is not None)
+            forward(
+                model, torch.tensor([seq[best_n:]], device=device), cache=cache, use_cache=cache is not None
+            )
         finally:
             recorder.mode = None
         results.append(recorder.take())

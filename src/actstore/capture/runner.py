@@ -145,7 +145,9 @@ def capture_run(
                     generator=generator,
                     n_top=cap.top_k_probs,
                 )
-                steps.append(sampling.step_record(step, ids, choice, tok, range(position, position + len(ids))))
+                steps.append(
+                    sampling.step_record(step, ids, choice, tok, range(position, position + len(ids)))
+                )
                 position += len(ids)
                 bar.update()
                 if step == 0:
@@ -336,7 +338,6 @@ def _run_meta(
         "snapshots": snapshot_meta,
         "references": [r.label for r in scenario.reference_states],
     }
-
 
 
 def _discard(store: ActStore, run_id: str) -> None:

@@ -39,7 +39,7 @@ from actstore.query.states import (
 )
 
 METRICS = M.METRICS
-_CHUNK_BYTES = 64 * 2**20  # cap on one broadcast block of an all-pairs comparison
+_CHUNK_BYTES = 64 * 2**20  # cap on one block of an all-pairs answer
 
 
 def as_runs(runs: Any) -> list[Any]:
@@ -127,6 +127,21 @@ def intra_run(
 
 
 # ---- run vs run ---------------------------------------------------------------------------
+def _run_states(
+    run: Any, sources: list[str], states: list[State], layers: list[int]
+) -> dict[str, list[da.Array]]:
+    """source -> one lazy ``(L, W)`` per state. Positional states come from ONE
+    ``select_many`` call, the very call ``compare_states_plan`` makes for the same
+    states, so a report that asks for both reads each stored array once."""
+    if all(st.kind in POSITIONAL for st in states):
+        both = select_many(run, sources, [state_position(run, st) for st in states], layers)
+        return {
+            s: [both[s][:, i] if both[s].ndim == 3 else both[s][i] for i in range(len(states))]
+            for s in sources
+        }
+    return {s: [state_vectors(run, st, s, layers) for st in states] for s in sources}
+
+
 def inter_run_plan(
     runs: Any,
     sources: Sequence[str] | None = None,
@@ -145,32 +160,34 @@ def inter_run_plan(
         layers = sorted(common)
     srcs = run_sources(runs[0], sources) if runs else []
     srcs = [s for s in srcs if all(s in r.sources for r in runs)] if sources is None else srcs
+    parsed = [parse_state(s) for s in states]
+    picked = [_run_states(r, srcs, parsed, layers) for r in runs]
     n = len(runs)
+    n_pairs = n * (n - 1) // 2
     pieces: dict[Any, Any] = {}
-    for state in states:
+    for k, state in enumerate(states):
         for source in srcs:
-            vecs = [state_vectors(r, state, source, layers) for r in runs]
-            widths = {v.shape[-1] for v in vecs}
+            widths = {p[source][k].shape[-1] for p in picked}
             if len(widths) > 1:
                 raise SelectionError(
                     f"runs differ in {source} width ({sorted(widths)}): compare runs of one model"
                 )
             if n < 2:
                 continue
-            v = da.stack(vecs)
-            # Pairs by broadcasting V[:, None] against V[None, :], in blocks of c x c runs.
-            c = max(1, min(n, int((_CHUNK_BYTES / (8 * v[0].size)) ** 0.5)))
-            v = v.rechunk((c, *v.shape[1:]))
-            pieces[(state, source)] = _stacked_metrics(v[:, None], v[None, :], frac, magnitude)
+            v = da.stack([p[source][k] for p in picked])  # (runs, L, W)
+            # Layer blocks small enough that one block's (3, pairs, layers) answer stays
+            # under _CHUNK_BYTES: 1,000 runs are half a million pairs.
+            per_layer = max(1, min(len(layers), _CHUNK_BYTES // (3 * 8 * n_pairs)))
+            v = v.rechunk({1: per_layer}) if v.ndim == 3 else v
+            pieces[(state, source)] = M.pairs_stack(v, frac, magnitude)
     ids = np.asarray([r.id for r in runs], dtype=object)
     iu, ju = np.triu_indices(n, 1)
 
     def finish(values: dict[Any, Any]) -> pd.DataFrame:
         frames = []
-        for (state, source), val in values.items():
-            pairs = val[:, iu, ju]  # (3, pairs, L)
+        for (state, source), val in values.items():  # val: (3, pairs, L)
             df = long_frame(
-                pairs, [("pair", np.arange(len(iu))), ("layer", layers)], {"state": state, "source": source}
+                val, [("pair", np.arange(len(iu))), ("layer", layers)], {"state": state, "source": source}
             )
             pair = df.pop("pair").to_numpy()
             df.insert(0, "run_b", ids[ju][pair])

@@ -3,7 +3,8 @@
 Data flow::
 
     runs --plans--> compare_states_plan (initial vs final, all runs)
-                    inter_run_shared_plan (per group of runs of one model, >= 2 runs)
+                    inter_run_plan        (per group of runs of one model, >= 2 runs;
+                                           the same reads as the intra plan: read once)
                     snapshots_vs_references_plan (runs with snapshots and references)
                     cross_layer_plan      (per run: hidden_out at the final state)
                     reference_cosines_plan (per run with >= 2 references)
@@ -22,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 
@@ -36,8 +36,8 @@ from actstore.query.compare import (
     snapshots_vs_references_plan,
     summarize,
 )
-from actstore.query.plan import Plan, compute_plans, concat_frames, long_frame
-from actstore.query.states import reference_stack, select_many, state_position
+from actstore.query.plan import Plan, compute_plans
+from actstore.query.states import reference_stack
 from actstore.report.frames import SvrCube
 
 INTRA_KEYS = ["run", "source"]
@@ -102,7 +102,7 @@ def gather(
             "The runs come from more than one model; only runs of the same model are compared with each other."
         )
     for i, group in enumerate(groups):
-        plans[f"inter{i}"] = inter_run_shared_plan(group, frac, magnitude)
+        plans[f"inter{i}"] = inter_run_plan(group, frac=frac, magnitude=magnitude)
     with_refs = [r for r in runs if r.snapshot_index and r.reference_labels]
     if with_refs:
         plans["svr"] = snapshots_vs_references_plan(with_refs, **opts)  # type: ignore[arg-type]
@@ -139,57 +139,6 @@ def gather(
             rr.discrimination = discrimination(run, values[f"refcos:{run.id}"], rr.cube)
         results.append(rr)
     return ReportData(results, intra, intra_summary, inter, inter_summary, frac, magnitude, notes)
-
-
-STATES = ("initial", "final")
-
-
-def inter_run_shared_plan(runs: list[Any], frac: float = M.DEFAULT_FRAC, magnitude: bool = False) -> Plan:
-    """``query.compare.inter_run_plan(runs)``, reading each run's states with the very
-    ``select_many`` call ``compare_states_plan(runs, "initial", "final")`` makes.
-
-    Both plans then name the same Zarr reads, so in the report's single compute Dask
-    reads each run's initial and final vectors once (one read per stored array) instead
-    of three to five times; and only the pairs a < b are reduced, not the whole square.
-    Same frame as ``inter_run`` (``tests/report/test_gather.py`` checks). Runs whose
-    captured layers differ fall back to ``inter_run_plan``. (Worth doing inside
-    ``inter_run_plan`` itself.)
-    """
-    if any(r.layers != runs[0].layers for r in runs):
-        return inter_run_plan(runs, frac=frac, magnitude=magnitude)
-    layers = list(runs[0].layers)
-    srcs = [s for s in run_sources(runs[0], None) if all(s in r.sources for r in runs)]
-    picked = [
-        select_many(r, run_sources(r, None), [state_position(r, "initial"), state_position(r, "final")], None)
-        for r in runs
-    ]
-    ids = np.asarray([r.id for r in runs], dtype=object)
-    iu, ju = np.triu_indices(len(runs), 1)
-    pieces: dict[Any, Any] = {}
-    for k, state in enumerate(STATES):
-        for source in srcs:
-            widths = {p[source].shape[-1] for p in picked}
-            if len(widths) > 1:
-                raise SelectionError(
-                    f"runs differ in {source} width ({sorted(widths)}): compare runs of one model"
-                )
-            # one block: the pairs of a few dozen runs' vectors are small, and one kernel
-            # call per (state, source) beats hundreds of tiny blocks
-            v = da.stack([p[source][:, k] for p in picked]).rechunk({0: -1})  # (runs, L, W)
-            pieces[(state, source)] = M.metrics_stack(v[iu], v[ju], frac, magnitude)  # (3, pairs, L)
-
-    def finish(values: dict[Any, Any]) -> pd.DataFrame:
-        frames = []
-        for (state, source), val in values.items():
-            axes = [("pair", np.arange(len(iu))), ("layer", layers)]
-            df = long_frame(val, axes, {"state": state, "source": source})
-            pair = df.pop("pair").to_numpy()
-            df.insert(0, "run_b", ids[ju][pair])
-            df.insert(0, "run_a", ids[iu][pair])
-            frames.append(df)
-        return concat_frames(frames, ["run_a", "run_b", "state", "source", "layer", *M.METRICS])
-
-    return Plan(pieces, finish)
 
 
 def reference_cosines_plan(run: Any) -> Plan:

@@ -115,9 +115,7 @@ class ArraySpec:
         return self.shards[self.position_axes[0]]
 
 
-def vector_spec(
-    name: str, n_layers: int | None, n_positions: int, width: int, dtype: np.dtype
-) -> ArraySpec:
+def vector_spec(name: str, n_layers: int | None, n_positions: int, width: int, dtype: np.dtype) -> ArraySpec:
     """Spec of a ``(L, T, W)`` array, or ``(T, W)`` when ``n_layers`` is None."""
     layers = n_layers or 1
     per_position = layers * width * dtype.itemsize

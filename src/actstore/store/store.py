@@ -45,7 +45,10 @@ def _is_url(location: str) -> bool:
 
 
 def open_zarr_store(
-    location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, read_only: bool = False
+    location: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    read_only: bool = False,
 ) -> LocalStore | FsspecStore:
     """A zarr Store for a local path or an fsspec URL (``s3://bucket/prefix``)."""
     loc = os.fspath(location)
@@ -110,7 +113,9 @@ class ActStore:
         try:
             # Root attrs go in with the creating PUT: concurrent first writers then write the
             # same zarr.json, and no reader ever sees a root without them.
-            attrs: dict[str, Any] | None = {_ROOT_ATTR: {"format_version": FORMAT_VERSION}} if create else None
+            attrs: dict[str, Any] | None = (
+                {_ROOT_ATTR: {"format_version": FORMAT_VERSION}} if create else None
+            )
             try:
                 root = zarr.open_group(
                     store=zstore, mode="r+" if not create else "a", zarr_format=3, attributes=attrs

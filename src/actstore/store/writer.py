@@ -226,7 +226,9 @@ def write_small_array(
     return arr
 
 
-def write_rows(group: zarr.Group, path: str, data: np.ndarray, store_dtype: str, layers: list[int]) -> zarr.Array:
+def write_rows(
+    group: zarr.Group, path: str, data: np.ndarray, store_dtype: str, layers: list[int]
+) -> zarr.Array:
     """Write a (rows, L, H) snapshot or reference stack as one chunk: the stacks are
     small (rows x L x H) and nearly always read whole (8 stacks: 48 ms with a chunk per
     row, 8.8 ms with one chunk, measured on the emotions run)."""

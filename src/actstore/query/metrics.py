@@ -166,7 +166,7 @@ def metrics_stack(
     return da.moveaxis(out, -1, 0) if isinstance(out, da.Array) else np.moveaxis(out, -1, 0)
 
 
-_PAIR_BATCH_BYTES = 32 * 2**20  # float64 bytes of one batch of gathered pairs in pairs_stack
+_PAIR_BATCH_BYTES = 8 * 2**20  # float64 bytes of one batch of gathered pairs in pairs_stack
 
 
 def _pairs_np(v: np.ndarray, k: int, magnitude: bool) -> np.ndarray:

@@ -146,7 +146,12 @@ class ActStore:
         S3 that is ~75 instead of ~390 requests per capture. Read runs through ``run()``."""
         from actstore.store.remote import fresh_prefix_store
 
-        runs = self.root.require_group(naming.RUNS_PREFIX)
+        try:
+            runs = self.root.require_group(naming.RUNS_PREFIX)
+        except zarr.errors.ContainsGroupError:
+            # The first captures into a new store race to create "runs" (zarr checks,
+            # then writes): another writer made it, which is all this one needed.
+            runs = self.root.require_group(naming.RUNS_PREFIX)
         path = naming.run_path(run_id)
         sub = fresh_prefix_store(self.zstore, path)
         if sub is None:

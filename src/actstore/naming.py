@@ -47,6 +47,7 @@ REFERENCES_GROUP = "references"
 RESIDUAL_ARRAY = "residual"  # (boundaries, T, H): hidden_in/out stored once, see store.layout
 TOKENS_ARRAY = "tokens"
 POSITION_STEP_ARRAY = "position_step"
+STEPS_ARRAY = "steps"  # per-step records (tokens, top-k) as one JSON document, read on demand
 
 RUNS_PREFIX = "runs"
 CATALOG_PREFIX = "catalog"

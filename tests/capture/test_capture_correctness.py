@@ -73,6 +73,26 @@ def test_greedy_tokens_equal_generate(family: str, store: Any) -> None:
     assert run.n_steps == len(expected)
 
 
+def test_step_records_match_hf_logits(store: Any) -> None:
+    """Per-step records (read from their own array, not the run's attributes, which
+    every query parses) against a log-softmax of HF's logits on the same tokens."""
+    loaded = loaded_tiny("llama")
+    sc = make_scenario(generation={"max_new_tokens": 4}, capture={"top_k_probs": 3})
+    run = store.run(capture_run(sc, store, loaded, progress=False).run_id)
+    assert "steps" not in run.group.attrs["run"] and run.meta["n_steps"] == run.n_steps == 4
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([run.tokens().tolist()])).logits[0].double()
+    logprobs = torch.log_softmax(logits, -1).numpy()
+    assert [s["step"] for s in run.steps] == list(range(4))
+    for st in run.steps:
+        lp = logprobs[run.step_positions(st["step"])[-1]]
+        order = np.argsort(-lp, kind="stable")[:3]
+        assert st["generated_token_id"] == st["logit_argmax_id"] == order[0]  # greedy
+        assert [t["id"] for t in st["top_k"]] == order.tolist()
+        np.testing.assert_allclose([t["logprob"] for t in st["top_k"]], lp[order], atol=1e-4)
+    assert [s["generated_token_id"] for s in run.steps] == run.meta["generated_token_ids"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gpt2", "gpt_neox"])
 def test_sublayer_sources_match_modules(family: str, store: Any) -> None:
     """q/k/v, attn_out, MLP intermediates recomputed from the model's own modules."""

@@ -35,7 +35,14 @@ from actstore.models.loading import LoadedModel, load_model, resolve_dtype
 from actstore.scenario import DEFAULT_STORE, Scenario, check_layers
 from actstore.store import layout
 from actstore.store.store import ActStore, catalog_entry
-from actstore.store.writer import ArrayPlan, RunWriter, to_numpy, write_rows, write_small_array
+from actstore.store.writer import (
+    ArrayPlan,
+    RunWriter,
+    to_numpy,
+    write_rows,
+    write_run_meta,
+    write_small_array,
+)
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,7 @@ def capture_run(
         meta = _run_meta(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )
-        group.attrs["run"] = meta
-        entry = catalog_entry(meta, run_id)
-        store.commit(run_id, entry)
+        store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -27,7 +27,7 @@ from actstore import naming
 from actstore.errors import StoreError
 from actstore.store import layout
 from actstore.store.store import ActStore, catalog_entry
-from actstore.store.writer import ArrayPlan, RunWriter, write_rows, write_small_array
+from actstore.store.writer import ArrayPlan, RunWriter, write_rows, write_run_meta, write_small_array
 
 Key = tuple[str, int | None]
 _INFO_KEY = "actstore"  # see npz_export.INFO_KEY
@@ -78,8 +78,7 @@ def import_npz(store: ActStore, run_dir: str | os.PathLike[str], *, quiet: bool 
         labels = _read_references(d, group, schema)
         bar.update()
         meta = _run_meta(run_json, info, steps, schema, snap_index, labels, d)
-        group.attrs["run"] = meta
-        store.commit(run_id, catalog_entry(meta, run_id))
+        store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
     except BaseException:
         for w in writers:
             w.abort()

@@ -10,6 +10,7 @@ arrays, with deterministic graph names.
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from typing import Any
 
@@ -48,9 +49,19 @@ class RunReader:
         """Real layer indices of the captured layers (the layer coordinate)."""
         return list(self.meta["layers"])
 
+    @cached_property
+    def _steps(self) -> list[dict[str, Any]]:
+        if "steps" in self.meta:  # runs written before the steps array kept them in the attributes
+            return list(self.meta["steps"])
+        arr = self.group[naming.STEPS_ARRAY]
+        assert isinstance(arr, zarr.Array)
+        return list(json.loads(np.asarray(arr[:]).tobytes()))
+
     @property
     def steps(self) -> list[dict[str, Any]]:
-        return list(self.meta["steps"])
+        """Per forward pass: kind, fed and generated tokens, top-k log-probs (one read,
+        on first use)."""
+        return list(self._steps)
 
     @property
     def prompt_len(self) -> int:
@@ -62,7 +73,7 @@ class RunReader:
 
     @property
     def n_steps(self) -> int:
-        return len(self.steps)
+        return int(self.meta["n_steps"]) if "n_steps" in self.meta else len(self._steps)
 
     @property
     def prefill_position(self) -> int:

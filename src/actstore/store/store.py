@@ -73,7 +73,7 @@ def catalog_entry(meta: dict[str, Any], run_id: str) -> dict[str, Any]:
         "model": meta["model"]["id"],
         "created_at": meta["created_at"],
         "prompt_len": meta["prompt_len"],
-        "n_steps": len(meta["steps"]),
+        "n_steps": meta["n_steps"],
         "n_positions": meta["n_positions"],
         "n_layers": len(meta["layers"]),
         "layers": meta["layers"],

@@ -13,6 +13,7 @@ then the caller commits the catalog entry.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from dataclasses import dataclass
@@ -224,6 +225,22 @@ def write_small_array(
     if data.size:
         arr[...] = data
     return arr
+
+
+def write_run_meta(group: zarr.Group, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write a run's metadata; return what the group attributes now hold.
+
+    The per-step records (fed and generated tokens, top-k log-probs: about 90 KB for 50
+    steps, most of a run's metadata) go to their own one-chunk array as a JSON document,
+    read only by what shows steps. The group attributes, which every query that opens
+    the run parses, keep the rest and ``n_steps``.
+    """
+    steps = meta["steps"]
+    blob = np.frombuffer(json.dumps(steps, separators=(",", ":")).encode(), dtype=np.uint8)
+    write_small_array(group, naming.STEPS_ARRAY, blob, {"actstore_content": "application/json"})
+    slim = {k: v for k, v in meta.items() if k != "steps"} | {"n_steps": len(steps)}
+    group.attrs["run"] = slim
+    return slim
 
 
 def write_rows(

@@ -22,7 +22,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
-from actstore.models.loading import _file_lock, cache_root, embedded_cache_dir, embedded_gguf_path
+from actstore.models.gguf_cache import cache_root, embedded_cache_dir, embedded_gguf_path, file_lock
 from actstore.store.store import ActStore
 
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox", "gpt2", "phi3")
@@ -51,7 +51,7 @@ def _tokenizer_folder() -> Path:
     from transformers import AutoTokenizer
 
     gguf = embedded_gguf_path()
-    with _file_lock(folder.parent / ".smollm2.lock"):
+    with file_lock(folder.parent / ".smollm2.lock"):
         if (folder / "tokenizer_config.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)

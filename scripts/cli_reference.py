@@ -26,7 +26,7 @@ def reference() -> str:
     lines = []
     for name, cmd in _walk(main, "actstore"):
         args = " ".join(p.human_readable_name.upper() for p in cmd.params if isinstance(p, click.Argument))
-        summary = (cmd.help or "").strip().split("\n\n")[0].replace("\n", " ")
+        summary = " ".join((cmd.help or "").strip().split("\n\n")[0].split())
         lines += [f"### `{name}{' ' + args if args else ''}`", "", summary, ""]
         for p in cmd.params:
             if isinstance(p, click.Option) and p.name != "help":

@@ -11,7 +11,8 @@ browser test does), and writes:
 * ``report_topk.png``: the generation explorer after moving its slider;
 * ``heatmap_mlp_act.png``: the MLP activation of decode step 5 at a middle layer, its
   width drawn as a grid (``actstore heatmap RUN --source mlp_act --steps 5
-  --normalize signed --cmap RdBu_r``); hidden_out when the run has no MLP capture.
+  --normalize signed --cmap RdBu_r``); hidden_out when the run has no MLP capture;
+* ``view.png``: ``actstore view`` on the run (its server on loopback, same browser).
 
 Needs the dev extra (playwright) and a Chromium binary (``apt-get install chromium``).
 """
@@ -97,10 +98,27 @@ def main() -> None:
         [png] = write_heatmaps(run, source, [layer], [step], cmap="RdBu_r", normalize="signed",
                                out=tmp / "heatmaps", progress=False)  # fmt: skip
         shutil.copyfile(png, out / f"heatmap_{source}.png")
+        view_screenshot(store, run_id, out / "view.png")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for p in sorted(out.glob("*.png")):
         print(p)
+
+
+def view_screenshot(store: object, run_id: str, path: Path) -> None:
+    from actstore.report.browser import open_page
+    from actstore.view import serve
+
+    server = serve(store, run_id, port=0)
+    try:
+        with open_page(server.url, width=1500, height=1250) as (page, log):
+            page.wait_for_function("window.actstoreView && window.actstoreView.idle()", timeout=120_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(path))
+            if log.errors or log.blocked:
+                print(f"warning (view): {log.errors[:3]} {log.blocked[:3]}", file=sys.stderr)
+    finally:
+        server.shutdown()
 
 
 if __name__ == "__main__":

@@ -49,22 +49,32 @@ class PageLog:
 
 @contextmanager
 def open_page(html: str | Path, width: int = 1400, height: int = 1000) -> Iterator[tuple[Any, PageLog]]:
-    """``(page, log)`` for a local HTML file, offline; the browser closes on exit."""
+    """``(page, log)`` for a local HTML file, offline; the browser closes on exit.
+
+    ``html`` may also be an ``http://`` address on this machine (the run viewer): then
+    requests to that origin go through and every other one is still cut."""
     from playwright.sync_api import sync_playwright
 
     exe = find_chromium()
     if exe is None:
         raise FileNotFoundError("no Chromium binary found (install chromium or set $CHROMIUM)")
-    url = Path(html).resolve().as_uri()
+    served = str(html).startswith("http://")
+    url = str(html) if served else Path(html).resolve().as_uri()
+    origin = url[: url.index("/", len("http://")) + 1] if served else None
     log = PageLog()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        args = CHROMIUM_ARGS
+        if served:  # resolve and connect to this machine only; everything else stays cut
+            args = [a for a in args if not a.startswith("--host-resolver-rules")]
+            args += ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
+                     "--proxy-bypass-list=127.0.0.1;localhost"]  # fmt: skip
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=args)
         try:
-            context = browser.new_context(viewport={"width": width, "height": height}, offline=True)
+            context = browser.new_context(viewport={"width": width, "height": height}, offline=not served)
             page = context.new_page()
 
             def route(r: Any) -> None:
-                if r.request.url == url:
+                if r.request.url == url or (origin and r.request.url.startswith(origin)):
                     r.continue_()
                 else:
                     log.blocked.append(r.request.url)

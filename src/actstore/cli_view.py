@@ -1,0 +1,49 @@
+"""``actstore view``: a thin command over :mod:`actstore.view`; ``cli.py`` calls
+:func:`register`."""
+
+from __future__ import annotations
+
+import click
+
+from actstore.cli import _fail_cleanly, open_store, store_options
+
+
+def register(main: click.Group) -> None:
+    """Add the viewer command to the ``actstore`` group."""
+
+    @main.command("view")
+    @click.argument("run", default="latest")
+    @store_options
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="address to listen on (the default is reachable from this machine only)")  # fmt: skip
+    @click.option(
+        "--port", type=int, default=8765, show_default=True, help="port to listen on (0: any free port)"
+    )
+    @click.option("--no-browser", is_flag=True, help="print the address instead of opening a browser")
+    @_fail_cleanly
+    def view_cmd(
+        run: str, host: str, port: int, no_browser: bool, store_location: str | None,
+        storage_options: tuple[str, ...],
+    ) -> None:  # fmt: skip
+        """Explore RUN in the browser: tokens, a heatmap per layer x step, top-k, neuron
+        trajectories, the residual decomposition (a local server; Ctrl-C stops it)."""
+        from actstore.view.server import ViewApp, ViewServer
+
+        app = ViewApp(open_store(store_location, storage_options), run)
+        try:
+            server = ViewServer(app, host, port)
+        except OSError as e:
+            raise click.UsageError(
+                f"cannot listen on {host}:{port} ({e.strerror}); pick another --port"
+            ) from None
+        click.echo(f"actstore view: {server.url}  (Ctrl-C stops)")
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(server.url)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.httpd.server_close()

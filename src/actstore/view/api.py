@@ -1,0 +1,167 @@
+"""What the run viewer shows, as JSON-ready dicts, each read through the query layer.
+
+>>> run = ActStore.open("stores/actstore.zarr").run("latest")        # doctest: +SKIP
+>>> heatmap(run, "hidden_out", layer=10, step=0)["z"][0][:3]           # doctest: +SKIP
+
+Every function reads only what its answer needs (one layer x one step's positions for a
+heatmap, one neuron column for a trajectory); the server (``view.server``) calls them per
+request, so a viewer over a large store stays as fast as its smallest question.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actstore import naming
+from actstore.errors import SelectionError
+from actstore.query.analyses import neuron_trajectory, position_tokens, residual_decomposition
+from actstore.query.states import select, state_position, vector_sources
+from actstore.report.heatmaps import REDUCE, Slice, grid_shape, read_slice
+from actstore.report.tokens import display_token
+
+_DIGITS = 5  # significant digits sent to the browser: float16 values carry about 3.3
+
+
+def _num(x: Any) -> float | None:
+    """A JSON number (None for NaN/inf), rounded to what a chart can show."""
+    v = float(x)
+    if not math.isfinite(v):
+        return None
+    return float(f"{v:.{_DIGITS}g}")
+
+
+def _nums(a: np.ndarray) -> list[Any]:
+    """Nested lists of numbers rounded like :func:`_num`, None for NaN (vectorised: a
+    prefill heatmap is ~350k values)."""
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.isfinite(a)
+    mag = np.where(finite & (a != 0), np.abs(a), 1.0)
+    scale = 10.0 ** (_DIGITS - 1 - np.floor(np.log10(mag)))
+    out = (np.round(np.where(finite, a, 0.0) * scale) / scale).astype(object)
+    out[~finite] = None
+    return list(out.tolist())
+
+
+def runs(store: Any) -> list[dict[str, Any]]:
+    """The store's runs, newest first: id, scenario, model, created_at, steps."""
+    rows = [
+        {k: e.get(k) for k in ("id", "scenario", "model", "created_at", "n_steps", "n_positions")}
+        for e in store.catalog_entries()
+    ]
+    return rows[::-1]
+
+
+def summary(run: Any) -> dict[str, Any]:
+    """Everything the page needs before drawing: sources and widths, layers, tokens per
+    position, and each step's positions, chosen token and top-k (no array read but the
+    steps record)."""
+    sources = vector_sources(run)
+    heads = None
+    if "attn_weights" in run.sources:
+        sources.append("attn_weights")
+        heads = int(run.array("attn_weights").shape[1])
+    widths = {s: int(run.array(s).shape[-1]) for s in sources if s != "attn_weights"}
+    for s in naming.GLOBAL_SOURCES:
+        if s in run.sources:
+            sources.append(s)
+            widths[s] = int(run.array(s).shape[-1])
+    tokens = [display_token(t) if t is not None else "" for t in position_tokens(run)]
+    steps = []
+    for st in run.steps:
+        pos = run.step_positions(int(st["step"]))
+        steps.append({
+            "step": int(st["step"]), "kind": st.get("kind", ""), "positions": [pos.start, pos.stop],
+            "generated": display_token(st.get("generated_token") or ""),
+            "top_k": [{"token": display_token(t["token"]), "p": _num(math.exp(t["logprob"]))}
+                      for t in st.get("top_k") or []],
+        })  # fmt: skip
+    return {
+        "id": run.id, "scenario": run.scenario.get("name"), "model": run.meta["model"]["id"],
+        "created_at": run.meta.get("created_at"), "prompt_len": run.prompt_len,
+        "n_positions": run.n_positions, "layers": list(run.layers), "sources": sources,
+        "widths": widths, "heads": heads, "tokens": tokens, "steps": steps,
+        "generated_text": run.meta.get("generated_text", ""),
+        "has_decomposition": all(s in run.sources for s in ("hidden_in", "attn_out", "mlp_down_out")),
+    }  # fmt: skip
+
+
+def _check_source(run: Any, source: str) -> None:
+    if source not in run.sources:
+        raise SelectionError(f"run {run.id} has no source {source!r}; it has: {', '.join(run.sources)}")
+
+
+def _step(run: Any, step: int) -> int:
+    if not -run.n_steps <= step < run.n_steps:
+        raise SelectionError(f"run {run.id} has steps 0..{run.n_steps - 1}, not {step}")
+    return step % run.n_steps
+
+
+def heatmap(
+    run: Any, source: str, layer: int | None, step: int, head: int | None = None, reduce: str = "signed"
+) -> dict[str, Any]:
+    """One layer x one step of a source, as ``actstore heatmap`` draws it: positions x
+    channels (a decode step's single vector as a near-square grid), or for attention the
+    step's query rows x every key so far (mean over heads unless ``head``)."""
+    _check_source(run, source)
+    if reduce not in REDUCE:
+        raise SelectionError(f"reduce must be one of {', '.join(REDUCE)}, not {reduce!r}")
+    step = _step(run, step)
+    if source in naming.GLOBAL_SOURCES:
+        layer = None
+    elif layer is None:
+        raise SelectionError(f"{source} needs a layer")
+    else:
+        run.layer_index([layer])
+    data, xlabel, ylabel, reshaped = read_slice(run, source, Slice(layer, step, head, Path(), ""), reduce)
+    pos = run.step_positions(step)
+    tokens = [display_token(t) if t is not None else "" for t in position_tokens(run)]
+    out: dict[str, Any] = {
+        "source": source, "layer": layer, "step": step, "head": head, "reduce": reduce,
+        "z": _nums(data), "xlabel": xlabel, "ylabel": ylabel, "reshaped": reshaped,
+        "rows": list(range(pos.start, pos.stop)), "row_tokens": tokens[pos.start : pos.stop],
+    }  # fmt: skip
+    if reshaped:
+        out["grid"] = list(grid_shape(int(run.array(source).shape[-1])))
+    if source == "attn_weights":
+        out["key_tokens"] = tokens[: pos.stop]
+    return out
+
+
+def top_neurons(run: Any, source: str, layer: int | None, step: int, k: int = 12) -> dict[str, Any]:
+    """The ``k`` channels of largest magnitude at the step's last position."""
+    _check_source(run, source)
+    if source == "attn_weights":
+        raise SelectionError("attention weights have no neurons; pick a vector source")
+    step = _step(run, step)
+    position = state_position(run, f"step:{step}")
+    x = select(run, source, [position], None if layer is None or source in naming.GLOBAL_SOURCES else [layer])
+    vec = np.asarray(x.compute(), dtype=np.float64).reshape(-1)
+    order = np.argsort(-np.abs(vec), kind="stable")[:k]
+    return {"source": source, "layer": layer, "step": step, "position": position,
+            "neurons": [{"index": int(i), "value": _num(vec[i])} for i in order]}  # fmt: skip
+
+
+def trajectory(run: Any, source: str, layer: int, neuron: int, over: str = "steps") -> dict[str, Any]:
+    """One neuron over the run (``query.analyses.neuron_trajectory``)."""
+    _check_source(run, source)
+    if source in naming.GLOBAL_SOURCES or source == "attn_weights":
+        raise SelectionError(f"a neuron trajectory needs a per-layer vector source, not {source!r}")
+    df = neuron_trajectory(run, layer, neuron, source, over)
+    return {"source": source, "layer": layer, "neuron": neuron, "over": over,
+            "x": df["step" if over == "steps" else "position"].tolist(),
+            "token": [display_token(t) if isinstance(t, str) else "" for t in df["token"]],
+            "value": [_num(v) for v in df["value"]]}  # fmt: skip
+
+
+def decomposition(run: Any, step: int) -> dict[str, Any]:
+    """Per layer at the step's last position: norms of the residual stream and of the two
+    sub-layer outputs, and their cosine with the block output
+    (``query.analyses.residual_decomposition``)."""
+    df = residual_decomposition(run, steps=[_step(run, step)])
+    cols = [c for c in df.columns if c.startswith(("norm_", "cos_"))]
+    return {"step": _step(run, step), "layer": df["layer"].tolist(),
+            **{c: [_num(v) for v in df[c]] for c in cols}}  # fmt: skip

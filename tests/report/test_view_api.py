@@ -1,0 +1,179 @@
+"""The run viewer's answers against the stored arrays read straight from Zarr, and its
+HTTP server (a real one on loopback)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from actstore.errors import SelectionError
+from actstore.store.store import ActStore
+from actstore.view import api, serve
+
+
+def _raw(store: ActStore, run: Any, name: str) -> np.ndarray:
+    arr = zarr.open_array(store=store.zstore, path=f"runs/{run.id}/acts/{name}", mode="r")
+    return np.asarray(arr[...], dtype=np.float64)
+
+
+def _hidden_out(store: ActStore, run: Any) -> np.ndarray:
+    res = _raw(store, run, "residual")  # boundaries 0..L: hidden_out of layer l is row l + 1
+    return res[1:]
+
+
+def _close(got: Any, want: np.ndarray) -> None:
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=1e-4, atol=1e-6)
+
+
+def test_heatmap_prefill_is_the_step_positions_of_one_layer(two_run_store: ActStore) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    h = api.heatmap(run, "hidden_out", layer=1, step=0)
+    assert not h["reshaped"] and h["rows"] == list(range(run.prompt_len))
+    _close(h["z"], _hidden_out(two_run_store, run)[1, : run.prompt_len])
+    mag = api.heatmap(run, "hidden_out", layer=1, step=0, reduce="abs")
+    _close(mag["z"], np.abs(_hidden_out(two_run_store, run)[1, : run.prompt_len]))
+
+
+def test_heatmap_decode_step_is_one_vector_as_a_grid(two_run_store: ActStore) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    h = api.heatmap(run, "mlp_act", layer=2, step=3)
+    rows, cols = h["grid"]
+    vec = _raw(two_run_store, run, "mlp_act")[2, run.prompt_len + 2]
+    flat = np.asarray(h["z"], dtype=np.float64).reshape(-1)
+    assert h["reshaped"] and rows * cols >= vec.size
+    _close(flat[: vec.size], vec)
+
+
+def test_heatmap_attention_head_and_mean(two_run_store: ActStore) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    att = _raw(two_run_store, run, "attn_weights")  # (L, heads, T, T)
+    p = run.prompt_len + 1  # step 2 computes position P+1 and attends to keys 0..P+1
+    one = api.heatmap(run, "attn_weights", layer=0, step=2, head=1)
+    _close(one["z"], att[0, 1, p : p + 1, : p + 1])
+    mean = api.heatmap(run, "attn_weights", layer=0, step=2)
+    _close(mean["z"], att[0, :, p : p + 1, : p + 1].mean(axis=0))
+    assert len(mean["key_tokens"]) == p + 1
+
+
+def test_top_neurons_trajectory_and_decomposition(two_run_store: ActStore) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[1])  # the float16 run
+    hout = _hidden_out(two_run_store, run)
+    last = [run.prompt_len - 1] + [run.prompt_len + s - 1 for s in range(1, run.n_steps)]
+    top = api.top_neurons(run, "hidden_out", layer=2, step=1, k=5)
+    vec = hout[2, last[1]]
+    assert [n["index"] for n in top["neurons"]] == np.argsort(-np.abs(vec), kind="stable")[:5].tolist()
+    t = api.trajectory(run, "hidden_out", layer=2, neuron=top["neurons"][0]["index"])
+    assert t["x"] == list(range(run.n_steps))
+    _close(t["value"], hout[2, last, top["neurons"][0]["index"]])
+    d = api.decomposition(run, step=1)
+    res = _raw(two_run_store, run, "residual")
+    _close(d["norm_hidden_in"], np.linalg.norm(res[:-1, last[1]], axis=-1))
+    attn = _raw(two_run_store, run, "attn_out")[:, last[1]]
+    cos = (attn * hout[:, last[1]]).sum(-1) / np.linalg.norm(attn, axis=-1) / np.linalg.norm(hout[:, last[1]], axis=-1)
+    _close(d["cos_attn_out"], cos)
+
+
+def test_summary_lists_tokens_and_steps(two_run_store: ActStore) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    s = api.summary(run)
+    assert len(s["tokens"]) == run.n_positions and len(s["steps"]) == run.n_steps
+    assert s["steps"][1]["positions"] == [run.prompt_len, run.prompt_len + 1]
+    assert {"hidden_out", "attn_weights", "mlp_act", "logits"} <= set(s["sources"]) and s["heads"] == 4
+    probs = [t["p"] for t in s["steps"][0]["top_k"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda run: api.heatmap(run, "nope", 0, 0), "no source 'nope'"),
+        (lambda run: api.heatmap(run, "hidden_out", 99, 0), "did not capture layer"),
+        (lambda run: api.heatmap(run, "hidden_out", 0, 99), "has steps 0.."),
+        (lambda run: api.top_neurons(run, "attn_weights", 0, 0), "no neurons"),
+        (lambda run: api.trajectory(run, "logits", 0, 0), "per-layer vector source"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(two_run_store: ActStore, call: Any, fragment: str) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    with pytest.raises(SelectionError, match=fragment):
+        call(run)
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = r.read()
+            return r.status, json.loads(body) if r.headers["Content-Type"] == "application/json" else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_answers_over_http(two_run_store: ActStore) -> None:
+    first = two_run_store.run_ids()[0]
+    server = serve(two_run_store, first, port=0)
+    try:
+        base = server.url.split("?")[0]
+        assert server.url.startswith("http://127.0.0.1:") and first in server.url
+        status, runs = _get(base + "api/runs")
+        assert status == 200 and [r["id"] for r in runs["runs"]] == two_run_store.run_ids()[::-1]
+        status, h = _get(base + f"api/heatmap?run={first}&source=hidden_out&layer=1&step=0")
+        assert status == 200
+        _close(h["z"], _hidden_out(two_run_store, two_run_store.run(first))[1, : h["rows"][-1] + 1])
+        status, err = _get(base + "api/heatmap?source=hidden_out&layer=x")
+        assert status == 400 and "whole number" in err["error"]
+        status, err = _get(base + "api/nothing")
+        assert status == 400 and "unknown request" in err["error"]
+        status, page = _get(base)
+        assert status == 200 and b"/static/view.js" in page
+        status, js = _get(base + "static/plotly.min.js")
+        assert status == 200 and len(js) > 1_000_000
+        assert _get(base + "static/../secrets")[0] == 404
+    finally:
+        server.shutdown()
+
+
+def test_cli_view_errors_are_one_line_exit_2(two_run_store: ActStore) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    res = CliRunner().invoke(main, ["view", "no_such_run", "--store", str(two_run_store.location), "--no-browser"])
+    assert res.exit_code == 2 and "no_such_run" in res.output and len(res.output.strip().splitlines()) == 1
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(
+            main, ["view", "--store", str(two_run_store.location), "--port", str(port), "--no-browser"]
+        )
+    assert res.exit_code == 2 and "pick another --port" in res.output
+
+
+def test_cli_view_serves_until_stopped(two_run_store: ActStore) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actstore", "view", "--store", str(two_run_store.location), "--port", "0",
+         "--no-browser"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("actstore view: http://127.0.0.1:"), line + (proc.stderr.read() if proc.stderr else "")
+        url = line.split()[2]
+        status, summary = _get(url.replace("/?", "/api/summary?"))
+        assert status == 200 and summary["id"] == two_run_store.run_ids()[-1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

@@ -1,0 +1,87 @@
+"""The run viewer in headless Chromium: only its own server reachable, no console
+errors, every chart drawn, and the controls change what is read and shown."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from actstore.report.browser import find_chromium, open_page
+from actstore.store.store import ActStore
+from actstore.view import serve
+
+pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium binary (apt-get install chromium)")
+
+MARKS_JS = """
+(id) => {
+  const el = document.getElementById(id);
+  return el.querySelectorAll('.heatmaplayer image, .scatterlayer path.js-line, .barlayer .point path').length;
+}
+"""
+
+
+def _idle(page: Any, timeout_s: float = 60.0) -> None:
+    page.wait_for_function("window.actstoreView && window.actstoreView.idle()", timeout=timeout_s * 1000)
+    page.wait_for_timeout(150)  # let plotly finish the frame it was handed
+    page.wait_for_function("window.actstoreView.idle()", timeout=timeout_s * 1000)
+
+
+def _requests(page: Any) -> int:
+    return int(page.evaluate("window.actstoreView.requests.length"))
+
+
+def test_viewer_draws_and_follows_the_controls(two_run_store: ActStore) -> None:
+    first = two_run_store.run_ids()[0]
+    server = serve(two_run_store, first, port=0)
+    try:
+        with open_page(server.url) as (page, log):
+            _idle(page)
+            for chart in ("heatmap", "topk", "trajectory", "decomposition"):
+                assert page.evaluate(MARKS_JS, chart) > 0, f"{chart} drew nothing"
+            assert page.locator("#tokens .tok.gen").count() >= 1
+            assert first in page.inner_text("#run-title")
+
+            # another layer: a new read, different numbers
+            z_before = page.evaluate("JSON.stringify(window.actstoreView.heatmap.z)")
+            n = _requests(page)
+            page.select_option("#layer", "0")
+            _idle(page)
+            assert _requests(page) > n and page.evaluate("window.actstoreView.heatmap.layer") == 0
+            assert page.evaluate("JSON.stringify(window.actstoreView.heatmap.z)") != z_before
+
+            # a generated token picks its step; the step label and top-k follow
+            page.locator("#tokens .tok.gen").nth(1).click()
+            _idle(page)
+            assert page.input_value("#step") == "2" and page.inner_text("#step-label").startswith("2 (decode")
+            assert page.evaluate("window.actstoreView.heatmap.step") == 2
+
+            # a channel in the table: its trajectory
+            row = page.locator("#neurons tr.pick").nth(2)
+            channel = row.get_attribute("data-neuron")
+            row.click()
+            _idle(page)
+            assert page.inner_text("#trajectory-title").endswith(f"channel {channel}")
+
+            # attention: the head control appears, heads are separate reads
+            page.select_option("#source", "attn_weights")
+            _idle(page)
+            assert page.is_visible("#head") and page.evaluate(MARKS_JS, "heatmap") > 0
+            page.select_option("#head", "1")
+            _idle(page)
+            assert page.evaluate("window.actstoreView.heatmap.head") == 1
+
+            # the other run, from the run list
+            other = two_run_store.run_ids()[1]
+            page.select_option("#run-select", other)
+            _idle(page)
+            assert other in page.inner_text("#run-title") and page.evaluate(MARKS_JS, "heatmap") > 0
+
+            assert page.is_hidden("#error"), page.inner_text("#error")
+            assert log.blocked == [], f"the page tried the network: {log.blocked[:5]}"
+            assert log.errors == [], log.errors
+    finally:
+        started = time.monotonic()
+        server.shutdown()
+        assert time.monotonic() - started < 10

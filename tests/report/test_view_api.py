@@ -157,7 +157,8 @@ def test_cli_view_errors_are_one_line_exit_2(two_run_store: ActStore) -> None:
     assert res.exit_code == 2 and "pick another --port" in res.output
 
 
-def test_cli_view_serves_until_stopped(two_run_store: ActStore) -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_cli_view_serves_until_stopped(two_run_store: ActStore, stop: str) -> None:
     import signal
     import subprocess
     import sys
@@ -166,6 +167,8 @@ def test_cli_view_serves_until_stopped(two_run_store: ActStore) -> None:
         [sys.executable, "-m", "actstore", "view", "--store", str(two_run_store.location), "--port", "0",
          "--no-browser"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # started as a shell's background job would be: SIGINT ignored, which Python keeps
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -175,5 +178,5 @@ def test_cli_view_serves_until_stopped(two_run_store: ActStore) -> None:
         status, summary = _get(url.replace("/?", "/api/summary?"))
         assert status == 200 and summary["id"] == two_run_store.run_ids()[-1]
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         assert proc.wait(timeout=30) == 0

@@ -180,3 +180,17 @@ def test_cli_view_serves_until_stopped(two_run_store: ActStore, stop: str) -> No
     finally:
         proc.send_signal(getattr(signal, stop))
         assert proc.wait(timeout=30) == 0
+
+
+def test_large_heatmaps_are_sent_as_block_means(two_run_store: ActStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    monkeypatch.setattr(api, "MAX_ROWS", 4)
+    monkeypatch.setattr(api, "MAX_COLS", 5)
+    att = _raw(two_run_store, run, "attn_weights")[1, 2, : run.prompt_len, : run.prompt_len]
+    h = api.heatmap(run, "attn_weights", layer=1, step=0, head=2)
+    fr, fc = h["block"]
+    assert fr == -(-run.prompt_len // 4) and fc == -(-run.prompt_len // 5)
+    want = np.array([[att[i : i + fr, j : j + fc].mean() for j in range(0, att.shape[1], fc)]
+                     for i in range(0, att.shape[0], fr)])  # fmt: skip
+    _close(h["z"], want)
+    assert h["rows"] == list(range(0, run.prompt_len, fr)) and h["cols"] == list(range(0, run.prompt_len, fc))

@@ -10,7 +10,7 @@ import pytest
 
 from actstore.report.browser import find_chromium, open_page
 from actstore.store.store import ActStore
-from actstore.view import serve
+from actstore.view import api, serve
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium binary (apt-get install chromium)")
 
@@ -32,7 +32,7 @@ def _requests(page: Any) -> int:
     return int(page.evaluate("window.actstoreView.requests.length"))
 
 
-def test_viewer_draws_and_follows_the_controls(two_run_store: ActStore) -> None:
+def test_viewer_draws_and_follows_the_controls(two_run_store: ActStore, monkeypatch: pytest.MonkeyPatch) -> None:
     first = two_run_store.run_ids()[0]
     server = serve(two_run_store, first, port=0)
     try:
@@ -71,6 +71,12 @@ def test_viewer_draws_and_follows_the_controls(two_run_store: ActStore) -> None:
             page.select_option("#head", "1")
             _idle(page)
             assert page.evaluate("window.actstoreView.heatmap.head") == 1
+
+            # a slice too large to draw cell by cell arrives as block means, and draws
+            monkeypatch.setattr(api, "MAX_ROWS", 3)
+            page.locator("#tokens .tok.prefill").first.click()  # step 0: the whole prompt
+            _idle(page)
+            assert "means of" in page.inner_text("#heatmap-title") and page.evaluate(MARKS_JS, "heatmap") > 0
 
             # the other run, from the run list
             other = two_run_store.run_ids()[1]

@@ -11,6 +11,7 @@ request, so a viewer over a large store stays as fast as its smallest question.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from actstore.report.heatmaps import REDUCE, Slice, grid_shape, read_slice
 from actstore.report.tokens import display_token
 
 _DIGITS = 5  # significant digits sent to the browser: float16 values carry about 3.3
+# Largest heatmap sent as is: a browser draws ~1M cells smoothly; a 4k-token prefill's
+# attention (16M cells, ~160 MB of JSON) is sent as means of blocks instead.
+MAX_ROWS = MAX_COLS = 1024
 
 
 def _num(x: Any) -> float | None:
@@ -117,18 +121,36 @@ def heatmap(
     else:
         run.layer_index([layer])
     data, xlabel, ylabel, reshaped = read_slice(run, source, Slice(layer, step, head, Path(), ""), reduce)
+    binned, fr, fc = block_means(data, MAX_ROWS, MAX_COLS)
     pos = run.step_positions(step)
     tokens = [display_token(t) if t is not None else "" for t in position_tokens(run)]
+    rows = list(range(pos.start, pos.stop, fr))
     out: dict[str, Any] = {
         "source": source, "layer": layer, "step": step, "head": head, "reduce": reduce,
-        "z": _nums(data), "xlabel": xlabel, "ylabel": ylabel, "reshaped": reshaped,
-        "rows": list(range(pos.start, pos.stop)), "row_tokens": tokens[pos.start : pos.stop],
+        "z": _nums(binned), "xlabel": xlabel, "ylabel": ylabel, "reshaped": reshaped,
+        "rows": rows, "row_tokens": [tokens[p] for p in rows],
+        "cols": list(range(0, data.shape[1], fc)), "block": [fr, fc],
     }  # fmt: skip
     if reshaped:
         out["grid"] = list(grid_shape(int(run.array(source).shape[-1])))
     if source == "attn_weights":
         out["key_tokens"] = tokens[: pos.stop]
     return out
+
+
+def block_means(data: np.ndarray, max_rows: int, max_cols: int) -> tuple[np.ndarray, int, int]:
+    """``data`` as means of ``fr x fc`` blocks so it fits ``max_rows x max_cols``
+    (NaN padding ignored); ``(data, 1, 1)`` when it already fits."""
+    r, c = data.shape
+    fr, fc = max(1, math.ceil(r / max_rows)), max(1, math.ceil(c / max_cols))
+    if fr == fc == 1:
+        return data, 1, 1
+    padded = np.full((math.ceil(r / fr) * fr, math.ceil(c / fc) * fc), np.nan)
+    padded[:r, :c] = data
+    blocks = padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block stays NaN
+        return np.nanmean(blocks, axis=(1, 3)), fr, fc
 
 
 def top_neurons(run: Any, source: str, layer: int | None, step: int, k: int = 12) -> dict[str, Any]:

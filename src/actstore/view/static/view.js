@@ -140,9 +140,11 @@
                      yaxis: { title: { text: h.ylabel }, autorange: "reversed" } };
       if (!h.reshaped) {
         trace.y = h.rows;
+        trace.x = h.cols;
         trace.text = h.z.map(function (row, i) {
           return row.map(function (_, j) {
-            var key = h.key_tokens ? " → key " + j + " " + JSON.stringify(h.key_tokens[j]) : " · channel " + j;
+            var c = h.cols[j];
+            var key = h.key_tokens ? " → key " + c + " " + JSON.stringify(h.key_tokens[c]) : " · channel " + c;
             return "pos " + h.rows[i] + " " + JSON.stringify(h.row_tokens[i]) + key;
           });
         });
@@ -153,8 +155,10 @@
         trace.customdata = h.z.map(function (row, i) { return row.map(function (_, j) { return i * cols + j; }); });
       }
       var where = h.layer === null ? "" : " · layer " + h.layer;
+      var binned = h.block[0] > 1 || h.block[1] > 1;
       $("heatmap-title").textContent = h.source + where + " · step " + h.step + (h.head !== null ? " · head " + h.head : "") +
-        (h.reshaped ? " (one position, drawn as a grid)" : "");
+        (h.reshaped ? " (one position, drawn as a grid)" : "") +
+        (binned ? " (means of " + h.block[0] + " × " + h.block[1] + " blocks: too large to draw cell by cell)" : "");
       view.heatmap = h;
       return Plotly.react("heatmap", [trace], layout, CONFIG);
     });

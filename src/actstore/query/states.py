@@ -214,6 +214,17 @@ def select_many(
     return out
 
 
+def read_region(run: Any, source: str, selection: tuple[Any, ...]) -> np.ndarray:
+    """One eager orthogonal Zarr read of a *stored* source (e.g. a block of attention
+    weights), bfloat16 bits widened: Zarr fetches the inner chunks concurrently, where
+    slicing the reader's Dask array would run one task per inner chunk."""
+    arr = _open(run, naming.act_path(source))
+    if arr is None:
+        raise SelectionError(f"run {run.id} has no stored array for {source!r}")
+    x = np.asarray(arr.get_orthogonal_selection(selection))
+    return layout.bfloat16_to_float32(x) if arr.attrs.get("actstore_dtype") == "bfloat16" else x
+
+
 def select(run: Any, source: str, positions: list[int], layers: list[int] | None = None) -> da.Array:
     """Lazy ``(L, n, W)`` vectors of a per-layer source at ``positions`` (``(n, W)`` for
     embeddings and logits). ``layers`` are real layer indices (None: every captured one)."""

@@ -4,13 +4,14 @@
 >>> write_heatmaps(run, "hidden_out", layers=[0, 10], steps=[0, 1])     # doctest: +SKIP
 [PosixPath('heatmaps/<run_id>/hidden_out/layer_00_step_000.png'), ...]
 
-Data flow: for each (layer, step), only that slice is read, through the run reader's
-lazy Dask arrays: the step's positions x width of one layer of a vector source
-(``RunReader.vectors``), or the step's query rows x the keys up to its last position of
-one layer's attention weights (a slice of ``RunReader.array``). Computing the slice
-reads just the chunks under it. A step with one position (a
-decode step) is one vector, drawn as a near-square grid of its width instead of a
-1-pixel strip. Attention is averaged over heads unless ``per_head``.
+Data flow: for each (layer, step), only that slice is read, in one orthogonal Zarr read:
+the step's positions x width of one layer of a vector source (``query.states.select``,
+which serves derived sources too), or the step's query rows x the keys up to its last
+position of one layer's attention weights (``query.states.read_region``). Zarr fetches
+just the inner chunks under the slice, concurrently (slicing the reader's Dask arrays
+instead ran one task per inner chunk: 262 -> 76 ms for a 612-token prefill). A step
+with one position (a decode step) is one vector, drawn as a near-square grid of its
+width instead of a 1-pixel strip. Attention is averaged over heads unless ``per_head``.
 
 Colour scale (``normalize``): ``per_image`` and ``none`` span each image's own min..max
 (the seed's behaviour), ``signed`` is symmetric around zero (use a diverging ``cmap``),
@@ -34,6 +35,7 @@ import numpy as np
 
 from actstore import naming
 from actstore.errors import SelectionError
+from actstore.query.states import read_region, select
 from actstore.report import progress as P
 
 NORMALIZE = ("none", "per_image", "signed", "global")
@@ -120,12 +122,14 @@ def read_slice(run: Any, source: str, sl: Slice, reduce: str) -> tuple[np.ndarra
     positions = run.step_positions(sl.step)
     if source == "attn_weights":
         li = run.layer_index([sl.layer])[0]
-        att = run.array(source)[li, :, positions.start : positions.stop, : positions.stop]
-        data = (att[sl.head] if sl.head is not None else att.mean(axis=0)).compute()
+        heads = slice(None) if sl.head is None else slice(sl.head, sl.head + 1)
+        rows = slice(positions.start, positions.stop)
+        att = read_region(run, source, (li, heads, rows, slice(0, positions.stop))).astype(np.float64)
+        data = att[0] if sl.head is not None else att.mean(axis=0)
         xlabel, ylabel, reshaped = "key position", "query position", False
     else:
-        window = slice(positions.start, positions.stop)
-        x = run.vectors(source, window, None if sl.layer is None else [sl.layer]).compute()
+        # one orthogonal read (the query layer's select), not one task per inner chunk
+        x = select(run, source, list(positions), None if sl.layer is None else [sl.layer]).compute()
         data, reshaped = as_image(np.asarray(x[0] if x.ndim == 3 else x, dtype=np.float64))
         xlabel, ylabel = (
             ("channel (grid column)", "channel (grid row)") if reshaped else ("channel", "token position")

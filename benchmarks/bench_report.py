@@ -270,7 +270,7 @@ def write_markdown(results: dict[str, dict[str, Any]], repeat: int, path: Path) 
     import platform
 
     lines = [
-        "# Report benchmark", "",
+        "## Report", "",
         f"`benchmarks/bench_report.py --repeat {repeat}` on {platform.processor() or platform.machine()}, "
         f"{__import__('os').cpu_count()} CPU cores (no GPU used), load average {__import__('os').getloadavg()[0]:.1f} at "
         f"the end. Each approach runs in its own process; time is the median of {repeat} runs (one run for the "

@@ -34,16 +34,18 @@ def register(main: click.Group) -> None:
         "--port", type=int, default=8765, show_default=True, help="port to listen on (0: any free port)"
     )
     @click.option("--no-browser", is_flag=True, help="print the address instead of opening a browser")
+    @click.option("--device", default=None, help="device for the logit lens model (default: the scenario's)")
     @_fail_cleanly
     def view_cmd(
-        run: str, host: str, port: int, no_browser: bool, store_location: str | None,
+        run: str, host: str, port: int, no_browser: bool, device: str | None, store_location: str | None,
         storage_options: tuple[str, ...],
     ) -> None:  # fmt: skip
         """Explore RUN in the browser: tokens, a heatmap per layer x step, top-k, neuron
-        trajectories, the residual decomposition (a local server; Ctrl-C stops it)."""
+        trajectories, the residual decomposition, the logit lens (a local server; Ctrl-C
+        stops it)."""
         from actstore.view.server import ViewApp, ViewServer
 
-        app = ViewApp(open_store(store_location, storage_options), run)
+        app = ViewApp(open_store(store_location, storage_options), run, device=device)
         try:
             server = ViewServer(app, host, port)
         except OSError as e:

@@ -194,3 +194,24 @@ def test_large_heatmaps_are_sent_as_block_means(two_run_store: ActStore, monkeyp
                      for i in range(0, att.shape[0], fr)])  # fmt: skip
     _close(h["z"], want)
     assert h["rows"] == list(range(0, run.prompt_len, fr)) and h["cols"] == list(range(0, run.prompt_len, fc))
+
+
+def test_logit_lens_panel_is_the_query_layers_logit_lens(two_run_store: ActStore, loaded: Any) -> None:
+    from actstore.query.logit_lens import logit_lens
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    got = api.logit_lens_step(run, loaded, step=2)
+    df = logit_lens(run, loaded, steps=[2], top_k=5)
+    assert got["layer"] == run.layers and got["position"] == run.prompt_len + 1
+    _close(got["p"], np.exp(df["argmax_logprob"].to_numpy()))
+    _close(got["kl"], df["kl_from_final"].to_numpy())
+    assert [len(t) for t in got["top"]] == [5] * len(run.layers)
+
+
+def test_logit_lens_without_a_loadable_model_is_a_400(two_run_store: ActStore) -> None:
+    server = serve(two_run_store, two_run_store.run_ids()[0], port=0)  # the runs' model "tiny" is not on disk
+    try:
+        status, err = _get(server.url.split("?")[0] + "api/logit_lens?step=0")
+        assert status == 400 and "tiny" in err["error"]
+    finally:
+        server.shutdown()

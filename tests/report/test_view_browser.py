@@ -32,9 +32,11 @@ def _requests(page: Any) -> int:
     return int(page.evaluate("window.actstoreView.requests.length"))
 
 
-def test_viewer_draws_and_follows_the_controls(two_run_store: ActStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_viewer_draws_and_follows_the_controls(
+    two_run_store: ActStore, loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = two_run_store.run_ids()[0]
-    server = serve(two_run_store, first, port=0)
+    server = serve(two_run_store, first, port=0, model=loaded)  # the runs' tiny model, for the logit lens
     try:
         with open_page(server.url) as (page, log):
             _idle(page)
@@ -42,6 +44,9 @@ def test_viewer_draws_and_follows_the_controls(two_run_store: ActStore, monkeypa
                 assert page.evaluate(MARKS_JS, chart) > 0, f"{chart} drew nothing"
             assert page.locator("#tokens .tok.gen").count() >= 1
             assert first in page.inner_text("#run-title")
+            n_layers = len(two_run_store.run(first).layers)
+            assert page.locator("#lens table.lens tbody tr").count() == n_layers
+            assert page.locator("#lens tbody tr").last.locator("td").nth(3).inner_text() == "0"  # last layer: KL 0
 
             # another layer: a new read, different numbers
             z_before = page.evaluate("JSON.stringify(window.actstoreView.heatmap.z)")

@@ -90,6 +90,7 @@ def summary(run: Any) -> dict[str, Any]:
         "widths": widths, "heads": heads, "tokens": tokens, "steps": steps,
         "generated_text": run.meta.get("generated_text", ""),
         "has_decomposition": all(s in run.sources for s in ("hidden_in", "attn_out", "mlp_down_out")),
+        "has_lens": "hidden_out" in run.sources,
     }  # fmt: skip
 
 
@@ -187,3 +188,18 @@ def decomposition(run: Any, step: int) -> dict[str, Any]:
     cols = [c for c in df.columns if c.startswith(("norm_", "cos_"))]
     return {"step": _step(run, step), "layer": df["layer"].tolist(),
             **{c: [_num(v) for v in df[c]] for c in cols}}  # fmt: skip
+
+
+def logit_lens_step(run: Any, loaded: Any, step: int, top_k: int = 5) -> dict[str, Any]:
+    """What each layer's residual stream would predict at the step's last position
+    (``query.logit_lens.logit_lens``): per layer the argmax token, its probability,
+    KL(final || layer) and the top ``top_k``."""
+    from actstore.query.logit_lens import logit_lens
+
+    df = logit_lens(run, loaded, steps=[_step(run, step)], top_k=top_k)
+    return {"step": _step(run, step), "position": int(df["position"].iloc[0]), "layer": df["layer"].tolist(),
+            "argmax": [display_token(t) for t in df["argmax_token"]],
+            "p": [_num(math.exp(v)) for v in df["argmax_logprob"]],
+            "kl": [_num(v) for v in df["kl_from_final"]],
+            "top": [[{"token": display_token(t["token"]), "p": _num(math.exp(t["logprob"]))} for t in top]
+                    for top in df["top"]]}  # fmt: skip

@@ -7,7 +7,8 @@
 
 Routes: ``/`` the page (``static/view.html``), ``/static/*`` its script, style and the
 installed plotly.js; ``/api/runs``, ``/api/summary``, ``/api/heatmap``,
-``/api/top_neurons``, ``/api/trajectory``, ``/api/decomposition`` (query parameters as
+``/api/top_neurons``, ``/api/trajectory``, ``/api/decomposition``, ``/api/logit_lens``
+(which loads the run's model on first use) (query parameters as
 in :mod:`actstore.view.api`, plus ``run``). A bad request answers 400 with
 ``{"error": "..."}``, the same one-line message the CLI prints. The standard library's
 threading HTTP server is enough: it binds to loopback by default and serves one person.
@@ -45,11 +46,30 @@ def _static(name: str) -> bytes:
 class ViewApp:
     """Runs of one store, opened once each, and the answers the page asks for."""
 
-    def __init__(self, store: Any, default_run: str = "latest"):
+    def __init__(self, store: Any, default_run: str = "latest", model: Any = None, device: str | None = None):
         self.store = store
         self.default = store.run(default_run).id  # fails now, not on the first request
         self._runs: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # The logit lens needs the run's model: ``model`` (a LoadedModel already in
+        # memory) serves every run; otherwise each run's scenario model is loaded on
+        # the first lens request (``device`` overrides its device) and kept.
+        self.model, self.device = model, device
+        self._models: dict[str, Any] = {}
+        self._model_lock = threading.Lock()
+
+    def loaded_model(self, run: Any) -> Any:
+        if self.model is not None:
+            return self.model
+        from actstore.models.loading import load_model
+        from actstore.scenario import ModelConfig
+
+        cfg = dict(run.scenario["model"]) | ({"device": self.device} if self.device else {})
+        key = json.dumps(cfg, sort_keys=True)
+        with self._model_lock:  # one load, however many panels ask at once
+            if key not in self._models:
+                self._models[key] = load_model(ModelConfig(**cfg))
+            return self._models[key]
 
     def run(self, selector: str | None) -> Any:
         key = selector or self.default
@@ -72,6 +92,7 @@ class ViewApp:
             "trajectory": lambda: api.trajectory(run, q.get("source", "hidden_out"), _req_int(q, "layer"),
                                                  _req_int(q, "neuron"), q.get("over", "steps")),
             "decomposition": lambda: api.decomposition(run, _int(q, "step", 0)),
+            "logit_lens": lambda: api.logit_lens_step(run, self.loaded_model(run), _int(q, "step", 0)),
         }  # fmt: skip
         if route not in handlers:
             raise SelectionError(f"unknown request /api/{route}")
@@ -172,7 +193,10 @@ class ViewServer:
         self.httpd.server_close()
 
 
-def serve(store: Any, run: str = "latest", host: str = "127.0.0.1", port: int = 0) -> ViewServer:
+def serve(
+    store: Any, run: str = "latest", host: str = "127.0.0.1", port: int = 0, model: Any = None
+) -> ViewServer:
     """Start the viewer for ``run`` of ``store`` in a background thread (``port=0``: any
-    free port); ``.url`` is where to point a browser, ``.shutdown()`` stops it."""
-    return ViewServer(ViewApp(store, run), host, port).start()
+    free port); ``.url`` is where to point a browser, ``.shutdown()`` stops it. ``model``:
+    a LoadedModel for the logit lens (else each run's own model is loaded when asked)."""
+    return ViewServer(ViewApp(store, run, model), host, port).start()

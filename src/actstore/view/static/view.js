@@ -125,7 +125,7 @@
     readControls();
     markTokens();
     drawTopk();
-    var jobs = [drawHeatmap(), drawNeurons(), drawDecomposition()];
+    var jobs = [drawHeatmap(), drawNeurons(), drawDecomposition(), drawLens()];
     return Promise.all(jobs).catch(showError);
   }
 
@@ -226,6 +226,35 @@
         xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "norm" } },
         yaxis2: { title: { text: "cosine" }, overlaying: "y", side: "right", range: [-1, 1], dtick: 0.5, showgrid: false },
         legend: { orientation: "h", y: -0.25 } }, CONFIG);
+    });
+  }
+
+  function escapeHtml(text) {
+    var d = document.createElement("div");
+    d.textContent = text;
+    return d.innerHTML;
+  }
+
+  function drawLens() {
+    var box = $("lens");
+    if (!state.S.has_lens) {
+      box.innerHTML = '<p class="note">Needs hidden_out.</p>';
+      return Promise.resolve();
+    }
+    var asked = state.step;
+    if (!box.querySelector("table")) box.innerHTML = '<p class="note">loading the model…</p>';
+    // a model that cannot be loaded is a note in this panel, not an error for the page
+    return api("logit_lens", { step: asked }).then(function (l) {
+      if (asked !== state.step) return;
+      var rows = l.layer.map(function (layer, i) {
+        var top = l.top[i].map(function (t) { return escapeHtml(JSON.stringify(t.token)) + " " + t.p; }).join(" · ");
+        return "<tr><td class=\"num\">" + layer + "</td><td class=\"mono\">" + escapeHtml(JSON.stringify(l.argmax[i])) +
+          "</td><td class=\"num\">" + l.p[i] + "</td><td class=\"num\">" + l.kl[i] + "</td><td class=\"mono small\">" + top + "</td></tr>";
+      }).join("");
+      box.innerHTML = "<table class=\"lens\"><thead><tr><th>layer</th><th>predicts</th><th>p</th><th>KL from last layer</th>" +
+        "<th>top 5</th></tr></thead><tbody>" + rows + "</tbody></table>";
+    }).catch(function (err) {
+      box.innerHTML = '<p class="note">Logit lens unavailable: ' + escapeHtml(err.message) + "</p>";
     });
   }
 

@@ -96,3 +96,36 @@ def test_viewer_draws_and_follows_the_controls(
         started = time.monotonic()
         server.shutdown()
         assert time.monotonic() - started < 10
+
+
+def test_viewer_on_a_sparse_run(tmp_path: Any, loaded: Any) -> None:
+    """A run with a layer subset, bfloat16 storage and only hidden states + logits: the
+    panels that need missing sources say so, the rest draw, nothing errors."""
+    from actstore.capture.runner import capture_run
+    from actstore.scenario import scenario_from_dict
+
+    from .conftest import MESSAGES_A
+
+    sc = scenario_from_dict({
+        "name": "sparse", "model": {"id": "tiny", "dtype": "float32", "device": "cpu"},
+        "prompt": {"messages": MESSAGES_A}, "generation": {"max_new_tokens": 4},
+        "capture": {"store_dtype": "bfloat16", "layers": [0, 2], "attention_weights": False, "qkv": False,
+                    "mlp": False},
+    })  # fmt: skip
+    store = ActStore.open(tmp_path / "sparse.zarr", create=True)
+    run_id = capture_run(sc, store, loaded, progress=False).run_id
+    server = serve(store, run_id, port=0, model=loaded)
+    try:
+        with open_page(server.url) as (page, log):
+            _idle(page)
+            assert page.evaluate(MARKS_JS, "heatmap") > 0 and page.evaluate(MARKS_JS, "trajectory") > 0
+            assert [o for o in page.eval_on_selector_all("#layer option", "els => els.map(e => e.value)")] == ["0", "2"]
+            assert "Needs hidden states" in page.inner_text("#decomposition")
+            assert page.locator("#lens tbody tr").count() == 2
+            page.select_option("#source", "logits")
+            _idle(page)
+            assert page.is_disabled("#layer") and page.evaluate(MARKS_JS, "heatmap") > 0
+            assert page.is_hidden("#error"), page.inner_text("#error")
+            assert log.errors == [] and log.blocked == []
+    finally:
+        server.shutdown()

@@ -89,7 +89,7 @@ def write_run(store: Any, pool: Pool, i: int, positions: int, prompt_len: int) -
 
     from actstore import naming
     from actstore.store import layout
-    from actstore.store.writer import ArrayPlan, RunWriter, write_rows, write_small_array
+    from actstore.store.writer import ArrayPlan, RunWriter, write_rows, write_run_meta, write_small_array
 
     f16 = np.dtype("float16")
     layers, bounds = list(range(L)), layout.residual_boundaries(list(range(L)))
@@ -128,7 +128,7 @@ def write_run(store: Any, pool: Pool, i: int, positions: int, prompt_len: int) -
             "snapshots": [{"index": k, "role": ("system", "user", "assistant")[min(k, 1) + (k > 0 and k % 2 == 0)],
                            "content_preview": f"m{k}"} for k in range(SNAPSHOTS)],
             "references": list(REFERENCES)}  # fmt: skip
-    group.attrs["run"] = meta
+    write_run_meta(group, meta)  # as a capture writes it: step records in their own array
     store.commit(run_id, {"scenario": meta["scenario"]["name"], "model": meta["model"]["id"],
                           "created_at": meta["created_at"], "prompt_len": prompt_len, "n_steps": len(steps),
                           "n_positions": position, "n_layers": L, "layers": layers, "sources": served,

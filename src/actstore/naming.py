@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from actstore.errors import SelectionError
+
 # Per-layer sources in the order the seed documents them.
 LAYER_SOURCES: tuple[str, ...] = (
     "hidden_in",
@@ -115,8 +117,10 @@ def reference_file(label: str) -> str:
 
 
 def check_source(source: str) -> str:
+    # SelectionError (a ValueError): a mistyped --source is the user's to fix, so the
+    # CLI prints one line and exits 2 instead of a traceback.
     if source not in ALL_SOURCES:
-        raise ValueError(f"unknown source {source!r}; known: {', '.join(ALL_SOURCES)}")
+        raise SelectionError(f"unknown source {source!r}; known: {', '.join(ALL_SOURCES)}")
     return source
 
 

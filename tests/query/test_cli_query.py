@@ -119,6 +119,8 @@ def test_tables_all_formats(synth_store: Any) -> None:
         ["cosine", "--runs", "no-such-run"],
         ["trajectory", "--layer", "0", "--neuron", "100000"],
         ["cosine", "--source", "k"],
+        ["cosine", "--source", "nope"],  # not a source at all
+        ["trajectory", "--layer", "0", "--neuron", "0", "--source", "nope"],
     ],
 )
 def test_user_errors_exit_2_with_one_line(synth_store: Any, args: list[str]) -> None:

@@ -67,6 +67,13 @@ def test_heatmap_bad_step_is_one_clean_line(two_run_store: Any, tmp_path: Path) 
     assert res.exit_code == 2 and res.output.startswith("error:")
 
 
+def test_heatmap_unknown_source_is_one_clean_line(two_run_store: Any, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["heatmap", two_run_store.run_ids()[0], "--store", two_run_store.location,
+                                    "--source", "nope", "--out", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 2 and res.output.startswith("error:") and "unknown source 'nope'" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_logit_lens_command(
     two_run_store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loaded: Any
 ) -> None:

@@ -92,7 +92,7 @@ def test_summary_lists_tokens_and_steps(two_run_store: ActStore) -> None:
 @pytest.mark.parametrize(
     ("call", "fragment"),
     [
-        (lambda run: api.heatmap(run, "nope", 0, 0), "no source 'nope'"),
+        (lambda run: api.heatmap(run, "nope", 0, 0), "unknown source 'nope'"),
         (lambda run: api.heatmap(run, "hidden_out", 99, 0), "did not capture layer"),
         (lambda run: api.heatmap(run, "hidden_out", 0, 99), "has steps 0.."),
         (lambda run: api.top_neurons(run, "attn_weights", 0, 0), "no neurons"),

@@ -111,17 +111,22 @@ def state_position(run: Any, state: State | str) -> int:
     if st.kind == "final":
         return int(run.final_position)
     if st.kind == "step":
-        step = _index(int(st.arg or 0), run.n_steps, "steps", run)
+        step = step_index(run, int(st.arg or 0))
         return int(run.step_positions(step)[-1])
     if st.kind == "pos":
         return _index(int(st.arg or 0), run.n_positions, "positions", run)
     raise SelectionError(f"state {st} is not a token position")
 
 
+def step_index(run: Any, step: int) -> int:
+    """A step number checked against the run (negative counts from the end), 0..n-1."""
+    return _index(step, run.n_steps, "steps", run)
+
+
 def step_last_positions(run: Any, steps: list[int] | None = None) -> list[int]:
     """Last position of each forward pass (the seed's per-step 'last token')."""
     chosen = range(run.n_steps) if steps is None else steps
-    return [int(run.step_positions(_index(s, run.n_steps, "steps", run))[-1]) for s in chosen]
+    return [int(run.step_positions(step_index(run, s))[-1]) for s in chosen]
 
 
 # ---- positional selections --------------------------------------------------------------

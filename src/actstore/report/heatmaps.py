@@ -79,7 +79,8 @@ def as_image(x: np.ndarray) -> tuple[np.ndarray, bool]:
     return grid.reshape(rows, cols), True
 
 
-def _check(run: Any, source: str, normalize: str, reduce: str) -> None:
+def check_request(run: Any, source: str, normalize: str = "per_image", reduce: str = "signed") -> None:
+    """A heatmap request's source (known, captured) and colour options, or SelectionError."""
     naming.check_source(source)
     if source not in run.sources:
         raise SelectionError(f"run {run.id} did not capture {source!r}; it has: {', '.join(run.sources)}")
@@ -197,7 +198,7 @@ def write_heatmaps(
     """Write one PNG per layer x step (x head); returns their paths (see module docstring)."""
     import matplotlib
 
-    _check(run, source, normalize, reduce)
+    check_request(run, source, normalize, reduce)
     if cmap not in matplotlib.colormaps:
         raise SelectionError(f"unknown colormap {cmap!r} (any Matplotlib name, e.g. viridis, RdBu_r, magma)")
     slices = plan_slices(run, source, layers, steps, per_head and source == "attn_weights", Path(out))

@@ -20,8 +20,8 @@ import numpy as np
 from actstore import naming
 from actstore.errors import SelectionError
 from actstore.query.analyses import neuron_trajectory, position_tokens, residual_decomposition
-from actstore.query.states import select, state_position, vector_sources
-from actstore.report.heatmaps import REDUCE, Slice, grid_shape, read_slice
+from actstore.query.states import select, state_position, step_index, vector_sources
+from actstore.report.heatmaps import Slice, check_request, grid_shape, read_slice
 from actstore.report.tokens import display_token
 
 _DIGITS = 5  # significant digits sent to the browser: float16 values carry about 3.3
@@ -94,27 +94,14 @@ def summary(run: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _check_source(run: Any, source: str) -> None:
-    if source not in run.sources:
-        raise SelectionError(f"run {run.id} has no source {source!r}; it has: {', '.join(run.sources)}")
-
-
-def _step(run: Any, step: int) -> int:
-    if not -run.n_steps <= step < run.n_steps:
-        raise SelectionError(f"run {run.id} has steps 0..{run.n_steps - 1}, not {step}")
-    return step % run.n_steps
-
-
 def heatmap(
     run: Any, source: str, layer: int | None, step: int, head: int | None = None, reduce: str = "signed"
 ) -> dict[str, Any]:
     """One layer x one step of a source, as ``actstore heatmap`` draws it: positions x
     channels (a decode step's single vector as a near-square grid), or for attention the
     step's query rows x every key so far (mean over heads unless ``head``)."""
-    _check_source(run, source)
-    if reduce not in REDUCE:
-        raise SelectionError(f"reduce must be one of {', '.join(REDUCE)}, not {reduce!r}")
-    step = _step(run, step)
+    check_request(run, source, reduce=reduce)
+    step = step_index(run, step)
     if source in naming.GLOBAL_SOURCES:
         layer = None
     elif layer is None:
@@ -156,10 +143,9 @@ def block_means(data: np.ndarray, max_rows: int, max_cols: int) -> tuple[np.ndar
 
 def top_neurons(run: Any, source: str, layer: int | None, step: int, k: int = 12) -> dict[str, Any]:
     """The ``k`` channels of largest magnitude at the step's last position."""
-    _check_source(run, source)
-    if source == "attn_weights":
+    if source == "attn_weights":  # the rest of the source checks are select's
         raise SelectionError("attention weights have no neurons; pick a vector source")
-    step = _step(run, step)
+    step = step_index(run, step)
     position = state_position(run, f"step:{step}")
     x = select(run, source, [position], None if layer is None or source in naming.GLOBAL_SOURCES else [layer])
     vec = np.asarray(x.compute(), dtype=np.float64).reshape(-1)
@@ -170,8 +156,7 @@ def top_neurons(run: Any, source: str, layer: int | None, step: int, k: int = 12
 
 def trajectory(run: Any, source: str, layer: int, neuron: int, over: str = "steps") -> dict[str, Any]:
     """One neuron over the run (``query.analyses.neuron_trajectory``)."""
-    _check_source(run, source)
-    if source in naming.GLOBAL_SOURCES or source == "attn_weights":
+    if source in naming.GLOBAL_SOURCES or source == "attn_weights":  # the rest: select's checks
         raise SelectionError(f"a neuron trajectory needs a per-layer vector source, not {source!r}")
     df = neuron_trajectory(run, layer, neuron, source, over)
     return {"source": source, "layer": layer, "neuron": neuron, "over": over,
@@ -184,9 +169,10 @@ def decomposition(run: Any, step: int) -> dict[str, Any]:
     """Per layer at the step's last position: norms of the residual stream and of the two
     sub-layer outputs, and their cosine with the block output
     (``query.analyses.residual_decomposition``)."""
-    df = residual_decomposition(run, steps=[_step(run, step)])
+    step = step_index(run, step)
+    df = residual_decomposition(run, steps=[step])
     cols = [c for c in df.columns if c.startswith(("norm_", "cos_"))]
-    return {"step": _step(run, step), "layer": df["layer"].tolist(),
+    return {"step": step, "layer": df["layer"].tolist(),
             **{c: [_num(v) for v in df[c]] for c in cols}}  # fmt: skip
 
 
@@ -196,8 +182,9 @@ def logit_lens_step(run: Any, loaded: Any, step: int, top_k: int = 5) -> dict[st
     KL(final || layer) and the top ``top_k``."""
     from actstore.query.logit_lens import logit_lens
 
-    df = logit_lens(run, loaded, steps=[_step(run, step)], top_k=top_k)
-    return {"step": _step(run, step), "position": int(df["position"].iloc[0]), "layer": df["layer"].tolist(),
+    step = step_index(run, step)
+    df = logit_lens(run, loaded, steps=[step], top_k=top_k)
+    return {"step": step, "position": int(df["position"].iloc[0]), "layer": df["layer"].tolist(),
             "argmax": [display_token(t) for t in df["argmax_token"]],
             "p": [_num(math.exp(v)) for v in df["argmax_logprob"]],
             "kl": [_num(v) for v in df["kl_from_final"]],

@@ -148,15 +148,6 @@ class RunReader:
             )
         return self._dask(naming.act_path(source))
 
-    def vectors(self, source: str, positions: Any, layers: list[int] | None = None) -> da.Array:
-        """(L, len(positions), W) slice of a per-layer source, or (n, W) for a global one."""
-        x = self.array(source)
-        if source in naming.GLOBAL_SOURCES:
-            return x[positions]
-        li = self.layer_index(layers)
-        x = x[li] if layers is not None else x
-        return x[:, positions]
-
     def snapshots(self, source: str) -> da.Array:
         """(messages, L, H) last-token vectors of each conversation prefix."""
         return self._stacked(naming.snapshot_path(source), "snapshots", source)

@@ -137,7 +137,7 @@ def test_a_gguf_file_is_dequantized_once_then_cached(
 ) -> None:
     """Any GGUF file (here a copy of the built-in one under another name) is cached like
     the built-in model: the first load builds the folder, the second reads it, and both
-    give the built-in model's logits."""
+    give the logits of transformers reading the GGUF file itself."""
     monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "models" / "other.gguf"
     gguf.parent.mkdir()
@@ -149,9 +149,12 @@ def test_a_gguf_file_is_dequantized_once_then_cached(
     started = time.monotonic()
     second = load_model(cfg("my-model", gguf_file=str(gguf)))
     assert time.monotonic() - started < 10 and str(folder) in second.source
+    from transformers import AutoModelForCausalLM
+
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     ids = embedded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        expected = embedded.model(input_ids=ids).logits
+        expected = direct.eval()(input_ids=ids).logits
         torch.testing.assert_close(first.model(input_ids=ids).logits, expected)
         torch.testing.assert_close(second.model(input_ids=ids).logits, expected)
     # a file replaced in place (same size, new mtime) no longer matches its cache

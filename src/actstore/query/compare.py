@@ -53,10 +53,6 @@ def run_sources(run: Any, sources: Sequence[str] | None) -> list[str]:
     return [s for s in naming.RESIDUAL_SOURCES if s in run.sources]
 
 
-def _stacked_metrics(a: Any, b: Any, frac: float, magnitude: bool) -> da.Array:
-    return M.metrics_stack(a, b, frac, magnitude)
-
-
 # ---- state vs state in each run -----------------------------------------------------------
 def compare_states_plan(
     runs: Any,
@@ -85,7 +81,7 @@ def compare_states_plan(
         for source, (va, vb) in pairs.items():
             groups.setdefault((source, lay, va.shape[-1]), []).append((run.id, va, vb))
     pieces: dict[Any, Any] = {
-        key: _stacked_metrics(
+        key: M.metrics_stack(
             da.stack([x[1] for x in items]), da.stack([x[2] for x in items]), frac, magnitude
         )
         for key, items in groups.items()
@@ -232,7 +228,7 @@ def snapshots_vs_references_plan(
             # One block each: these stacks are small, and one block avoids M x R tasks.
             s = snapshot_stack(run, source, layers).rechunk({0: -1})
             r = reference_stack(run, source, layers).rechunk({0: -1})
-            pieces[(run.id, source)] = _stacked_metrics(s[:, None], r[None, :], frac, magnitude)
+            pieces[(run.id, source)] = M.metrics_stack(s[:, None], r[None, :], frac, magnitude)
             labels[(run.id, source)] = (run, source)
 
     def finish(values: dict[Any, Any]) -> pd.DataFrame:

@@ -41,3 +41,18 @@ class RunNotFoundError(StoreError, KeyError):
 
 class SelectionError(ActstoreError, ValueError):
     """A query asks for something the store does not hold (layer, source, step)."""
+
+
+class DamagedRunError(StoreError):
+    """A run's stored data or metadata is damaged: a chunk fails its checksum, an object
+    is missing, metadata does not parse. Names the run, so many-run readers can skip it."""
+
+    def __init__(self, run_id: str, what: str):
+        super().__init__(
+            f"run {run_id} is damaged: {what} (`actstore check {run_id}` lists every damaged piece)"
+        )
+        self.run_id = run_id
+
+
+class DamageWarning(UserWarning):
+    """A damaged run or catalog entry was skipped; the message names it."""

@@ -29,7 +29,6 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-import zarr
 from dask.base import tokenize
 
 from actstore import naming
@@ -133,7 +132,7 @@ def step_last_positions(run: Any, steps: list[int] | None = None) -> list[int]:
 class _OrthogonalRead:
     """Array-like over one Zarr orthogonal selection, read whole by one Dask task."""
 
-    def __init__(self, arr: zarr.Array, selection: tuple[Any, ...], shape: tuple[int, ...]):
+    def __init__(self, arr: Any, selection: tuple[Any, ...], shape: tuple[int, ...]):
         self.arr, self.selection = arr, selection
         self.shape, self.dtype, self.ndim = shape, arr.dtype, len(shape)
 
@@ -141,17 +140,17 @@ class _OrthogonalRead:
         return np.asarray(self.arr.get_orthogonal_selection(self.selection))[key]
 
 
-def _open(run: Any, path: str) -> zarr.Array | None:
-    """The Zarr array at ``path`` in the run group (one metadata read), or None."""
+def _open(run: Any, path: str) -> Any:
+    """The stored array at ``path`` in the run group (guarded: reads of damaged data name
+    the run), or None."""
     try:
-        arr = run.group[path]
+        return run.open_array(path)
     except KeyError:
         return None
-    return arr if isinstance(arr, zarr.Array) else None
 
 
 def _read(
-    run: Any, path: str, arr: zarr.Array, selection: tuple[Any, ...], shape: tuple[int, ...]
+    run: Any, path: str, arr: Any, selection: tuple[Any, ...], shape: tuple[int, ...]
 ) -> da.Array:
     view = _OrthogonalRead(arr, selection, shape)
     name = f"actstore-sel-{run.id}-{path.replace('/', '-')}-{tokenize(selection)}"

@@ -18,6 +18,8 @@ def describe_run(run: RunReader) -> str:
         f"steps      {run.n_steps} forward passes ({run.n_positions} positions)",
         f"layers     {_ranges(run.layers)}",
         f"store      {m['store_dtype']}",
+        "integrity  " + ("crc32c on every chunk; a missing object is an error" if run.checksummed else
+                         "written before checksums: damaged or missing chunks go undetected"),
         "",
         "generated  " + repr(run.generated_text()),
         "",

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from zarr.codecs import ZstdCodec
 
+from actstore.store.integrity import checksummed
+
 SHARD_BUDGET = 64 * 2**20  # bytes of raw data per shard, before compression
 INNER_POSITIONS = 32  # positions per inner chunk of a (T, W) array
 INNER_CHUNK_BYTES = 512 * 2**10  # target raw size of an all-layers inner chunk
@@ -41,6 +43,8 @@ MIN_BLOCK, MAX_BLOCK = 64, 4096
 # 725 MB/s (MLP); blosc zstd-3 + byte shuffle 1.08x at 299 MB/s / 1.13x at 249 MB/s;
 # bit shuffle 1.01x / 1.10x and slower; blosc lz4 1.00x.
 COMPRESSOR = ZstdCodec(level=1)
+# Every chunk ends in a crc32c of its compressed bytes, so damage is detected on read.
+CHUNK_CODECS = checksummed(COMPRESSOR)
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 

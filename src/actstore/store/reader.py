@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 
 from actstore import naming
-from actstore.errors import SelectionError
-from actstore.store import layout
+from actstore.errors import DamagedRunError, SelectionError
+from actstore.store import integrity, layout
 
 
 class RunReader:
@@ -34,11 +34,35 @@ class RunReader:
         self.id = run_id
         self.group = group
         self.entry = entry
+        with integrity.naming_damage(run_id, "run metadata (zarr.json)"):
+            meta = self.meta
+            for key in ("layers", "prompt_len", "n_positions", "sources", "store_dtype"):
+                if key not in meta:
+                    raise ValueError(f"no {key!r} in its attributes")
+        if not integrity.has_checksums(meta):  # written before checksums: read as it always did
+            integrity.mark_lenient(group, run_id)
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether damage to this run's chunks is detected (runs written before
+        checksums read as they always did, damage unseen)."""
+        return integrity.has_checksums(self.meta)
+
+    def open_array(self, path: str) -> integrity.GuardedArray:
+        """The stored Zarr array at ``path`` (KeyError if absent), whose reads name this
+        run when its data is damaged."""
+        arr = self.group[path]
+        if not isinstance(arr, zarr.Array):
+            raise KeyError(path)
+        return integrity.GuardedArray(arr, self.id, path)
 
     # ---- metadata -----------------------------------------------------------------
     @cached_property
     def meta(self) -> dict[str, Any]:
-        return dict(self.group.attrs["run"])  # type: ignore[arg-type]
+        run = self.group.attrs.get("run")
+        if not isinstance(run, dict):
+            raise DamagedRunError(self.id, "its group has no run metadata")
+        return dict(run)
 
     @property
     def scenario(self) -> dict[str, Any]:
@@ -53,9 +77,9 @@ class RunReader:
     def _steps(self) -> list[dict[str, Any]]:
         if "steps" in self.meta:  # runs written before the steps array kept them in the attributes
             return list(self.meta["steps"])
-        arr = self.group[naming.STEPS_ARRAY]
-        assert isinstance(arr, zarr.Array)
-        return list(json.loads(np.asarray(arr[:]).tobytes()))
+        arr = self.open_array(naming.STEPS_ARRAY)
+        with integrity.naming_damage(self.id, naming.STEPS_ARRAY):
+            return list(json.loads(np.asarray(arr[:]).tobytes()))
 
     @property
     def steps(self) -> list[dict[str, Any]]:
@@ -120,9 +144,11 @@ class RunReader:
 
     # ---- arrays -------------------------------------------------------------------
     def _dask(self, path: str) -> da.Array:
-        arr = self.group[path]
-        assert isinstance(arr, zarr.Array)
-        x = da.from_zarr(arr, name=f"actstore-{self.id}-{path.replace('/', '-')}")
+        arr = self.open_array(path)
+        x = da.from_array(
+            arr, chunks=arr.chunks, name=f"actstore-{self.id}-{path.replace('/', '-')}",
+            meta=np.empty((0,) * arr.ndim, dtype=arr.dtype),
+        )  # fmt: skip
         if arr.attrs.get("actstore_dtype") == "bfloat16":
             x = x.map_blocks(layout.bfloat16_to_float32, dtype=np.float32)
         return x
@@ -165,12 +191,10 @@ class RunReader:
 
     def tokens(self) -> np.ndarray:
         """Token id at every position (prompt, then each generated token fed back)."""
-        arr = self.group[naming.TOKENS_ARRAY]
-        return np.asarray(arr[...])  # type: ignore[index]
+        return np.asarray(self.open_array(naming.TOKENS_ARRAY)[...])
 
     def position_steps(self) -> np.ndarray:
-        arr = self.group[naming.POSITION_STEP_ARRAY]
-        return np.asarray(arr[...])  # type: ignore[index]
+        return np.asarray(self.open_array(naming.POSITION_STEP_ARRAY)[...])
 
     def generated_text(self) -> str:
         return str(self.meta.get("generated_text", ""))

@@ -87,11 +87,18 @@ def is_entry_key(key: str) -> bool:
     return name.endswith(".json") and not name.startswith(".")  # ".tmp-*", ".snapshot.json"
 
 
-async def read_catalog(zstore: Store, *, write_snapshot: bool = True) -> list[dict[str, Any]]:
-    """Every committed run's catalog entry (unsorted); see the module docstring."""
+async def read_catalog(
+    zstore: Store, *, write_snapshot: bool = True, problems: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every committed run's catalog entry (unsorted); see the module docstring.
+
+    An entry's key is the truth about its run id: an entry whose ``id`` is missing or
+    differs is served under its key's id (so no run is listed twice), and one that does
+    not parse is left out. Both are described in ``problems`` when given."""
     listed = await list_versions(zstore, naming.CATALOG_PREFIX + "/")
     keys = {k: v for k, v in listed.items() if is_entry_key(k)}
     snap = await _get_json(zstore, SNAPSHOT_KEY) if SNAPSHOT_KEY in listed else None
+    snap = None if snap is _GONE else snap
     cached: dict[str, Any] = (snap or {}).get("entries", {}) if isinstance(snap, dict) else {}
     fresh = {k: cached[k] for k, v in keys.items() if v is not None and cached.get(k, {}).get("version") == v}
     missing = [k for k in keys if k not in fresh]
@@ -102,17 +109,39 @@ async def read_catalog(zstore: Store, *, write_snapshot: bool = True) -> list[di
             return key, await _get_json(zstore, key)
 
     for key, entry in await asyncio.gather(*(get(k) for k in missing)):
-        if isinstance(entry, dict):  # None: deleted since LIST, or torn (never committed)
+        if entry is _GONE:  # deleted since the LIST
+            continue
+        if isinstance(entry, dict):
             fresh[key] = {"version": keys[key], "entry": entry}
+        elif problems is not None:  # entries are written whole (rename / one PUT): this is damage
+            problems.append(f"catalog entry {key} is unreadable (not a JSON object); its run is not listed")
+    out = []
+    for key, item in fresh.items():
+        entry, run_id = item["entry"], entry_run_id(key)
+        if entry.get("id") != run_id:
+            if problems is not None:
+                problems.append(
+                    f"catalog entry {key} names run {entry.get('id')!r}; listed as {run_id}, its key"
+                )
+            entry = {**entry, "id": run_id}
+        out.append(entry)
     if write_snapshot and len(missing) >= SNAPSHOT_MIN_FETCHED:
         await _write_snapshot(zstore, {k: v for k, v in fresh.items() if v["version"] is not None})
-    return [v["entry"] for v in fresh.values()]
+    return out
+
+
+def entry_run_id(key: str) -> str:
+    """The run id a catalog entry key commits: ``catalog/<id>.json``."""
+    return key.rsplit("/", 1)[-1].removesuffix(".json")
+
+
+_GONE = object()  # a key listed, then deleted before its GET
 
 
 async def _get_json(zstore: Store, key: str) -> Any:
     buf = await zstore.get(key, prototype=default_buffer_prototype())
     if buf is None:
-        return None
+        return _GONE
     try:
         return json.loads(buf.to_bytes())
     except ValueError:

@@ -33,7 +33,8 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from actstore import naming
-from actstore.errors import RunNotFoundError, StoreError
+from actstore.errors import DamagedRunError, DamageWarning, RunNotFoundError, StoreError
+from actstore.store.integrity import StrictStore
 
 FORMAT_VERSION = 1
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"  # of the v3 spec; zarr-python reads it
@@ -110,6 +111,7 @@ class ActStore:
     ) -> ActStore:
         loc = os.fspath(location)
         zstore = open_zarr_store(loc, storage_options)
+        strict = StrictStore(zstore)  # reads: a missing chunk is damage, not zeros
         try:
             # Root attrs go in with the creating PUT: concurrent first writers then write the
             # same zarr.json, and no reader ever sees a root without them.
@@ -118,12 +120,12 @@ class ActStore:
             )
             try:
                 root = zarr.open_group(
-                    store=zstore, mode="r+" if not create else "a", zarr_format=3, attributes=attrs
+                    store=strict, mode="r+" if not create else "a", zarr_format=3, attributes=attrs
                 )
             except zarr.errors.ContainsGroupError:
                 # Another writer created the root between zarr's check and its write: the
                 # store exists now, which is all a creating open wanted.
-                root = zarr.open_group(store=zstore, mode="r+", zarr_format=3)
+                root = zarr.open_group(store=strict, mode="r+", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
             raise StoreError(
                 f"{loc}: no actstore store here (run `actstore capture` first, or check the path)"
@@ -195,16 +197,21 @@ class ActStore:
 
     # ---- reading ---------------------------------------------------------------------
     def catalog_entries(self) -> list[dict[str, Any]]:
-        """Every committed run's catalog entry, oldest first. Reads entries concurrently."""
-        return sync(self._read_catalog())
+        """Every committed run's catalog entry, oldest first. Reads entries concurrently.
+        A damaged entry is a :class:`DamageWarning` naming it, never a silent gap."""
+        problems: list[str] = []
+        entries = sync(self._read_catalog(problems))
+        for p in problems:
+            warnings.warn(f"{self.location}: {p} (see `actstore check`)", DamageWarning, stacklevel=2)
+        return entries
 
-    async def _read_catalog(self) -> list[dict[str, Any]]:
+    async def _read_catalog(self, problems: list[str] | None = None) -> list[dict[str, Any]]:
         # One LIST, one snapshot GET, then only the entries newer than the snapshot
         # (concurrently): see store/remote.py for why and for the numbers.
         from actstore.store.remote import read_catalog
 
-        entries = await read_catalog(self.zstore)
-        return sorted(entries, key=lambda e: (e.get("created_at", ""), e["id"]))
+        entries = await read_catalog(self.zstore, problems=problems)
+        return sorted(entries, key=lambda e: (str(e.get("created_at", "")), e["id"]))
 
     def catalog(self) -> Any:
         """The catalog as a pandas DataFrame, one row per run."""
@@ -270,41 +277,56 @@ class ActStore:
 
     def run(self, selector: str = "latest") -> Any:
         """A lazy reader for one committed run."""
-        from actstore.store.reader import RunReader
 
         ids = self.resolve(selector)
         if len(ids) > 1:
             raise RunNotFoundError(f"{selector!r} names {len(ids)} runs; pick one id")
         entry = next(e for e in self.catalog_entries() if e["id"] == ids[0])
-        group = self.root[naming.run_path(ids[0])]
-        assert isinstance(group, zarr.Group)
-        return RunReader(ids[0], group, entry)
+        return self.runs_from([entry], skip_damaged=False)[0]
 
-    def runs(self, selectors: Iterable[str] = ("all",)) -> list[Any]:
-        from actstore.store.reader import RunReader
-
+    def runs(self, selectors: Iterable[str] = ("all",), *, skip_damaged: bool = False) -> list[Any]:
+        """Readers of the selected runs. A run whose group cannot be opened (metadata
+        missing or corrupt) raises a DamagedRunError naming it, or with ``skip_damaged``
+        is left out with a DamageWarning naming it."""
         listed = self.catalog_entries()
         entries = {e["id"]: e for e in listed}
         ids = self.resolve_many(selectors, listed)
-        return [RunReader(i, g, entries[i]) for i, g in zip(ids, self._open_groups(ids), strict=True)]
+        return self.runs_from([entries[i] for i in ids], skip_damaged=skip_damaged)
 
-    def _open_groups(self, run_ids: list[str]) -> list[zarr.Group]:
+    def runs_from(self, entries: list[dict[str, Any]], *, skip_damaged: bool = False) -> list[Any]:
+        from actstore.store.reader import RunReader
+
+        out = []
+        for entry, opened in zip(entries, self._open_groups([e["id"] for e in entries]), strict=True):
+            try:
+                if isinstance(opened, BaseException):
+                    raise DamagedRunError(entry["id"], f"its group does not open ({_first_line(opened)})")
+                out.append(RunReader(entry["id"], opened, entry))
+            except DamagedRunError as e:
+                if not skip_damaged:
+                    raise
+                warnings.warn(f"skipped: {e}", DamageWarning, stacklevel=2)
+        return out
+
+    def _open_groups(self, run_ids: list[str]) -> list[zarr.Group | BaseException]:
         """Open run groups concurrently: one GET each (metadata is consolidated), 64 in
-        flight, instead of one round trip after another (~25 s for 1,000 runs on S3)."""
+        flight, instead of one round trip after another (~25 s for 1,000 runs on S3).
+        A group that fails to open is returned as its error, for the caller to name."""
         from zarr.core.group import AsyncGroup
 
         root_path = self.root.store_path
 
-        async def open_all() -> list[AsyncGroup]:
+        async def open_all() -> list[AsyncGroup | BaseException]:
             sem = asyncio.Semaphore(64)
 
             async def one(run_id: str) -> AsyncGroup:
                 async with sem:
                     return await AsyncGroup.open(root_path / naming.run_path(run_id), zarr_format=3)
 
-            return await asyncio.gather(*(one(i) for i in run_ids))
+            return await asyncio.gather(*(one(i) for i in run_ids), return_exceptions=True)
 
-        return [zarr.Group(g) for g in sync(open_all())]
+        groups = sync(open_all())
+        return [g if isinstance(g, BaseException) else zarr.Group(g) for g in groups]
 
     def orphans(self) -> list[str]:
         """Run groups with no catalog entry: captures that were killed or are running."""
@@ -314,3 +336,8 @@ class ActStore:
         runs = self.root[naming.RUNS_PREFIX]
         assert isinstance(runs, zarr.Group)
         return sorted(k for k in runs.group_keys() if k not in committed)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__

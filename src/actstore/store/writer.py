@@ -25,6 +25,7 @@ import zarr
 
 from actstore import naming
 from actstore.store import layout
+from actstore.store.integrity import INTEGRITY
 
 _STOP = object()
 
@@ -202,10 +203,13 @@ def _create(group: zarr.Group, path: str, spec: layout.ArraySpec, attrs: dict[st
         chunks=spec.chunks,
         shards=spec.shards,
         dtype=spec.dtype,
-        compressors=layout.COMPRESSOR,
+        compressors=layout.CHUNK_CODECS,
         fill_value=0,
         attributes=attrs,
-        config={"write_empty_chunks": False},
+        # Every chunk of the written region is stored, zeros included, so a missing
+        # object is damage (store/integrity.py); tiles above the causal diagonal are
+        # outside every written region and stay unstored.
+        config={"write_empty_chunks": True},
     )
 
 
@@ -218,7 +222,7 @@ def write_small_array(
         shape=data.shape,
         chunks=data.shape if data.size else (1,) * data.ndim,
         dtype=data.dtype,
-        compressors=layout.COMPRESSOR,
+        compressors=layout.CHUNK_CODECS,
         fill_value=0,
         attributes=attrs or {},
     )
@@ -238,7 +242,7 @@ def write_run_meta(group: zarr.Group, meta: dict[str, Any]) -> dict[str, Any]:
     steps = meta["steps"]
     blob = np.frombuffer(json.dumps(steps, separators=(",", ":")).encode(), dtype=np.uint8)
     write_small_array(group, naming.STEPS_ARRAY, blob, {"actstore_content": "application/json"})
-    slim = {k: v for k, v in meta.items() if k != "steps"} | {"n_steps": len(steps)}
+    slim = {k: v for k, v in meta.items() if k != "steps"} | {"n_steps": len(steps), "integrity": INTEGRITY}
     group.attrs["run"] = slim
     return slim
 
@@ -254,7 +258,7 @@ def write_rows(
         shape=data.shape,
         chunks=data.shape,
         dtype=data.dtype,
-        compressors=layout.COMPRESSOR,
+        compressors=layout.CHUNK_CODECS,
         fill_value=0,
         attributes={"actstore_dtype": store_dtype, "layers": layers},
     )

@@ -14,6 +14,7 @@ become one line and exit code 2 (``cli._fail_cleanly``).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -110,16 +111,19 @@ def _metric_command(metric: str) -> click.Command:
     @_opt("--frac", type=click.FloatRange(0, 1, min_open=True), default=0.01, help="top fraction for jaccard")
     @_opt("--magnitude", is_flag=True, help="jaccard ranks by |value|")
     @_opt("--summary", is_flag=True, help="the seed's per-group summary columns instead of per-layer rows")
+    @_opt("--skip-damaged", is_flag=True,
+          help="leave out a damaged run (a warning names it) instead of failing on it")  # fmt: skip
     @_common
     @_fail_cleanly
     def command(
         runs: tuple[str, ...], sources: tuple[str, ...], compare: str, frac: float, magnitude: bool,
-        summary: bool, layers: str, fmt: str, store_location: str | None, storage_options: tuple[str, ...],
+        summary: bool, skip_damaged: bool, layers: str, fmt: str, store_location: str | None,
+        storage_options: tuple[str, ...],
     ) -> None:  # fmt: skip
         from actstore import query as q
 
         store = open_store(store_location, storage_options)
-        readers = store.runs(runs)
+        readers = store.runs(runs, skip_damaged=skip_damaged)
         kw: dict[str, Any] = {
             "sources": list(sources),
             "layers": fit_layers(layers, readers),
@@ -127,14 +131,15 @@ def _metric_command(metric: str) -> click.Command:
             "magnitude": magnitude,
         }
         if compare == "initial-final":
-            df = q.intra_run(readers, **kw)
+            answer = functools.partial(q.intra_run, **kw)
         elif compare == "runs":
-            df = q.inter_run(readers, **kw)
+            answer = functools.partial(q.inter_run, **kw)
         elif compare == "snapshots-references":
-            df = q.snapshots_vs_references(readers, **kw)
+            answer = functools.partial(q.snapshots_vs_references, **kw)
         else:
             a, b = q.parse_state_pair(compare)
-            df = q.compare_states(readers, a, b, **kw)
+            answer = functools.partial(q.compare_states, a=a, b=b, **kw)
+        df = q.skipping_damaged(answer, readers, skip=skip_damaged)
         if summary:
             df = q.summarize(df)
         else:

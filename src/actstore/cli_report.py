@@ -31,10 +31,12 @@ def register(main: click.Group) -> None:
                   help="folder for report.html, its timestamped copy and the four CSVs")  # fmt: skip
     @click.option("--overlap-by", type=click.Choice(["magnitude", "value"]), default="magnitude", show_default=True,
                   help="rank dimensions for the top-1%% overlap by |x| (as the seed) or by x")  # fmt: skip
+    @click.option("--skip-damaged/--no-skip-damaged", default=True, show_default=True,
+                  help="leave out damaged runs (a warning names each) or fail on the first")  # fmt: skip
     @_quiet_option
     @_fail_cleanly
     def report_cmd(
-        runs: tuple[str, ...], out: str, overlap_by: str, store_location: str | None,
+        runs: tuple[str, ...], out: str, overlap_by: str, skip_damaged: bool, store_location: str | None,
         storage_options: tuple[str, ...], quiet: bool,
     ) -> None:  # fmt: skip
         """Write one self-contained HTML report (no network needed) and the seed's CSVs."""
@@ -42,7 +44,7 @@ def register(main: click.Group) -> None:
 
         store = open_store(store_location, storage_options)
         path = build_report(store, _split(runs) or None, out, None if not quiet else False,
-                            magnitude=overlap_by == "magnitude")  # fmt: skip
+                            magnitude=overlap_by == "magnitude", skip_damaged=skip_damaged)  # fmt: skip
         click.echo(str(path))
 
     @main.command("heatmap")

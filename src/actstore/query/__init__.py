@@ -35,6 +35,7 @@ from actstore.query.compare import (
     snapshots_vs_references,
     summarize,
 )
+from actstore.query.damaged import skipping_damaged
 from actstore.query.logit_lens import logit_lens, write_logit_lens_json
 from actstore.query.metrics import cosine, jaccard, mae, norm, top_mask
 from actstore.query.plan import Plan, compute_plans
@@ -51,6 +52,7 @@ from actstore.query.states import (
 from actstore.query.tables import paper_tables
 
 __all__ = [
+    "skipping_damaged",
     "Plan", "State", "as_xarray", "compare_states", "compute_plans", "cosine", "cross_layer",
     "cross_layer_matrix", "inter_run", "intra_run", "jaccard", "layer_discrimination", "logit_lens",
     "mae", "neuron_trajectory", "norm", "paper_tables", "parse_state", "parse_state_pair",

@@ -27,6 +27,7 @@ import jinja2
 
 from actstore import __version__
 from actstore.query import metrics as M
+from actstore.query.damaged import skipping_damaged
 from actstore.report import progress as P
 from actstore.report.csvs import write_csvs
 from actstore.report.figures import Figures, script_safe
@@ -98,18 +99,21 @@ def build_report(
     *,
     frac: float = M.DEFAULT_FRAC,
     magnitude: bool = True,
+    skip_damaged: bool = True,
 ) -> Path:
     """Write ``out_dir/report.html`` (plus a timestamped copy) and the four CSVs.
 
     ``run_ids``: run ids or selectors (``latest``, a scenario name, ``all``); None means
     every run in the store. ``progress``: None shows bars only on a terminal. Jaccard
     overlap uses the top ``frac`` of dimensions, by magnitude as the seed's report does
-    (``magnitude=False``: by value). Returns the path of ``report.html``.
+    (``magnitude=False``: by value). A damaged run is left out with a DamageWarning
+    naming it (``skip_damaged=False``: the report fails naming it). Returns the path of
+    ``report.html``.
     """
-    runs = store.runs(list(run_ids) if run_ids else ["all"])
+    runs = store.runs(list(run_ids) if run_ids else ["all"], skip_damaged=skip_damaged)
     bar = P.bar(3, "report", progress, unit="stage")
     bar.set_postfix_str("querying")
-    data = gather(runs, frac=frac, magnitude=magnitude)
+    data = skipping_damaged(lambda rs: gather(rs, frac=frac, magnitude=magnitude), runs, skip=skip_damaged)
     bar.update()
     bar.set_postfix_str("rendering")
     html = render_html(data, str(store.location), progress)

@@ -91,6 +91,26 @@ def _quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="actstore")
 def main() -> None:
     """Capture every activation of a causal LM into a Zarr store, and query it."""
+    _one_line_warnings()
+
+
+def _one_line_warnings() -> None:
+    """Damage warnings (a run skipped, a catalog entry unreadable) print as one
+    ``warning:`` line on stderr, like errors, instead of Python's file:line format."""
+    import warnings
+
+    from actstore.errors import DamageWarning
+
+    shown = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, DamageWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", DamageWarning)
 
 
 @main.command()
@@ -204,7 +224,9 @@ def render_frame(df: Any, fmt: str) -> str:
 
 def _register_optional() -> None:
     """Commands that live in their own modules (export/import, queries, reports, viewer)."""
-    for module in ("actstore.cli_npz", "actstore.cli_query", "actstore.cli_report", "actstore.cli_view"):
+    modules = ("actstore.cli_npz", "actstore.cli_query", "actstore.cli_report", "actstore.cli_view",
+               "actstore.cli_check")  # fmt: skip
+    for module in modules:
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -119,6 +119,23 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def lock_is_free(path: Path) -> bool:
+    """Whether no process holds ``path``'s build lock now (a build in progress does)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if not path.exists():
+        return True
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return True
+
+
 def ensure_embedded_cache() -> Path:
     """The cached HF folder of the built-in model, de-quantizing its GGUF once."""
     gguf = embedded_gguf_path()

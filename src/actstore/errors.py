@@ -41,3 +41,8 @@ class RunNotFoundError(StoreError, KeyError):
 
 class SelectionError(ActstoreError, ValueError):
     """A query asks for something the store does not hold (layer, source, step)."""
+
+
+class BadNameError(ActstoreError, ValueError):
+    """A name that becomes a path piece (scenario name, label, role, run id, file name)
+    breaks the naming rule of :func:`actstore.naming.check_name`."""

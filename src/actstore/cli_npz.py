@@ -52,7 +52,8 @@ def register(main: click.Group) -> None:
         run_dir: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool
     ) -> None:
         """Read a seed run directory (ours or the original tool's) into the store as a new run."""
-        from actstore.store.npz import import_npz
+        from actstore.store.npz import import_npz, read_seed_dir
 
+        seed = read_seed_dir(run_dir)  # every check first: a refused directory creates no store
         store = open_store(store_location, storage_options, create=True)
-        click.echo(import_npz(store, run_dir, quiet=quiet))
+        click.echo(import_npz(store, seed, quiet=quiet))

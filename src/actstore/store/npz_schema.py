@@ -64,7 +64,7 @@ def inside(d: Path, rel: object, where: Path | str, what: str) -> Path:
     shown = naming.show_name(rel)
     if not isinstance(rel, str) or not rel:
         raise StoreError(f"{where}: {what} must be a relative path, got {shown}")
-    if rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+    if rel.startswith(("/", "\\")):  # other pieces (c:, ..) fail the name rule below
         raise StoreError(
             f"{where}: {what} {shown} is an absolute path (import reads only inside {d}; "
             "give a path relative to it)"

@@ -56,3 +56,8 @@ class DamagedRunError(StoreError):
 
 class DamageWarning(UserWarning):
     """A damaged run or catalog entry was skipped; the message names it."""
+
+
+class BadNameError(ActstoreError, ValueError):
+    """A name that becomes a path piece (scenario name, label, role, run id, file name)
+    breaks the naming rule of :func:`actstore.naming.check_name`."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from actstore.errors import SelectionError
+from actstore.errors import BadNameError, SelectionError
 
 # Per-layer sources in the order the seed documents them.
 LAYER_SOURCES: tuple[str, ...] = (
@@ -55,7 +55,12 @@ RUNS_PREFIX = "runs"
 CATALOG_PREFIX = "catalog"
 
 _NPZ_LAYER_KEY = re.compile(r"^layer_(\d+)/([a-z_]+)$")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Names that become path pieces: one safe segment, addressable as reference:LABEL.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NOT_NAME_CHAR = re.compile(r"[^A-Za-z0-9._-]")
+MAX_NAME = 100
+# A run id is <name>_<YYYYmmddTHHMMSS>_<6 hex>: 23 characters more than its name.
+MAX_RUN_ID = MAX_NAME + 23
 
 
 def act_path(source: str) -> str:
@@ -124,10 +129,49 @@ def check_source(source: str) -> str:
     return source
 
 
+def name_problem(value: object, max_len: int = MAX_NAME, example: str = "calm") -> tuple[str, str] | None:
+    """(what is wrong, how to fix it) when ``value`` cannot be a path piece, else None.
+
+    The rule: ASCII letters, digits, ``.``, ``_``, ``-``; a letter or digit first (so no
+    ``..``, ``-flag`` or hidden file); no ``:`` (``--compare reference:LABEL`` splits on
+    it); at most ``max_len`` characters (file names stay under the 255-byte limit).
+    """
+    if not isinstance(value, str):
+        return "must be text", "write it as a quoted string"
+    if not value:
+        return "must not be empty", f"use e.g. {example}"
+    fixed = _NOT_NAME_CHAR.sub("_", value).lstrip("._-")[:max_len] or example
+    if len(value) > max_len:
+        return f"is {len(value)} characters long", f"shorten it to {max_len} characters or fewer"
+    if re.search(r"[\s/\\]", value):
+        return "must contain no spaces or slashes", f"use e.g. {fixed}"
+    if ":" in value:
+        return "must not contain ':' (--compare reference:LABEL could not name it)", f"use e.g. {fixed}"
+    if not value.isascii() or _NOT_NAME_CHAR.search(value):
+        return "may hold only ASCII letters, digits, '.', '_' and '-'", f"use e.g. {fixed}"
+    if not _NAME.fullmatch(value):
+        return "must start with a letter or digit", f"use e.g. {fixed}"
+    return None
+
+
+def show_name(value: object) -> str:
+    """A name as error messages quote it: ASCII, one line, short."""
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_name(value: object, what: str, where: str = "", max_len: int = MAX_NAME) -> str:
+    """``value`` if it may become a path piece, else BadNameError naming ``where`` and ``what``."""
+    problem = name_problem(value, max_len)
+    if problem is None:
+        assert isinstance(value, str)
+        return value
+    prefix = f"{where}: " if where else ""
+    raise BadNameError(f"{prefix}{what} {show_name(value)} {problem[0]} ({problem[1]})")
+
+
 def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id):
-        raise ValueError(f"bad run id {run_id!r}")
-    return run_id
+    return check_name(run_id, "run id", max_len=MAX_RUN_ID)
 
 
 def sources_for_flags(flags: dict[str, bool]) -> tuple[str, ...]:

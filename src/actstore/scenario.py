@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
 )
 
+from actstore import naming
 from actstore.errors import ScenarioError
 
 DEFAULT_STORE = "stores/actstore.zarr"  # used when output.store is null; relative to the cwd
@@ -32,7 +33,6 @@ Dtype = Literal["float16", "bfloat16", "float32"]
 Role = Literal["system", "user", "assistant"]
 
 _DEVICE = re.compile(r"^(auto|cuda|mps|cpu|cuda:\d+)$")
-_BAD_NAME_CHARS = re.compile(r"[\s/\\]")
 
 
 class _Invalid(ValueError):
@@ -44,13 +44,11 @@ class _Invalid(ValueError):
 
 
 def _check_safe_name(value: str, kind: str, example: str) -> str:
-    # Names and labels become directory and file names, so they must be one path segment.
-    if not value:
-        raise _Invalid(f"{kind} must not be empty", f"use e.g. {example}")
-    if _BAD_NAME_CHARS.search(value):
-        fixed = _BAD_NAME_CHARS.sub("_", value)
-        raise _Invalid(f"{kind} {value!r} must contain no spaces or slashes", f"use e.g. {fixed}")
-    return value
+    # Names and labels become run ids and file names: the one rule import also applies.
+    problem = naming.name_problem(value, example=example)
+    if problem is None:
+        return value
+    raise _Invalid(f"{kind} {naming.show_name(value)} {problem[0]}", problem[1])
 
 
 def _parse_layers(value: Any) -> Any:

@@ -29,6 +29,6 @@ this module is the public entry point.
 from __future__ import annotations
 
 from actstore.store.npz_export import default_export_dir, export_npz
-from actstore.store.npz_import import import_npz
+from actstore.store.npz_import import SeedDir, import_npz, read_seed_dir
 
-__all__ = ["default_export_dir", "export_npz", "import_npz"]
+__all__ = ["SeedDir", "default_export_dir", "export_npz", "import_npz", "read_seed_dir"]

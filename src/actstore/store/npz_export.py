@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from actstore import __version__, naming
-from actstore.errors import StoreError
+from actstore.errors import BadNameError, StoreError
 from actstore.store.reader import RunReader
 
 # run.json keys the seed defines, in its order.
@@ -37,7 +37,22 @@ INFO_KEY = "actstore"
 
 def default_export_dir(out: str | os.PathLike[str], run: RunReader) -> Path:
     """``<out>/<run_id>``: where ``actstore export npz RUN --out OUT`` writes."""
-    return Path(out) / run.id
+    return _dest(Path(out), naming.check_run_id(run.id))
+
+
+def _dest(root: Path, rel: str) -> Path:
+    """``root / rel``, refused unless it resolves inside ``root``: names come from run
+    metadata, which an imported or hand-edited run may have filled with path pieces."""
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StoreError(f"{path}: resolves outside {root}; refusing to write there (check the run's names)")
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export_npz(
@@ -51,9 +66,11 @@ def export_npz(
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (remove it, choose another --out, or overwrite)")
+    _check_names(run)  # before anything is created
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the rename would keep that
         _write_run_dir(run, tmp, quiet=quiet)
         if target.exists():  # overwrite: move the old one aside first, drop it after
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
@@ -66,6 +83,20 @@ def export_npz(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _check_names(run: RunReader) -> None:
+    """Roles and labels become file names: the naming rule capture and import apply."""
+    try:
+        for i, snap in enumerate(run.snapshot_index):
+            index = snap.get("index")
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 10**6:
+                raise StoreError(f"run {run.id}: snapshots[{i}].index {index!r} is not a number 0 to 999999")
+            naming.check_name(snap.get("role"), f"snapshots[{i}].role", f"run {run.id}")
+        for i, label in enumerate(run.reference_labels):
+            naming.check_name(label, f"references[{i}]", f"run {run.id}")
+    except BadNameError as e:
+        raise StoreError(f"{e}; this run cannot be exported as files") from None
 
 
 def step_tensors(run: RunReader, step: int) -> dict[str, np.ndarray]:
@@ -113,7 +144,7 @@ def _write_run_dir(run: RunReader, root: Path, *, quiet: bool) -> None:
             step = int(step_meta["step"])
             arrays = step_tensors(run, step)
             rel = naming.step_file(step)
-            np.savez_compressed(root / rel, **arrays)  # type: ignore[arg-type]
+            np.savez_compressed(_dest(root, rel), **arrays)  # type: ignore[arg-type]
             entry = {k: step_meta.get(k) for k in SEED_STEP_KEYS}
             entry["top_k"] = entry["top_k"] or []
             # Extra keys (e.g. positions) ride along: the seed's readers ignore them.
@@ -161,8 +192,9 @@ def _write_stacked(
             for i, layer in enumerate(run.layers)
             for source, data in stacked.items()
         }
-        (root / rel).parent.mkdir(exist_ok=True)
-        np.savez_compressed(root / rel, **arrays)  # type: ignore[arg-type]
+        dest = _dest(root, rel)
+        dest.parent.mkdir(exist_ok=True)
+        np.savez_compressed(dest, **arrays)  # type: ignore[arg-type]
         bar.update()
 
 
@@ -186,5 +218,6 @@ def _run_json(run: RunReader, meta: dict[str, Any], npz_dtype: str | None) -> di
 
 
 def _write_json(path: Path, data: Any) -> None:
+    # The paths are fixed names under the export folder (steps.json, */index.json).
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

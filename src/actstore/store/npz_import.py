@@ -8,6 +8,10 @@ layer boundary only when hidden_in of layer l+1 equals hidden_out of layer l (el
 import fails, naming the step and layer), and mlp_down_in is stored explicitly as soon as
 one step differs from what the reader derives. Reading and checking the directory's
 files is :mod:`actstore.store.npz_schema`; this module writes.
+
+:func:`read_seed_dir` checks the whole directory first (names, paths, every NPZ header,
+the memory the import needs) without decompressing a tensor, so a hostile or broken
+directory is refused before the store is opened or anything is written.
 """
 
 from __future__ import annotations
@@ -28,12 +32,18 @@ from actstore.store.npz_schema import (
     Key,
     Schema,
     as_tensor,
+    check_name,
     declared_dtype,
+    gib,
+    inside,
     load_member,
+    memory_budget,
+    npz_members,
     npz_store_dtype,
     open_npz,
     read_json,
     read_steps,
+    run_file,
     same_bits,
     to_store,
 )
@@ -43,24 +53,65 @@ from actstore.store.writer import RunWriter, write_rows, write_run_meta, write_s
 _INFO_KEY = "actstore"  # see npz_export.INFO_KEY
 
 
-def import_npz(store: ActStore, run_dir: str | os.PathLike[str], *, quiet: bool = False) -> str:
-    """Import one seed run directory; returns the new run id (committed)."""
+class SeedDir:
+    """A run directory that passed every check of :func:`read_seed_dir`."""
+
+    def __init__(self, d: Path, run_json: dict[str, Any], steps: list[dict[str, Any]], schema: Schema,
+                 snapshots: list[dict[str, Any]], snap_paths: list[Path], labels: list[str],
+                 ref_paths: list[Path]):  # fmt: skip
+        self.d, self.run_json, self.steps, self.schema = d, run_json, steps, schema
+        self.info: dict[str, Any] = run_json.get(_INFO_KEY) or {}
+        self.snapshots, self.snap_paths, self.labels, self.ref_paths = (
+            snapshots,
+            snap_paths,
+            labels,
+            ref_paths,
+        )
+
+
+def read_seed_dir(run_dir: str | os.PathLike[str], *, max_bytes: int | None = None) -> SeedDir:
+    """Check a run directory without writing anything or decompressing a tensor: names
+    (the capture rule), paths (inside the directory), every NPZ member's header against
+    the shapes steps.json declares, and the memory the import needs (``max_bytes``,
+    default half the machine's memory)."""
     d = Path(run_dir)
     if not d.is_dir():
         raise StoreError(f"{d}: not a directory (pass a run directory holding run.json and steps.json)")
-    run_json = read_json(d / "run.json")
+    run_path = run_file(d, "run.json")
+    run_json = read_json(run_path)
     if not isinstance(run_json, dict):
-        raise StoreError(f"{d / 'run.json'}: expected a JSON object with scenario, model, ...")
+        raise StoreError(f"{run_path}: expected a JSON object with scenario, model, ...")
     scenario = run_json.get("scenario")
     if not isinstance(scenario, dict) or not isinstance(scenario.get("name"), str):
-        raise StoreError(f"{d / 'run.json'}: 'scenario' must be an object with a 'name'")
+        raise StoreError(f"{run_path}: 'scenario' must be an object with a 'name'")
+    check_name(scenario["name"], "scenario.name", run_path)
     steps = read_steps(d)
     info = run_json.get(_INFO_KEY) or {}
+    if not isinstance(info, dict):
+        raise StoreError(f"{run_path}: '{_INFO_KEY}' must be an object")
     schema = Schema.from_step0(d, steps, declared_dtype(run_json, info))
-    try:
-        run_id = store.new_run_id(scenario["name"])
-    except ValueError:
-        raise StoreError(f"{d / 'run.json'}: scenario name {scenario['name']!r} cannot name a run") from None
+    budget = memory_budget() if max_bytes is None else max_bytes
+    need = schema.memory_needed()
+    if need > budget:
+        raise StoreError(
+            f"{d / steps[0]['tensors_file']}: importing this run needs about {gib(need)} of memory at once "
+            f"({schema.prompt_len} prompt tokens, {len(schema.layers)} layers), more than the {gib(budget)} "
+            "allowed (half this machine's memory); import it on a larger machine"
+        )
+    for i, step in enumerate(steps[1:], start=1):
+        path = d / step["tensors_file"]
+        schema.check_members(path, npz_members(path), i)
+    snapshots, snap_paths = _check_snapshots(d, schema)
+    labels, ref_paths = _check_references(d, schema)
+    return SeedDir(d, run_json, steps, schema, snapshots, snap_paths, labels, ref_paths)
+
+
+def import_npz(store: ActStore, run_dir: str | os.PathLike[str] | SeedDir, *, quiet: bool = False) -> str:
+    """Import one seed run directory (checked by :func:`read_seed_dir` unless it already
+    was); returns the new run id (committed)."""
+    seed = run_dir if isinstance(run_dir, SeedDir) else read_seed_dir(run_dir)
+    d, run_json, steps, schema, info = seed.d, seed.run_json, seed.steps, seed.schema, seed.info
+    run_id = store.new_run_id(run_json["scenario"]["name"])
     group = store.create_run_group(run_id)
     writers: list[RunWriter] = []
     n_files = len(steps) + 2
@@ -83,11 +134,11 @@ def import_npz(store: ActStore, run_dir: str | os.PathLike[str], *, quiet: bool 
         write_small_array(group, naming.TOKENS_ARRAY, np.asarray(fed, dtype=np.int64))
         pos_step = [0] * schema.prompt_len + list(range(1, len(steps)))
         write_small_array(group, naming.POSITION_STEP_ARRAY, np.asarray(pos_step, dtype=np.int32))
-        snap_index = _read_snapshots(d, group, schema)
+        _read_stacked(seed.snap_paths, group, naming.SNAPSHOTS_GROUP, schema, schema.store_dtype)
         bar.update()
-        labels = _read_references(d, group, schema)
+        _read_stacked(seed.ref_paths, group, naming.REFERENCES_GROUP, schema, schema.store_dtype)
         bar.update()
-        meta = _run_meta(run_json, info, steps, schema, snap_index, labels, d)
+        meta = _run_meta(run_json, info, steps, schema, seed.snapshots, seed.labels, d)
         store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
     except BaseException:
         for w in writers:
@@ -171,7 +222,7 @@ def _read_stacked(paths: list[Path], group: Any, where: str, schema: Schema, dec
                 vecs = [load_member(path, npz, naming.npz_key(la, source)) for la in schema.layers]
                 if any(v.ndim != 1 for v in vecs):
                     raise StoreError(f"{path}: {source} vectors must be 1-D (hidden_size,)")
-                dtype = dtype or npz_store_dtype(vecs[0], declared, str(path))
+                dtype = dtype or npz_store_dtype(vecs[0].dtype, declared, str(path))
                 rows.setdefault(source, []).append(to_store(np.stack(vecs), dtype, f"{path}: {source}"))
     for source, stack in rows.items():
         if len(stack) != len(paths):
@@ -188,36 +239,56 @@ def _is_key(key: str) -> bool:
     return True
 
 
-def _read_snapshots(d: Path, group: Any, schema: Schema) -> list[dict[str, Any]]:
-    index_path = d / "conversation_snapshots" / "index.json"
-    if not index_path.exists():
-        return []
-    index = read_json(index_path)
+def _index(d: Path, folder: str) -> tuple[Path, Any] | None:
+    rel = f"{folder}/index.json"
+    if not os.path.lexists(d / rel):
+        return None
+    path = inside(d, rel, d / rel, "the file")
+    return path, read_json(path)
+
+
+def _check_snapshots(d: Path, schema: Schema) -> tuple[list[dict[str, Any]], list[Path]]:
+    found = _index(d, "conversation_snapshots")
+    if found is None:
+        return [], []
+    index_path, index = found
     if not isinstance(index, list) or not all(
         isinstance(e, dict) and isinstance(e.get("index"), int) and isinstance(e.get("role"), str)
         for e in index
     ):
         raise StoreError(f"{index_path}: expected a list of {{index, role, content_preview}}")
-    snaps = [
-        {"index": e["index"], "role": e["role"], "content_preview": e.get("content_preview", "")}
-        for e in index
-    ]
-    paths = [d / naming.snapshot_file(int(e["index"]), str(e["role"])) for e in snaps]
-    _read_stacked(paths, group, naming.SNAPSHOTS_GROUP, schema, schema.store_dtype)
-    return snaps
+    snaps = []
+    for i, e in enumerate(index):
+        if not 0 <= e["index"] < 10**6:
+            raise StoreError(f"{index_path}: [{i}].index {e['index']} is out of range (0 to 999999)")
+        check_name(e["role"], f"[{i}].role", index_path)  # a piece of the snapshot file name
+        snaps.append(
+            {"index": e["index"], "role": e["role"], "content_preview": e.get("content_preview", "")}
+        )
+    paths = [_vectors(d, naming.snapshot_file(e["index"], e["role"]), index_path, schema) for e in snaps]
+    return snaps, paths
 
 
-def _read_references(d: Path, group: Any, schema: Schema) -> list[str]:
-    index_path = d / "references" / "index.json"
-    if not index_path.exists():
-        return []
-    index = read_json(index_path)
+def _check_references(d: Path, schema: Schema) -> tuple[list[str], list[Path]]:
+    found = _index(d, "references")
+    if found is None:
+        return [], []
+    index_path, index = found
     labels = index.get("labels") if isinstance(index, dict) else None
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise StoreError(f'{index_path}: expected {{"labels": [...]}}')
-    _read_stacked([d / naming.reference_file(x) for x in labels], group, naming.REFERENCES_GROUP, schema,
-                  schema.store_dtype)  # fmt: skip
-    return labels
+    for i, label in enumerate(labels):
+        # Labels become file names on export and are addressed as reference:LABEL.
+        check_name(label, f"labels[{i}]", index_path)
+        if label in labels[:i]:
+            raise StoreError(f"{index_path}: labels[{i}] {label!r} is listed twice (labels must be unique)")
+    return labels, [_vectors(d, naming.reference_file(x), index_path, schema) for x in labels]
+
+
+def _vectors(d: Path, rel: str, index_path: Path, schema: Schema) -> Path:
+    path = inside(d, rel, index_path, "file")
+    schema.check_vectors(path, npz_members(path))
+    return path
 
 
 # ---------------------------------------------------------------------- metadata

@@ -1,32 +1,176 @@
 """Reading and checking a seed run directory before anything is written.
 
-run.json and steps.json are read and validated; step 0's NPZ sets the :class:`Schema`
-(layers, sources, widths, store dtype) that every later step must match, and the schema
-turns each step's members into writer tensors, refusing anything the store could not
-give back bit for bit. Every error names the file, the key and what to fix.
+run.json and steps.json are read and validated; step 0's NPZ headers set the
+:class:`Schema` (layers, sources, widths, store dtype) that every later step must match,
+and the schema turns each step's members into writer tensors, refusing anything the
+store could not give back bit for bit. Every error names the file, the key and what to fix.
+
+A run directory may be hostile: every file is read through :func:`inside` (a relative
+path of safe names that stays inside the directory once symlinks are resolved), and
+every NPZ member's ``.npy`` header is read (:func:`npz_members`) and checked against the
+shapes the run declares before any member is decompressed.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from actstore import naming
-from actstore.errors import StoreError
+from actstore.errors import BadNameError, StoreError
 from actstore.store import layout
 from actstore.store.writer import ArrayPlan
 
 Key = tuple[str, int | None]
 
+MAX_JSON_BYTES = 256 << 20  # steps.json of a 10,000-step run with top-k 20 is ~20 MB
+# Float activations deflate by 1-3x (attention's zero upper triangle included); a member
+# that claims more than BOMB_RATIO times its compressed size is a zip bomb, not data.
+BOMB_RATIO = 100
+BOMB_MIN_BYTES = 16 << 20  # below this any ratio is harmless
+NPZ_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def memory_budget() -> int:
+    """Bytes an import may hold at once: half the machine's physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def check_name(value: object, what: str, where: Path | str) -> str:
+    """naming.check_name (the rule capture applies too), as an import StoreError."""
+    try:
+        return naming.check_name(value, what, str(where))
+    except BadNameError as e:
+        raise StoreError(str(e)) from None
+
+
+def inside(d: Path, rel: object, where: Path | str, what: str) -> Path:
+    """``d / rel`` when ``rel`` is a relative path of safe names that stays inside ``d``
+    (symlinks resolved) and names a regular file; else a StoreError naming ``where``."""
+    shown = naming.show_name(rel)
+    if not isinstance(rel, str) or not rel:
+        raise StoreError(f"{where}: {what} must be a relative path, got {shown}")
+    if rel.startswith(("/", "\\")):  # other pieces (c:, ..) fail the name rule below
+        raise StoreError(
+            f"{where}: {what} {shown} is an absolute path (import reads only inside {d}; "
+            "give a path relative to it)"
+        )
+    for part in rel.split("/"):
+        problem = naming.name_problem(part)
+        if problem is not None:
+            raise StoreError(
+                f"{where}: {what} {shown}: {naming.show_name(part)} {problem[0]} "
+                f"(use a path inside the run directory, e.g. {naming.step_file(0)})"
+            )
+    path = d / rel
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise StoreError(f"{where}: {what} {shown} not found in {d}") from None
+    except (OSError, RuntimeError) as e:  # a symlink loop, a permission error
+        raise StoreError(f"{where}: {what} {shown} cannot be resolved ({' '.join(str(e).split())})") from None
+    if not real.is_relative_to(d.resolve()):
+        raise StoreError(
+            f"{where}: {what} {shown} resolves to {real}, outside {d} "
+            "(import reads only inside the run directory; copy the file in)"
+        )
+    if not real.is_file():
+        raise StoreError(f"{where}: {what} {shown} is not a regular file")
+    return path
+
+
+def run_file(d: Path, rel: str) -> Path:
+    """A file every run directory holds (run.json, steps.json), checked by :func:`inside`."""
+    if not os.path.lexists(d / rel):
+        raise StoreError(f"{d / rel}: missing (is {d} a run directory?)")
+    return inside(d, rel, d / rel, "the file")
+
+
+class Member(NamedTuple):
+    """One NPZ member as its ``.npy`` header describes it."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def npz_members(path: Path) -> dict[str, Member]:
+    """Every member's header, read without decompressing its data. Refused: members that
+    are not plain ``.npy`` arrays, object dtypes (pickles), a zip size that differs from
+    what the header describes, and zip bombs (see BOMB_RATIO)."""
+    out: dict[str, Member] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                if not info.filename.endswith(".npy") or info.is_dir():
+                    raise StoreError(f"{path}: member {naming.show_name(info.filename)} is not a .npy array")
+                try:
+                    with zf.open(info) as f:
+                        version = np.lib.format.read_magic(f)
+                        if version == (1, 0):
+                            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                        elif version == (2, 0):
+                            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                        else:
+                            raise ValueError(f".npy format {version} is not supported")
+                        header_len = f.tell()
+                except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+                    raise StoreError(
+                        f"{path}: {key}: not a readable .npy array ({' '.join(str(e).split())}; re-export it)"
+                    ) from None
+                if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+                    raise StoreError(
+                        f"{path}: {key}: dtype {dtype} holds Python objects or records; actstore "
+                        "never unpickles (store float16 or float32 arrays)"
+                    )
+                if any(n < 0 for n in shape):
+                    raise StoreError(f"{path}: {key}: negative shape {list(shape)}")
+                member = Member(tuple(shape), dtype)
+                if info.file_size != header_len + member.nbytes:
+                    raise StoreError(
+                        f"{path}: {key}: the zip entry declares {info.file_size} bytes, but its header "
+                        f"describes {header_len + member.nbytes} (a damaged or forged NPZ; re-export it)"
+                    )
+                if member.nbytes > BOMB_MIN_BYTES and member.nbytes > BOMB_RATIO * max(info.compress_size, 1):
+                    raise StoreError(
+                        f"{path}: {key}: {info.compress_size} compressed bytes claim to expand to "
+                        f"{gib(member.nbytes)} (more than {BOMB_RATIO}x: a zip bomb, not activations); refused"
+                    )
+                out[key] = member
+    except StoreError:
+        raise
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise StoreError(f"{path}: not a readable NPZ file ({' '.join(str(e).split())})") from None
+    return out
+
 
 def read_json(path: Path) -> Any:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:  # read whole: refuse what cannot be metadata
+            raise StoreError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, too large for run metadata")
         return json.loads(path.read_text(encoding="utf-8"))
+    except StoreError:
+        raise
     except FileNotFoundError:
         raise StoreError(f"{path}: missing (is {path.parent} a run directory?)") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -34,7 +178,7 @@ def read_json(path: Path) -> Any:
 
 
 def read_steps(d: Path) -> list[dict[str, Any]]:
-    path = d / "steps.json"
+    path = run_file(d, "steps.json")
     data = read_json(path)
     steps = data.get("steps") if isinstance(data, dict) else None
     if not isinstance(steps, list) or not steps:
@@ -58,8 +202,7 @@ def read_steps(d: Path) -> list[dict[str, Any]]:
         if s.get("kind", kind) != kind:
             raise StoreError(f"{where}: kind {s.get('kind')!r}, expected {kind!r}")
         s.setdefault("tensors_file", naming.step_file(i))
-        if not isinstance(s["tensors_file"], str) or not (d / s["tensors_file"]).is_file():
-            raise StoreError(f"{where}: tensors_file {s['tensors_file']!r} not found in {d}")
+        inside(d, s["tensors_file"], where, "tensors_file")
     return steps
 
 
@@ -86,15 +229,13 @@ def declared_dtype(run_json: dict[str, Any], info: dict[str, Any]) -> str | None
     return info.get("store_dtype") or cap.get("store_dtype")
 
 
-def npz_store_dtype(arr: np.ndarray, declared: str | None, where: str) -> str:
+def npz_store_dtype(dtype: np.dtype[Any], declared: str | None, where: str) -> str:
     """The store dtype of NPZ arrays: their own, except float32 that stands for bfloat16."""
-    if arr.dtype == np.float16:
+    if dtype == np.float16:
         return "float16"
-    if arr.dtype == np.float32:
+    if dtype == np.float32:
         return "bfloat16" if declared == "bfloat16" else "float32"
-    raise StoreError(
-        f"{where}: dtype {arr.dtype} is not a store dtype (float16, float32, bfloat16 as float32)"
-    )
+    raise StoreError(f"{where}: dtype {dtype} is not a store dtype (float16, float32, bfloat16 as float32)")
 
 
 def to_store(arr: np.ndarray, store_dtype: str, where: str) -> np.ndarray:
@@ -134,23 +275,27 @@ class Schema:
 
     @classmethod
     def from_step0(cls, d: Path, steps: list[dict[str, Any]], declared: str | None) -> Schema:
+        """The schema step 0's headers describe; nothing is decompressed. Every member's
+        shape must be what steps.json declares (step 0's input tokens), so a steps.json
+        claiming a longer prompt than the NPZ holds is refused before any allocation."""
         step0, n_steps = steps[0], len(steps)
         path = d / step0["tensors_file"]
+        members = npz_members(path)
         per_source: dict[str, set[int | None]] = {}
         widths: dict[str, int] = {}
         dtype: str | None = None
-        with open_npz(path) as npz:
-            for key in npz.files:
-                try:
-                    layer, source = naming.parse_npz_key(key)
-                except ValueError:
-                    raise StoreError(
-                        f"{path}: unexpected key {key!r} (not layer_NN/<source> or a global source)"
-                    ) from None
-                arr = load_member(path, npz, key)
-                per_source.setdefault(source, set()).add(layer)
-                widths[source] = arr.shape[1] if source == "attn_weights" else arr.shape[-1]
-                dtype = dtype or npz_store_dtype(arr, declared, f"{path}: {key}")
+        for key, m in members.items():
+            try:
+                layer, source = naming.parse_npz_key(key)
+            except ValueError:
+                raise StoreError(
+                    f"{path}: unexpected key {key!r} (not layer_NN/<source> or a global source)"
+                ) from None
+            if len(m.shape) != (4 if source == "attn_weights" else 3):
+                raise StoreError(f"{path}: {key} has shape {list(m.shape)}, expected (1, tokens, width)")
+            per_source.setdefault(source, set()).add(layer)
+            widths[source] = m.shape[1] if source == "attn_weights" else m.shape[-1]
+            dtype = dtype or npz_store_dtype(m.dtype, declared, f"{path}: {key}")
         if not widths:
             raise StoreError(f"{path}: holds no tensors")
         layers = sorted({la for ls in per_source.values() for la in ls if la is not None})
@@ -165,7 +310,68 @@ class Schema:
                 f"{path}: has only one of hidden_in / hidden_out; the residual stream needs both"
             )
         assert dtype is not None
-        return cls(layers, widths, dtype, len(step0["input_token_ids"]), n_steps)
+        schema = cls(layers, widths, dtype, len(step0["input_token_ids"]), n_steps)
+        schema.check_members(path, members, 0)
+        return schema
+
+    @property
+    def npz_dtype(self) -> np.dtype[Any]:
+        return np.dtype(np.float16 if self.store_dtype == "float16" else np.float32)
+
+    @property
+    def hidden(self) -> int | None:
+        """The residual width snapshot and reference vectors must have."""
+        return next(
+            (self.widths[s] for s in (*naming.RESIDUAL_SOURCES, "embeddings") if s in self.widths), None
+        )
+
+    def check_members(self, path: Path, members: dict[str, Member], step: int) -> None:
+        """Headers of one step's NPZ against this schema: same keys, shapes, dtype."""
+        extra = sorted(set(members) - set(self.keys()))
+        if extra:  # anything we would not write back would be lost
+            raise StoreError(f"{path}: keys {extra} are not in step 0 (every step must hold the same keys)")
+        for key in self.keys():
+            m = members.get(key)
+            if m is None:
+                raise StoreError(f"{path}: missing key {key!r} (every step must hold the keys of step 0)")
+            want = self.expected_shape(naming.parse_npz_key(key)[1], step)
+            if m.shape != want:
+                why = f" (steps.json gives step {step} {len(self.positions(step))} input tokens)"
+                raise StoreError(f"{path}: {key} has shape {list(m.shape)}, expected {list(want)}{why}")
+            if m.dtype != self.npz_dtype:
+                raise StoreError(
+                    f"{path}: {key}: dtype {m.dtype}, but this run's tensors are {self.npz_dtype}"
+                )
+
+    def check_vectors(self, path: Path, members: dict[str, Member]) -> None:
+        """Headers of a snapshot / reference NPZ: 1-D residual vectors of the run's width."""
+        for key, m in members.items():
+            try:
+                _, source = naming.parse_npz_key(key)
+            except ValueError:
+                continue  # other keys (the original tool's qkv_last...) are never read
+            if m.shape != (self.hidden,) or m.dtype not in NPZ_DTYPES:
+                raise StoreError(
+                    f"{path}: {key} is {m.dtype} {list(m.shape)}; expected a float16/float32 vector "
+                    f"of the run's hidden size [{self.hidden}]"
+                )
+
+    def memory_needed(self) -> int:
+        """Bytes the import holds at once: the largest step (step 0) plus the writer's
+        position blocks (see writer._VectorBlocks / _AttentionBlocks)."""
+        step0 = (
+            sum(math.prod(self.expected_shape(naming.parse_npz_key(k)[1], 0)) for k in self.keys())
+            * self.npz_dtype.itemsize
+        )
+        plans = self.plans(self.n_positions)
+        if "mlp_down_in" in self.widths:  # _DownIn may store it explicitly
+            plans.append(self.plan("mlp_down_in", self.n_positions))
+        buffers = 0
+        for plan in plans:
+            shape = list(plan.spec.shape)
+            shape[plan.spec.position_axes[0]] = plan.spec.block
+            buffers += math.prod(shape) * np.dtype(plan.spec.dtype).itemsize
+        return step0 + buffers
 
     def positions(self, step: int) -> range:
         start = 0 if step == 0 else self.prompt_len + step - 1

@@ -300,21 +300,27 @@ def summarize(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
     """
     keys = list(by) if by is not None else [c for c in df.columns if c not in (*METRICS, "layer")]
     g = df.groupby(keys, sort=False)
+
+    def stat(col: str, fn: Any) -> pd.Series:
+        # NumPy's statistics, not pandas': a NaN layer (a zero vector's cosine) makes the
+        # summary NaN instead of being averaged around without a word.
+        return g[col].agg(lambda s: float(fn(s.to_numpy(dtype=np.float64))))
+
     out = pd.DataFrame(
         {
-            "mean_cosine": g["cosine"].mean(),
-            "std_cosine": g["cosine"].std(ddof=0),
-            "median_cosine": g["cosine"].median(),
-            "min_cosine": g["cosine"].min(),
+            "mean_cosine": stat("cosine", np.mean),
+            "std_cosine": stat("cosine", np.std),
+            "median_cosine": stat("cosine", np.median),
+            "min_cosine": stat("cosine", np.min),
             "most_divergent_layer": _layer_at(df, keys, "cosine", lowest=True),
-            "mean_MAE": g["mae"].mean(),
-            "std_MAE": g["mae"].std(ddof=0),
-            "median_MAE": g["mae"].median(),
+            "mean_MAE": stat("mae", np.mean),
+            "std_MAE": stat("mae", np.std),
+            "median_MAE": stat("mae", np.median),
             "max_MAE_layer": _layer_at(df, keys, "mae", lowest=False),
-            "mean_overlap": g["jaccard"].mean(),
-            "std_overlap": g["jaccard"].std(ddof=0),
-            "median_overlap": g["jaccard"].median(),
-            "min_overlap": g["jaccard"].min(),
+            "mean_overlap": stat("jaccard", np.mean),
+            "std_overlap": stat("jaccard", np.std),
+            "median_overlap": stat("jaccard", np.median),
+            "min_overlap": stat("jaccard", np.min),
             "min_overlap_layer": _layer_at(df, keys, "jaccard", lowest=True),
         }
     )

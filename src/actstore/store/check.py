@@ -189,6 +189,9 @@ class _Checker:
                 self.add("inconsistent", key, "stray object in the catalog (not a run entry)")
                 continue
             run_id = entry_run_id(key)
+            if naming.name_problem(run_id, naming.MAX_RUN_ID) is not None:
+                self.add("inconsistent", key, "catalog entry whose key is not a run id")
+                continue
             entry = self.get_json(key)
             if not isinstance(entry, dict):
                 self.add("damaged", key, "catalog entry does not parse as a JSON object", run_id)

@@ -118,6 +118,10 @@ async def read_catalog(
     out = []
     for key, item in fresh.items():
         entry, run_id = item["entry"], entry_run_id(key)
+        if naming.name_problem(run_id, naming.MAX_RUN_ID) is not None:  # no run group can have this id
+            if problems is not None:
+                problems.append(f"catalog entry {key} has a key that is not a run id; its run is not listed")
+            continue
         if entry.get("id") != run_id:
             if problems is not None:
                 problems.append(

@@ -226,7 +226,7 @@ class _Checker:
         for path, node in sorted(nodes.items()):
             accounted.add(f"{path}/zarr.json")
             own = self.get_json(f"{base}/{path}/zarr.json")
-            if own is None:
+            if not isinstance(own, dict):
                 self.add("missing" if f"{path}/zarr.json" not in objs else "damaged", f"{base}/{path}/zarr.json",
                          "array or group metadata is missing or does not parse", run_id)  # fmt: skip
             elif _comparable(own) != _comparable(node):

@@ -28,6 +28,10 @@ from actstore.store import layout
 from actstore.store.integrity import INTEGRITY
 
 _STOP = object()
+# Every chunk of the written region is stored, zeros included, so a missing object is
+# damage (store/integrity.py); tiles above the causal diagonal are outside every written
+# region and stay unstored. Compressed zero chunks cost a few bytes each.
+WRITE_EMPTY_CHUNKS = True
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -206,10 +210,7 @@ def _create(group: zarr.Group, path: str, spec: layout.ArraySpec, attrs: dict[st
         compressors=layout.CHUNK_CODECS,
         fill_value=0,
         attributes=attrs,
-        # Every chunk of the written region is stored, zeros included, so a missing
-        # object is damage (store/integrity.py); tiles above the causal diagonal are
-        # outside every written region and stay unstored.
-        config={"write_empty_chunks": True},
+        config={"write_empty_chunks": WRITE_EMPTY_CHUNKS},
     )
 
 

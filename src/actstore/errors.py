@@ -41,3 +41,7 @@ class RunNotFoundError(StoreError, KeyError):
 
 class SelectionError(ActstoreError, ValueError):
     """A query asks for something the store does not hold (layer, source, step)."""
+
+
+class ResourceError(ActstoreError, MemoryError):
+    """A request would need more memory than the machine has (``--force`` to try anyway)."""

@@ -220,3 +220,15 @@ def test_prefix_rendering_shows_progress(tmp_path: Path, capsys: pytest.CaptureF
     assert "render tiny prefixes" in capsys.readouterr().err
     capture_run(make_scenario(generation={"max_new_tokens": 1}), store, loaded_tiny("llama"), progress=False)
     assert "prefixes" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_a_1mb_message_fails_on_its_8192_positions(tmp_path: Path) -> None:
+    from actstore.models.gguf_cache import ensure_embedded_cache
+
+    ensure_embedded_cache()  # a first-time cache build would print its own progress
+    path = _scenario_file(tmp_path, "long.yaml", Path("smollm2"), [{"role": "user", "content": MB_MESSAGE}])
+    proc, _ = _capture_limited(path, tmp_path / "store.zarr")
+    assert proc.returncode == 2, proc.stderr
+    _one_line(proc.stderr, str(path), "prompt.messages", "handles 8192")
+    assert not (tmp_path / "store.zarr").exists()

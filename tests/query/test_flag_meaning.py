@@ -191,3 +191,19 @@ def test_a_label_with_a_colon_is_addressable(store: ActStore) -> None:
 )  # fmt: skip
 def test_a_compare_that_reads_wrong_is_one_line(store: ActStore, compare: str, needle: str) -> None:
     _one_line_error(_run(store, "query", "cosine", "--compare", compare), needle)
+
+
+# ---- the real model (slow) -----------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args",
+    [["query", "cosine"], ["query", "cross-layer"], ["query", "decomposition"], ["query", "discrimination"],
+     ["query", "logit-lens", "--steps", "0", "--device", "cpu"]],
+)  # fmt: skip
+def test_smollm2_a_range_past_layer_29_answers_layers_28_and_29(smol: Any, args: list[str]) -> None:
+    assert smol.run.layers == list(range(30))
+    clipped = _csv(smol.store, *args, "--layers", "28-99")
+    exact = _csv(smol.store, *args, "--layers", "28-29")
+    for col in [c for c in ("layer", "layer_a", "layer_b") if c in clipped]:
+        assert set(clipped[col]) == {28, 29}
+    pd.testing.assert_frame_equal(clipped, exact)

@@ -118,10 +118,11 @@ def _one_line_warnings() -> None:
 @store_options
 @scheduler_address_option
 @_quiet_option
+@click.option("--force", is_flag=True, help="capture even if the memory estimate exceeds what is available")
 @_fail_cleanly
 def capture(
     scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],
-    scheduler_address: str | None, quiet: bool,
+    scheduler_address: str | None, quiet: bool, force: bool,
 ) -> None:  # fmt: skip
     """Run the model on a scenario file (or every scenario in a folder) and store the runs.
 
@@ -140,18 +141,19 @@ def capture(
             click.echo(f"{result.run_id}\t{result.store}\t{result.n_steps} steps, "
                        f"{result.n_positions} positions, {result.seconds:.1f}s")  # fmt: skip
         return
-    from actstore.capture.runner import attn_implementation
+    from actstore.capture.runner import attn_implementation, preflight
     from actstore.capture.runner import capture as do_capture
     from actstore.models.loading import load_model
 
     loaded: dict[tuple[Any, ...], Any] = {}
     for sc in scenarios:
-        location = store_location or sc.output.store or DEFAULT_STORE
-        store = open_store(location, storage_options, create=True)
         key = (sc.model.id, sc.model.dtype, sc.model.device, sc.model.gguf_file)
         if key not in loaded:
             loaded[key] = load_model(sc.model, attn_implementation=attn_implementation(sc))
-        for result in do_capture(sc, store, loaded=loaded[key], progress=None if not quiet else False):
+        preflight(sc, loaded[key], force=force)  # context and memory, before the store exists
+        location = store_location or sc.output.store or DEFAULT_STORE
+        store = open_store(location, storage_options, create=True)
+        for result in do_capture(sc, store, loaded=loaded[key], progress=None if not quiet else False, force=force):
             click.echo(
                 f"{result.run_id}\t{store.location}\t{result.n_steps} steps, "
                 f"{result.n_positions} positions, {result.seconds:.1f}s"

@@ -32,41 +32,15 @@ COMPARE_HELP = (
 )
 
 
-def parse_layers(text: str) -> list[int] | None:
-    """``"all"`` -> None; ``"29-33"`` -> [29..33]; ``"0,5,10"`` and ``"0-3,10"`` likewise."""
-    if text.strip().lower() == "all":
-        return None
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            rng = range(int(lo), int(hi) + 1) if sep else [int(lo)]
-            if sep and int(hi) < int(lo):
-                raise ValueError
-            out += [i for i in rng if i not in out]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: use all, a range like 29-33, or a list like 0,5,10") from None
-    return out
-
-
 def fit_layers(text: str, readers: list[Any]) -> list[int] | None:
-    """Layers for a query over ``readers``. A range is a span ("29-33" on a 30-layer model
-    means the captured layers in it, with a note); listed indices must all exist."""
-    wanted = parse_layers(text)
-    if wanted is None or "-" not in text or not readers:
-        return wanted
-    have = set.intersection(*(set(r.layers) for r in readers))
-    kept = [layer for layer in wanted if layer in have]
-    if not kept:
-        raise SelectionError(
-            f"--layers {text}: none of these layers were captured (have {min(have)}-{max(have)})"
-        )
-    if len(kept) < len(wanted):
-        click.echo(
-            f"note: --layers {text}: using {kept} (the runs captured layers {min(have)}-{max(have)})",
-            err=True,
-        )
-    return kept
+    """Layers for a query over ``readers`` (see ``actstore.query.layers``: a range is
+    clipped to the layers every run captured, with a note; a listed layer must exist)."""
+    from actstore.query.layers import choose_layers, common_layers
+
+    choice = choose_layers(text, common_layers(readers))
+    if choice.note:
+        click.echo(f"note: {choice.note}", err=True)
+    return choice.layers
 
 
 def parse_steps(text: str | None) -> list[int] | None:
@@ -75,7 +49,7 @@ def parse_steps(text: str | None) -> list[int] | None:
     try:
         return [int(s) for s in text.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{text!r}: use all or a list of steps like 0,5,-1") from None
+        raise SelectionError(f"--steps {text!r}: use all or a list of steps like 0,5,-1") from None
 
 
 def _opt(*decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -171,7 +145,7 @@ def cross_layer_cmd(run_sel: str, source: str, state: str, matrix: bool, layers:
     from actstore import query as q
 
     run = open_store(store_location, storage_options).run(run_sel)
-    df = q.cross_layer(run, source=source, state=state, layers=parse_layers(layers))
+    df = q.cross_layer(run, source=source, state=state, layers=fit_layers(layers, [run]))
     if matrix:
         df = df.pivot(index="layer_a", columns="layer_b", values="cosine").reset_index()
         df.columns = [str(c) for c in df.columns]
@@ -207,7 +181,7 @@ def decomposition_cmd(run_sel: str, steps: str, layers: str, fmt: str,
     from actstore import query as q
 
     run = open_store(store_location, storage_options).run(run_sel)
-    df = q.residual_decomposition(run, steps=parse_steps(steps), layers=parse_layers(layers))
+    df = q.residual_decomposition(run, steps=parse_steps(steps), layers=fit_layers(layers, [run]))
     click.echo(render_frame(df, fmt))
 
 
@@ -225,7 +199,7 @@ def discrimination_cmd(run_sel: str, sources: tuple[str, ...], rank_by: str, top
 
     run = open_store(store_location, storage_options).run(run_sel)
     df = q.layer_discrimination(
-        run, sources=list(sources) or None, layers=parse_layers(layers), rank_by=rank_by
+        run, sources=list(sources) or None, layers=fit_layers(layers, [run]), rank_by=rank_by
     )
     if top is not None:
         df = df.groupby("source", sort=False).head(top)
@@ -250,7 +224,7 @@ def tables_cmd(run_sel: str, table: str, layers: str, fmt: str,
     from actstore import query as q
 
     run = open_store(store_location, storage_options).run(run_sel)
-    tables = q.paper_tables(run, layers=parse_layers(layers))
+    tables = q.paper_tables(run, layers=fit_layers(layers, [run]))
     chosen = {k: v for k, v in tables.items() if table in ("all", k)}
     if table != "all" and not chosen:
         raise click.ClickException(f"run {run.id} has no {table} table (it needs snapshots and references)")
@@ -283,17 +257,18 @@ def logit_lens_cmd(run_sel: str, steps: str, position: int, top_k: int, device: 
     """Each layer's hidden_out through the final norm and LM head: top tokens and KL from the last layer."""
     from actstore import query as q
     from actstore.models.loading import load_model
+    from actstore.query.logit_lens import check_request
     from actstore.scenario import ModelConfig
 
     run = open_store(store_location, storage_options).run(run_sel)
+    picked, chosen = parse_steps(steps), fit_layers(layers, [run])
+    check_request(run, picked, position, top_k, chosen)  # before the model loads
     cfg = dict(run.scenario["model"])
     if device is not None:
         cfg["device"] = device
     # ModelConfig satisfies load_model's protocol; mypy sees Literal vs str attributes
     loaded = load_model(ModelConfig(**cfg))  # type: ignore[arg-type]
-    df = q.logit_lens(
-        run, loaded, steps=parse_steps(steps), position=position, top_k=top_k, layers=parse_layers(layers)
-    )
+    df = q.logit_lens(run, loaded, steps=picked, position=position, top_k=top_k, layers=chosen)
     if json_out:
         q.write_logit_lens_json(df, json_out)
     shown = df.assign(

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from actstore.cli import _fail_cleanly, _quiet_option, open_store, store_options
-from actstore.cli_query import parse_layers, parse_steps
+from actstore.cli_query import fit_layers, parse_steps
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -77,7 +77,7 @@ def register(main: click.Group) -> None:
 
         reader = open_store(store_location, storage_options).run(run)
         paths = write_heatmaps(
-            reader, source, parse_layers(layers), parse_steps(steps), per_head=per_head, normalize=normalize,
+            reader, source, fit_layers(layers, [reader]), parse_steps(steps), per_head=per_head, normalize=normalize,
             reduce=reduce, cmap=cmap, out=out, progress=None if not quiet else False,
         )  # fmt: skip
         folder = Path(out) / reader.id / source
@@ -100,13 +100,15 @@ def register(main: click.Group) -> None:
     ) -> None:  # fmt: skip
         """Project each layer's hidden_out through the final norm and LM head; write logit_lens.json."""
         from actstore.models.loading import load_model
-        from actstore.query.logit_lens import logit_lens, write_logit_lens_json
+        from actstore.query.logit_lens import check_request, logit_lens, write_logit_lens_json
         from actstore.scenario import ModelConfig
 
         reader = open_store(store_location, storage_options).run(run)
+        picked = parse_steps(steps)
+        check_request(reader, picked, position, top_k)  # before the model loads
         cfg = dict(reader.scenario["model"])
         if device is not None:
             cfg["device"] = device
         loaded = load_model(ModelConfig(**cfg))
-        df = logit_lens(reader, loaded, steps=parse_steps(steps), position=position, top_k=top_k)
+        df = logit_lens(reader, loaded, steps=picked, position=position, top_k=top_k)
         click.echo(str(write_logit_lens_json(df, out)))

@@ -61,3 +61,7 @@ class DamageWarning(UserWarning):
 class BadNameError(ActstoreError, ValueError):
     """A name that becomes a path piece (scenario name, label, role, run id, file name)
     breaks the naming rule of :func:`actstore.naming.check_name`."""
+
+
+class ResourceError(ActstoreError, MemoryError):
+    """A request would need more memory than the machine has (``--force`` to try anyway)."""

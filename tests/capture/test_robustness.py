@@ -30,7 +30,9 @@ CAPTURE_SCRIPT = textwrap.dedent(
     store = ActStore.open(sys.argv[1], create=True)
     sc = make_scenario(name=sys.argv[3], generation={{"max_new_tokens": int(sys.argv[2])}},
                        capture={{"attention_weights": False, "store_dtype": "float16"}})
-    print(capture_run(sc, store, loaded_tiny("llama", eager=False), progress=False).run_id, flush=True)
+    loaded = loaded_tiny("llama", eager=False)
+    loaded.model.config.max_position_embeddings = 8192  # rope runs past it; capture checks it
+    print(capture_run(sc, store, loaded, progress=False).run_id, flush=True)
     """
 )
 

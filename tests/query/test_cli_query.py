@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from actstore.cli import main
-from actstore.cli_query import parse_layers
+from actstore.query.layers import choose_layers
 
 
 def _run(store: Any, *args: str) -> Any:
@@ -23,10 +23,13 @@ def _csv(out: str) -> pd.DataFrame:
 
 
 def test_parse_layers() -> None:
-    assert parse_layers("all") is None
-    assert parse_layers("29-33") == [29, 30, 31, 32, 33]
-    assert parse_layers("0,5,10") == [0, 5, 10]
-    assert parse_layers("0-2,10,1") == [0, 1, 2, 10]
+    def pick(text: str) -> list[int] | None:
+        return choose_layers(text, range(40)).layers
+
+    assert pick("all") is None
+    assert pick("29-33") == [29, 30, 31, 32, 33]
+    assert pick("0,5,10") == [0, 5, 10]
+    assert pick("0-2,10,1") == [0, 1, 2, 10]
 
 
 def test_metric_defaults_answer_about_latest_run(synth_store: Any) -> None:

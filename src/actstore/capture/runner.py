@@ -27,7 +27,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from actstore import __version__, naming
-from actstore.capture import prefixes, sampling
+from actstore.capture import budget, prefixes, sampling
 from actstore.capture.hooks import Key, Recorder
 from actstore.capture.prompts import as_dicts, render_ids
 from actstore.models.architectures import ModelSites, resolve_sites
@@ -67,14 +67,63 @@ def capture(
     loaded: LoadedModel | None = None,
     progress: bool | None = None,
     storage_options: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> list[CaptureResult]:
-    """Capture every run of a scenario (one, or one per message prefix)."""
+    """Capture every run of a scenario (one, or one per message prefix).
+
+    The prompt is checked against the model's context and the machine's memory before the
+    store is created (``force=True`` skips the memory check)."""
+    if loaded is None:
+        loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
+    preflight(scenario, loaded, force=force)  # the full conversation is the longest run
     if not isinstance(store, ActStore):
         location = store or scenario.output.store or DEFAULT_STORE
         store = ActStore.open(location, create=True, storage_options=storage_options)
-    if loaded is None:
-        loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
-    return [capture_run(sub, store, loaded, progress=progress) for sub in scenario.runs()]
+    return [capture_run(sub, store, loaded, progress=progress, force=force) for sub in scenario.runs()]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    layers: list[int]
+    sources: set[str]
+    prompt_ids: list[int]
+    ref_ids: list[list[int]]
+    limit: int | None
+
+
+def _check(scenario: Scenario, loaded: LoadedModel, sites: ModelSites, force: bool) -> _Plan:
+    """Render the prompt (once) and the references; check context and memory."""
+    layers = check_layers(scenario, sites.num_layers)
+    sources = set(_available_sources(naming.sources_for_flags(scenario.capture.flags()), sites))
+    prompt_ids = render_ids(loaded.tokenizer, as_dicts(scenario.prompt.messages))
+    ref_ids = [render_ids(loaded.tokenizer, r.messages) for r in scenario.reference_states]
+    limit = budget.context_limit(loaded.model.config)
+    budget.check_context(scenario, loaded.model_id, limit, len(prompt_ids), [len(r) for r in ref_ids])
+    store_bytes = torch.empty((), dtype=resolve_dtype(scenario.capture.store_dtype)).element_size()
+    need = budget.estimate(sites, len(layers), sorted(sources), len(prompt_ids), store_bytes,
+                           eager=attn_implementation(scenario) == "eager")  # fmt: skip
+    budget.check_memory(scenario, need, budget.available_memory(loaded.device), force)
+    return _Plan(layers, sources, prompt_ids, ref_ids, limit)
+
+
+def preflight(scenario: Scenario, loaded: LoadedModel, *, force: bool = False) -> None:
+    """Fail with one line, before anything is created, if ``scenario`` cannot fit: too many
+    tokens for the model's context, or (unless ``force``) more memory than is available."""
+    _check(scenario, loaded, resolve_sites(loaded.model), force)
+
+
+def _snapshot_ids(
+    scenario: Scenario, loaded: LoadedModel, messages: list[dict[str, str]], limit: int | None, show: bool
+) -> list[list[int]]:
+    """Token ids of every conversation prefix, each checked against the context, with a
+    progress bar: each prefix goes through the chat template again (quadratic in messages)."""
+    out = []
+    for k in tqdm(range(len(messages)), desc=f"render {scenario.name} prefixes", unit="msg",
+                  disable=not show or len(messages) < 2, file=sys.stderr, leave=False):  # fmt: skip
+        ids = render_ids(loaded.tokenizer, messages[: k + 1])
+        budget.check_prefix(scenario, loaded.model_id, limit, k, len(ids))
+        out.append(ids)
+    return out
 
 
 def _ensure_attention(loaded: LoadedModel, scenario: Scenario) -> None:
@@ -90,22 +139,26 @@ def _progress_enabled(progress: bool | None) -> bool:
 
 @torch.inference_mode()
 def capture_run(
-    scenario: Scenario, store: ActStore, loaded: LoadedModel, *, progress: bool | None = None
+    scenario: Scenario,
+    store: ActStore,
+    loaded: LoadedModel,
+    *,
+    progress: bool | None = None,
+    force: bool = False,
 ) -> CaptureResult:
-    """One prefill + decode loop with capture, committed as one run."""
+    """One prefill + decode loop with capture, committed as one run. Checks the prompt
+    against the context and memory first (see :func:`preflight`)."""
     t0 = time.perf_counter()
     _ensure_attention(loaded, scenario)
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
     sites = resolve_sites(model)
-    layers = check_layers(scenario, sites.num_layers)
+    plan = _check(scenario, loaded, sites, force)
+    layers, sources, prompt_ids, ref_ids = plan.layers, plan.sources, plan.prompt_ids, plan.ref_ids
     cap, gen = scenario.capture, scenario.generation
-    sources = set(_available_sources(naming.sources_for_flags(cap.flags()), sites))
     store_dtype = resolve_dtype(cap.store_dtype)
 
     messages = as_dicts(scenario.prompt.messages)
-    prompt_ids = render_ids(tok, messages)
-    snapshot_ids = [render_ids(tok, messages[: k + 1]) for k in range(len(messages))]
-    ref_ids = [render_ids(tok, r.messages) for r in scenario.reference_states]
+    snapshot_ids = _snapshot_ids(scenario, loaded, messages, plan.limit, _progress_enabled(progress))
     n_max = len(prompt_ids) + gen.max_new_tokens - 1
     eos = _eos_ids(model, tok)
     generator = sampling.make_generator(gen.seed)

@@ -27,11 +27,13 @@ from actstore.query import metrics as M
 from actstore.query.compare import run_sources
 from actstore.query.plan import Plan
 from actstore.query.states import (
+    check_layer_source,
     reference_stack,
     select,
     select_many,
     snapshot_stack,
     state_vectors,
+    step_index,
     step_last_positions,
 )
 
@@ -45,6 +47,7 @@ def _layers(run: Any, layers: list[int] | None) -> list[int]:
 def cross_layer_plan(
     run: Any, source: str = "hidden_out", state: str = "final", layers: list[int] | None = None
 ) -> Plan:
+    check_layer_source(source)
     lay = _layers(run, layers)
     v = state_vectors(run, state, source, layers)  # (L, W)
     piece = M.cosine(v[:, None], v[None, :])
@@ -98,6 +101,7 @@ def neuron_trajectory(
     the token the step generated)."""
     if over not in ("steps", "positions"):
         raise SelectionError(f"over must be 'steps' or 'positions', not {over!r}")
+    check_layer_source(source)
     positions = step_last_positions(run) if over == "steps" else list(range(run.n_positions))
     x = select(run, source, positions, [layer])
     if not 0 <= neuron < x.shape[-1]:
@@ -135,7 +139,7 @@ def residual_decomposition(
     mlp_down_out with hidden_out (which sub-layer moves the stream where it ends up).
     Columns: run, step, position, layer, norm_<source> x4, cos_attn_out, cos_mlp_down_out."""
     lay = _layers(run, layers)
-    step_ids = [s % run.n_steps for s in (steps if steps is not None else range(run.n_steps))]
+    step_ids = [step_index(run, s) for s in (steps if steps is not None else range(run.n_steps))]
     positions = step_last_positions(run, step_ids)
     x = select_many(run, list(DECOMPOSITION_SOURCES), positions, layers)  # each (L, n, W)
     parts = [M.norm(x[s]) for s in DECOMPOSITION_SOURCES]

@@ -30,6 +30,7 @@ from actstore.query.plan import Plan, concat_frames, long_frame
 from actstore.query.states import (
     POSITIONAL,
     State,
+    check_layer_source,
     parse_state,
     reference_stack,
     select_many,
@@ -49,7 +50,7 @@ def as_runs(runs: Any) -> list[Any]:
 
 def run_sources(run: Any, sources: Sequence[str] | None) -> list[str]:
     if sources is not None:
-        return list(sources)
+        return [check_layer_source(s) for s in sources]
     return [s for s in naming.RESIDUAL_SOURCES if s in run.sources]
 
 

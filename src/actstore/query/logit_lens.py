@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from actstore.errors import SelectionError
-from actstore.query.states import select
+from actstore.query.states import select, step_index
 
 
 def _module(model: Any, site: Any) -> Any:
@@ -50,6 +50,26 @@ def lens_function(model: Any) -> Any:
     return lens
 
 
+def check_request(
+    run: Any, steps: list[int] | None, position: int = -1, top_k: int = 10, layers: list[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """(step ids, token positions) of a logit-lens request, or a SelectionError: cheap
+    metadata checks, so the CLI makes them before it loads the model."""
+    if top_k < 1:
+        raise SelectionError(f"--top-k {top_k}: give how many top tokens to keep per layer, 1 or more")
+    run.layer_index(layers)
+    step_ids = [step_index(run, s) for s in (steps if steps is not None else range(run.n_steps))]
+    positions = []
+    for s in step_ids:
+        rng = run.step_positions(s)
+        if not -len(rng) <= position < len(rng):
+            raise SelectionError(
+                f"step {s} computed {len(rng)} position(s); position {position} is out of range"
+            )
+        positions.append(rng[position])
+    return step_ids, positions
+
+
 def logit_lens(
     run: Any,
     loaded: Any,
@@ -64,15 +84,7 @@ def logit_lens(
     layer, argmax_id, argmax_token, argmax_logprob, kl_from_final, top."""
     import torch
 
-    step_ids = [s % run.n_steps for s in (steps if steps is not None else range(run.n_steps))]
-    positions = []
-    for s in step_ids:
-        rng = run.step_positions(s)
-        if not -len(rng) <= position < len(rng):
-            raise SelectionError(
-                f"step {s} computed {len(rng)} position(s); position {position} is out of range"
-            )
-        positions.append(rng[position])
+    step_ids, positions = check_request(run, steps, position, top_k, layers)
     lay = list(run.layers) if layers is None else list(layers)
     hidden = select(run, "hidden_out", positions, layers).compute()  # (L, n, H), one read
     model, tok = loaded.model, loaded.tokenizer

@@ -51,21 +51,40 @@ class State:
 
 
 def parse_state(text: str) -> State:
-    """``"final"`` -> State("final"); ``"step:3"`` -> State("step", "3")."""
-    states, rest = _take_state(text.split(":"), text)
-    if rest:
+    """``"final"`` -> State("final"); ``"step:3"`` -> State("step", "3"). Split on the
+    first ``:`` only, so ``"reference:a:b"`` is the reference labelled ``a:b``."""
+    kind, sep, arg = text.partition(":")
+    if (kind in ("initial", "final") and sep) or (kind in _NEEDS_ARG[:3] and ":" in arg):
         raise SelectionError(f"{text!r} is more than one state (to compare two, use STATE:STATE)")
-    return states
+    state, rest = _take_state([kind, arg] if sep else [kind], text)
+    assert not rest
+    return state
 
 
 def parse_state_pair(text: str) -> tuple[State, State]:
-    """``"step:0:final"`` -> (step:0, final); ``"snapshot:3:reference:joy"`` likewise."""
+    """``"step:0:final"`` -> (step:0, final); ``"snapshot:3:reference:joy"`` likewise.
+
+    Only a reference label may hold ``:``, so the text is cut at every ``:`` and the cut
+    where both halves are one state each is the answer; ``reference:a:b:final`` is the
+    reference ``a:b`` against final. Text that reads two ways
+    (``reference:x:reference:y:reference:z``) is an error."""
     tokens = text.split(":")
-    a, rest = _take_state(tokens, text)
-    b, rest = _take_state(rest, text)
-    if rest:
-        raise SelectionError(f"{text!r}: expected exactly two states, e.g. step:0:final")
-    return a, b
+    readings = []
+    for cut in range(1, len(tokens)):
+        try:
+            pair = (parse_state(":".join(tokens[:cut])), parse_state(":".join(tokens[cut:])))
+        except SelectionError:
+            continue
+        readings.append(pair)
+    if len(readings) == 1:
+        return readings[0]
+    if len(readings) > 1:
+        shown = " or ".join(f"{a} vs {b}" for a, b in readings)
+        raise SelectionError(f"{text!r} reads two ways ({shown}); compare those references in Python")
+    # No reading: the token-by-token parse says what is wrong.
+    _, rest = _take_state(tokens, text)
+    _take_state(rest, text)
+    raise SelectionError(f"{text!r}: expected exactly two states, e.g. step:0:final")
 
 
 def _take_state(tokens: list[str], text: str) -> tuple[State, list[str]]:
@@ -183,6 +202,15 @@ def _check_source(run: Any, source: str) -> None:
         raise SelectionError(f"run {run.id} did not capture {source!r}; it has: {', '.join(run.sources)}")
     if source == "attn_weights":
         raise SelectionError("attn_weights is not a vector source; use run.array('attn_weights')")
+
+
+def check_layer_source(source: str) -> str:
+    """A source for a per-layer query: embeddings and logits have no layer axis."""
+    naming.check_source(source)
+    if source in naming.GLOBAL_SOURCES:
+        per_layer = ", ".join(s for s in naming.LAYER_SOURCES if s != "attn_weights")
+        raise SelectionError(f"--source {source} has no layers; per-layer queries take one of: {per_layer}")
+    return source
 
 
 def select_many(

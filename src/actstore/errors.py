@@ -41,3 +41,7 @@ class RunNotFoundError(StoreError, KeyError):
 
 class SelectionError(ActstoreError, ValueError):
     """A query asks for something the store does not hold (layer, source, step)."""
+
+
+class OutputError(ActstoreError, OSError):
+    """An output folder or file (``--out``) cannot be created or written."""

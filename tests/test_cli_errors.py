@@ -1,0 +1,171 @@
+"""One error style: every user error below is one line on stderr, exit code 2, no
+traceback, and leaves the filesystem as it found it (issue 9, items 9 and 10).
+
+Each test lists the files under its temporary folder (and the working directory, which
+is that folder) before and after the command. Permission and full-disk cases use real
+kernels' answers: a tmpfs of 2 MB, the same tmpfs remounted read-only, and a process
+without CAP_DAC_OVERRIDE (root ignores file modes otherwise); they are skipped where the
+test process may not mount or drop capabilities.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import actstore
+from actstore.cli import main
+from actstore.store.store import ActStore
+from query.synth import write_synthetic_run
+
+SRC = Path(actstore.__file__).resolve().parents[1]  # the actstore under test, for subprocesses
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def listing(root: Path) -> dict[str, int]:
+    """Every path under ``root`` with its size (folders: -1)."""
+    return {
+        str(p.relative_to(root)): (-1 if p.is_dir() else p.stat().st_size) for p in sorted(root.rglob("*"))
+    }
+
+
+def invoke(*args: str | Path) -> Any:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line(res: Any, *needles: str) -> None:
+    """Exit 2, one ``error:`` line on stderr naming each needle, no traceback."""
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def fails_cleanly(root: Path, *args: str | Path, needles: tuple[str, ...] = ()) -> str:
+    """Run the CLI; assert the one-line error and that nothing under ``root`` changed."""
+    before = listing(root)
+    res = invoke(*args)
+    assert_one_line(res, *needles)
+    assert listing(root) == before
+    return str(res.stderr)
+
+
+@pytest.fixture(scope="module")
+def synth_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    location = tmp_path_factory.mktemp("synth") / "store.zarr"
+    write_synthetic_run(ActStore.open(location, create=True), n_layers=2, prompt_len=8, n_steps=3, width=16)
+    return location
+
+
+@pytest.fixture
+def world(tmp_path: Path, synth_source: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path as the working directory, holding a store with one run and a plain file."""
+    shutil.copytree(synth_source, tmp_path / "store.zarr")
+    (tmp_path / "afile").write_text("not a folder\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random llama (3 layers): a model id the CLI loads for real."""
+    from actstore.testing import tiny_model
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model, tok = tiny_model("llama", seed=3)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def scenario_file(folder: Path, model_id: str | Path, **capture: Any) -> Path:
+    path = folder / "scenario.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny",
+        "model": {"id": str(model_id), "dtype": "float32", "device": "cpu"},
+        "prompt": {"messages": [{"role": "user", "content": "Hello there, how are you?"}]},
+        "generation": {"max_new_tokens": 3},
+        "capture": {"store_dtype": "float32", "logits": True, **capture},
+    }))  # fmt: skip
+    return path
+
+
+# ---- --store is a regular file, or missing ---------------------------------------------------
+READ_COMMANDS: list[list[str]] = [
+    ["ls"],
+    ["inspect"],
+    ["query", "cosine"],
+    ["query", "trajectory", "--layer", "0", "--neuron", "0"],
+    ["report", "--out", "rep", "-q"],
+    ["export", "npz", "--out", "exp", "-q"],
+    ["heatmap", "--out", "maps", "-q"],
+    ["logit-lens", "--out", "lens.json"],
+    ["view", "--no-browser", "--port", "0"],
+]
+
+
+@pytest.mark.parametrize("args", READ_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_store_that_is_a_file(world: Path, args: list[str]) -> None:
+    fails_cleanly(world, *args, "--store", "afile", needles=("--store afile", "not an actstore store"))
+
+
+@pytest.mark.parametrize("args", READ_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_read_commands_never_create_a_missing_store(world: Path, args: list[str]) -> None:
+    missing = world / "no" / "such" / "store.zarr"
+    fails_cleanly(world, *args, "--store", missing, needles=(f"no actstore store at {missing}",))
+    assert not (world / "no").exists()
+
+
+def test_writing_commands_refuse_a_store_that_is_a_file(world: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "exported"
+    assert invoke("export", "npz", "--store", "store.zarr", "--out", run_dir, "-q").exit_code == 0
+    exported = next(run_dir.iterdir())
+    sc = scenario_file(world, world / "no-such-model")  # the store is checked before the model loads
+    for args in (["import", "npz", exported, "-q"], ["capture", sc, "-q"]):
+        fails_cleanly(world, *args, "--store", "afile", needles=("--store afile", "not a folder"))
+        # a file on the way to the store: nothing can create it
+        fails_cleanly(world, *args, "--store", "afile/store.zarr", needles=("afile is a file, not a folder",))
+
+
+# ---- object storage out of reach -----------------------------------------------------------
+def _refused_port() -> int:
+    """A loopback port that refuses connections: bound, never listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_s3_endpoint_is_one_quick_line(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    endpoint = f"http://127.0.0.1:{_refused_port()}"
+    for args in (["ls"], ["query", "cosine"], ["inspect"]):
+        t0 = time.monotonic()
+        fails_cleanly(world, *args, "--store", "s3://bucket/acts.zarr", "--storage-option", f"endpoint_url={endpoint}",
+                      needles=(f"cannot reach object storage at {endpoint}",))  # fmt: skip
+        assert time.monotonic() - t0 < 20  # botocore's legacy 5 retries with backoff took ~10 s
+
+
+def test_s3_without_credentials_is_one_line(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(world / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(world / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    endpoint = f"http://127.0.0.1:{_refused_port()}"
+    fails_cleanly(world, "ls", "--store", "s3://bucket/acts.zarr", "--storage-option", f"endpoint_url={endpoint}",
+                  needles=("no credentials",))  # fmt: skip

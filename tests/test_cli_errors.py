@@ -169,3 +169,24 @@ def test_s3_without_credentials_is_one_line(world: Path, monkeypatch: pytest.Mon
     endpoint = f"http://127.0.0.1:{_refused_port()}"
     fails_cleanly(world, "ls", "--store", "s3://bucket/acts.zarr", "--storage-option", f"endpoint_url={endpoint}",
                   needles=("no credentials",))  # fmt: skip
+
+
+# ---- files the store writes follow the umask ------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_catalog_entries_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """mkstemp's 0600 used to survive the rename: other users could not list the runs."""
+    from zarr.core.sync import sync
+
+    from actstore.store.remote import SNAPSHOT_KEY, put_atomic
+
+    old = os.umask(umask)
+    try:
+        store = ActStore.open(tmp_path / "store.zarr", create=True)
+        run_id = write_synthetic_run(store, n_layers=1, prompt_len=4, n_steps=2, width=8)
+        sync(put_atomic(store.zstore, SNAPSHOT_KEY, b"{}"))
+    finally:
+        os.umask(old)
+    catalog = tmp_path / "store.zarr" / "catalog"
+    for name in (f"{run_id}.json", Path(SNAPSHOT_KEY).name):
+        assert (catalog / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in catalog.iterdir() if p.name.startswith(".tmp-")] == []

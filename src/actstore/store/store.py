@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import secrets
-import tempfile
 import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -244,9 +243,11 @@ class ActStore:
         data = json.dumps({**entry, "id": run_id}, sort_keys=True).encode()
         key = naming.catalog_key(run_id)
         if isinstance(self.zstore, LocalStore):
+            from actstore.store.remote import create_temp
+
             path = Path(self.zstore.root) / key
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = create_temp(path.parent)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

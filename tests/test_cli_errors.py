@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +172,98 @@ def test_s3_without_credentials_is_one_line(world: Path, monkeypatch: pytest.Mon
     endpoint = f"http://127.0.0.1:{_refused_port()}"
     fails_cleanly(world, "ls", "--store", "s3://bucket/acts.zarr", "--storage-option", f"endpoint_url={endpoint}",
                   needles=("no credentials",))  # fmt: skip
+
+
+# ---- capture: the store is created only once the model loads and fits -----------------------
+def test_capture_with_a_model_that_cannot_load_creates_no_store(world: Path) -> None:
+    sc = scenario_file(world, "no-such-org/no-such-model")
+    fails_cleanly(world, "capture", sc, "--store", "new.zarr", "-q", needles=("no-such-org/no-such-model",))
+    assert not (world / "new.zarr").exists()
+
+
+def test_capture_with_layers_out_of_range_creates_no_store(world: Path, tiny_folder: Path) -> None:
+    sc = scenario_file(world, tiny_folder, layers=[0, 99])
+    fails_cleanly(
+        world, "capture", sc, "--store", "new.zarr", "-q", needles=("capture.layers[1]", "out of range")
+    )
+    assert not (world / "new.zarr").exists()
+
+
+def test_capture_into_a_fresh_store_still_works(world: Path, tiny_folder: Path) -> None:
+    """The reordering above must not stop a good capture from creating its store."""
+    res = invoke("capture", scenario_file(world, tiny_folder), "--store", "new.zarr", "-q")
+    assert res.exit_code == 0, res.output
+    assert ActStore.open(world / "new.zarr").run_ids() == [res.stdout.split("\t")[0]]
+
+
+# ---- read-only store, full disk ------------------------------------------------------------------
+@pytest.fixture
+def tmpfs(world: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs mounted inside the test's folder (root only)."""
+    mnt = world / "mnt"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        mnt.rmdir()
+
+
+def test_capture_into_a_full_disk(tmpfs: Path, world: Path, tiny_folder: Path, synth_source: Path) -> None:
+    """The run's logits alone (49,152 wide) overflow the 2 MB filesystem mid-capture."""
+    store = tmpfs / "store.zarr"
+    shutil.copytree(synth_source, store)
+    sc = scenario_file(world, tiny_folder)
+    before = listing(tmpfs)
+    res = invoke("capture", sc, "--store", store, "-q")
+    assert_one_line(res, f"--store {store}", "no space left on device", "nothing was committed")
+    assert listing(tmpfs) == before
+    assert len(ActStore.open(store).run_ids()) == 1  # the synthetic run, nothing else
+
+
+def test_read_only_store(tmpfs: Path, world: Path, tiny_folder: Path, synth_source: Path) -> None:
+    """A store on a read-only filesystem: captures and imports refuse it before any work,
+    reads keep working."""
+    store = tmpfs / "store.zarr"
+    shutil.copytree(synth_source, store)
+    exported = world / "exported"
+    assert invoke("export", "npz", "--store", store, "--out", exported, "-q").exit_code == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    sc = scenario_file(world, tiny_folder)
+    for args in (["capture", sc, "-q"], ["import", "npz", next(exported.iterdir()), "-q"]):
+        fails_cleanly(world, *args, "--store", store, needles=(f"--store {store}", "read-only filesystem"))
+    assert invoke("ls", "--store", store).exit_code == 0
+
+
+def test_store_without_write_permission(world: Path, tiny_folder: Path) -> None:
+    """A store another user owns (mode 0555 here): the capture runs in a subprocess
+    without CAP_DAC_OVERRIDE, so the kernel applies the mode to root as to anyone."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
+    store = world / "store.zarr"
+    for folder in (store, *[p for p in store.rglob("*") if p.is_dir()]):
+        folder.chmod(0o555)
+    sc = scenario_file(world, tiny_folder)
+    before = listing(world)
+    try:
+        done = subprocess.run(
+            ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
+             sys.executable, "-m", "actstore", "capture", str(sc), "--store", str(store), "-q"],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300,
+        )  # fmt: skip
+    finally:
+        for folder in (store, *[p for p in store.rglob("*") if p.is_dir()]):
+            folder.chmod(0o755)
+    if "Operation not permitted" in done.stderr and "setpriv" in done.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {done.stderr.strip()}")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"--store {store}" in lines[0] and "permission denied" in lines[0]
+    assert listing(world) == before
 
 
 # ---- files the store writes follow the umask ------------------------------------------------

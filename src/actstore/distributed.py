@@ -207,15 +207,15 @@ def capture_task(
     """What one worker runs for one scenario: load (or reuse) the model, capture, commit."""
     from actstore.capture.runner import attn_implementation, capture
     from actstore.models.loading import load_model
-    from actstore.store.store import ActStore
 
     with _CAPTURE_LOCK:
         key = _model_key(scenario)
         if key not in _MODEL_CACHE:
             _MODEL_CACHE.clear()  # one model per worker: free the last before loading the next
             _MODEL_CACHE[key] = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
-        store = ActStore.open(location, create=True, storage_options=storage_options)
-        return capture(scenario, store, loaded=_MODEL_CACHE[key], progress=False)
+        # by location: the store is created only once the model fits the scenario
+        return capture(scenario, location, loaded=_MODEL_CACHE[key], progress=False,
+                       storage_options=storage_options)  # fmt: skip
 
 
 def capture_on_cluster(

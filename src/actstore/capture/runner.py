@@ -30,11 +30,13 @@ from actstore import __version__, naming
 from actstore.capture import prefixes, sampling
 from actstore.capture.hooks import Key, Recorder
 from actstore.capture.prompts import as_dicts, render_ids
+from actstore.errors import StoreError
 from actstore.models.architectures import ModelSites, resolve_sites
 from actstore.models.loading import LoadedModel, load_model, resolve_dtype
+from actstore.paths import describe, user_error_in
 from actstore.scenario import DEFAULT_STORE, Scenario, check_layers
 from actstore.store import layout
-from actstore.store.store import ActStore, catalog_entry
+from actstore.store.store import ActStore, catalog_entry, check_location
 from actstore.store.writer import (
     ArrayPlan,
     RunWriter,
@@ -68,12 +70,18 @@ def capture(
     progress: bool | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> list[CaptureResult]:
-    """Capture every run of a scenario (one, or one per message prefix)."""
-    if not isinstance(store, ActStore):
-        location = store or scenario.output.store or DEFAULT_STORE
-        store = ActStore.open(location, create=True, storage_options=storage_options)
+    """Capture every run of a scenario (one, or one per message prefix).
+
+    A store given by location is created only once the model has loaded and has the
+    scenario's layers, so a capture that cannot start leaves nothing behind."""
+    location = None if isinstance(store, ActStore) else store or scenario.output.store or DEFAULT_STORE
+    if location is not None:
+        check_location(location, create=True)  # cheap: fail before the model loads
     if loaded is None:
         loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
+    check_layers(scenario, resolve_sites(loaded.model).num_layers)
+    if not isinstance(store, ActStore):
+        store = ActStore.open(location or DEFAULT_STORE, create=True, storage_options=storage_options)
     return [capture_run(sub, store, loaded, progress=progress) for sub in scenario.runs()]
 
 
@@ -185,10 +193,13 @@ def capture_run(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )
         store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
         _discard(store, run_id)
+        cause = user_error_in(e)  # full disk, read-only store: the user's to fix
+        if cause is not None:
+            raise StoreError(f"{describe(cause, '--store', store.location)}; nothing was committed") from e
         raise
     finally:
         bar.close()

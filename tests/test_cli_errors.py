@@ -140,6 +140,48 @@ def test_writing_commands_refuse_a_store_that_is_a_file(world: Path, tmp_path: P
         fails_cleanly(world, *args, "--store", "afile/store.zarr", needles=("afile is a file, not a folder",))
 
 
+# ---- --out is a regular file -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "-q"],
+        ["export", "npz", "-q"],
+        ["heatmap", "-q"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_out_that_is_a_file(world: Path, args: list[str]) -> None:
+    fails_cleanly(
+        world, *args, "--store", "store.zarr", "--out", "afile", needles=("--out afile", "not a folder")
+    )
+    fails_cleanly(
+        world,
+        *args,
+        "--store",
+        "store.zarr",
+        "--out",
+        "afile/sub",
+        needles=("afile is a file, not a folder",),
+    )
+
+
+def test_logit_lens_out_that_is_a_folder(world: Path) -> None:
+    (world / "lens").mkdir()
+    # checked before the model loads (the synthetic run's model id loads nothing)
+    fails_cleanly(
+        world, "logit-lens", "--store", "store.zarr", "--out", "lens", needles=("--out lens", "a folder")
+    )
+    fails_cleanly(
+        world,
+        "logit-lens",
+        "--store",
+        "store.zarr",
+        "--out",
+        "afile/x.json",
+        needles=("afile is a file, not a folder",),
+    )
+
+
 # ---- object storage out of reach -----------------------------------------------------------
 def _refused_port() -> int:
     """A loopback port that refuses connections: bound, never listening."""

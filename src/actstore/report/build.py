@@ -26,6 +26,7 @@ from typing import Any
 import jinja2
 
 from actstore import __version__
+from actstore.paths import check_folder, make_folder, writing
 from actstore.query import metrics as M
 from actstore.report import progress as P
 from actstore.report.csvs import write_csvs
@@ -106,6 +107,7 @@ def build_report(
     overlap uses the top ``frac`` of dimensions, by magnitude as the seed's report does
     (``magnitude=False``: by value). Returns the path of ``report.html``.
     """
+    check_folder(out_dir)  # before the work: a bad --out fails at once, creating nothing
     runs = store.runs(list(run_ids) if run_ids else ["all"])
     bar = P.bar(3, "report", progress, unit="stage")
     bar.set_postfix_str("querying")
@@ -114,13 +116,13 @@ def build_report(
     bar.set_postfix_str("rendering")
     html = render_html(data, str(store.location), progress)
     bar.update()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     path = out / REPORT_NAME
-    path.write_text(html, encoding="utf-8")
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    shutil.copyfile(path, out / f"report_{stamp}.html")
-    write_csvs(data, out)
+    with writing(out):  # a full disk or a lost permission: one line naming --out
+        path.write_text(html, encoding="utf-8")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+        shutil.copyfile(path, out / f"report_{stamp}.html")
+        write_csvs(data, out)
     bar.update()
     bar.close()
     return path

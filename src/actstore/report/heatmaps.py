@@ -35,6 +35,7 @@ import numpy as np
 
 from actstore import naming
 from actstore.errors import SelectionError
+from actstore.paths import check_folder, writing
 from actstore.query.states import read_region, select
 from actstore.report import progress as P
 
@@ -201,6 +202,7 @@ def write_heatmaps(
     check_request(run, source, normalize, reduce)
     if cmap not in matplotlib.colormaps:
         raise SelectionError(f"unknown colormap {cmap!r} (any Matplotlib name, e.g. viridis, RdBu_r, magma)")
+    check_folder(out)  # before reading: a bad --out fails at once, creating nothing
     slices = plan_slices(run, source, layers, steps, per_head and source == "attn_weights", Path(out))
     shared: tuple[float, float] | None = None
     if normalize == "global":
@@ -216,7 +218,8 @@ def write_heatmaps(
         kind = run.steps[sl.step].get("kind", "")
         title = f"{sl.title} ({kind}) · {tuple(data.shape)}{' · |x|' if reduce == 'abs' else ''}\n{run.id}"
         first = run.step_positions(sl.step).start
-        written.append(render_png(data, sl.path, title, xlabel, ylabel, cmap, vmin, vmax, first, dpi))
+        with writing(out):
+            written.append(render_png(data, sl.path, title, xlabel, ylabel, cmap, vmin, vmax, first, dpi))
         bar.update()
     bar.close()
     return written

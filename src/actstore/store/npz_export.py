@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from actstore import __version__, naming
 from actstore.errors import StoreError
+from actstore.paths import check_folder, make_folder, writing
 from actstore.store.reader import RunReader
 
 # run.json keys the seed defines, in its order.
@@ -51,10 +52,13 @@ def export_npz(
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (remove it, choose another --out, or overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    check_folder(target.parent)
+    make_folder(target.parent)
+    with writing(target.parent):
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
-        _write_run_dir(run, tmp, quiet=quiet)
+        with writing(target.parent):  # a full disk: one line naming --out (tmp removed below)
+            _write_run_dir(run, tmp, quiet=quiet)
         if target.exists():  # overwrite: move the old one aside first, drop it after
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)

@@ -182,6 +182,33 @@ def test_logit_lens_out_that_is_a_folder(world: Path) -> None:
     )
 
 
+# ---- options out of range --------------------------------------------------------------------
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_view_port_out_of_range(world: Path, port: str) -> None:
+    fails_cleanly(
+        world,
+        "view",
+        "--store",
+        "store.zarr",
+        "--no-browser",
+        "--port",
+        port,
+        needles=(f"--port {port}", "0-65535"),
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("address", "needle"),
+    [("bogus", "not a scheduler address"), ("local:0", "1 or more"), ("local:x", "1 or more")],
+)
+def test_bad_scheduler(world: Path, address: str, needle: str) -> None:
+    """``local:0`` used to start a cluster with no workers and wait on it forever."""
+    sc = scenario_file(world, world / "no-such-model")
+    for args in (["query", "cosine", "--store", "store.zarr"], ["capture", sc, "--store", "new.zarr"]):
+        fails_cleanly(world, *args, "--scheduler", address, needles=(f"--scheduler {address}", needle))
+
+
 # ---- object storage out of reach -----------------------------------------------------------
 def _refused_port() -> int:
     """A loopback port that refuses connections: bound, never listening."""

@@ -69,12 +69,16 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
 
     cluster = None
     if address == LOCAL_PREFIX or address.startswith(LOCAL_PREFIX + ":"):
-        n = int(address.partition(":")[2] or 2)
+        n = _local_workers(address)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
         address = cluster.scheduler_address
     try:
         try:
             client = Client(address, timeout=timeout, set_as_default=True)
+        except ValueError as e:  # distributed's word for an address it cannot parse
+            raise ClusterError(
+                f"--scheduler {address}: not a scheduler address ({e}); use tcp://HOST:PORT or local:N"
+            ) from e
         except (OSError, TimeoutError) as e:
             raise ClusterError(
                 f"cannot reach a Dask scheduler at {address!r} ({e}); start one with `dask scheduler` "
@@ -87,6 +91,17 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _local_workers(address: str) -> int:
+    """N of ``local:N`` (2 for ``local``). N must be at least 1: a cluster without
+    workers accepts tasks and never runs them."""
+    text = address.partition(":")[2] or "2"
+    if not text.isdigit() or int(text) < 1:
+        raise ClusterError(
+            f"--scheduler {address}: N in local:N must be a whole number of workers, 1 or more"
+        )
+    return int(text)
 
 
 def _scheduler_param() -> Any:

@@ -45,3 +45,7 @@ class SelectionError(ActstoreError, ValueError):
 
 class OutputError(ActstoreError, OSError):
     """An output folder or file (``--out``) cannot be created or written."""
+
+
+class OptionError(ActstoreError, ValueError):
+    """A command-line option value is out of its range (``--port``)."""

@@ -335,6 +335,19 @@ def test_store_without_write_permission(world: Path, tiny_folder: Path) -> None:
     assert listing(world) == before
 
 
+@pytest.mark.parametrize("args", [["report"], ["export", "npz"], ["heatmap"]], ids=lambda a: a[0])
+def test_outputs_onto_a_full_disk_leave_nothing(tmpfs: Path, world: Path, args: list[str]) -> None:
+    with open(tmpfs / "filler", "wb") as f:  # fill the filesystem: the first output write fails
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    fails_cleanly(world, *args, "--store", "store.zarr", "--out", tmpfs / "out", "-q",
+                  needles=("no space left on device",))  # fmt: skip
+
+
 # ---- files the store writes follow the umask ------------------------------------------------
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_catalog_entries_follow_the_umask(tmp_path: Path, umask: int) -> None:

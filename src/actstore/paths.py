@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,16 +109,6 @@ def writing(
         raise error(describe(e, what, path)) from e
 
 
-def make_folder(
-    path: str | os.PathLike[str], what: str = "--out", error: type[ActstoreError] = OutputError
-) -> Path:
-    """``mkdir -p path``, with a user's OS error as one line naming ``path``."""
-    p = Path(path)
-    with writing(p, what, error):
-        p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 def check_file(
     path: str | os.PathLike[str], what: str = "--out", error: type[ActstoreError] = OutputError
 ) -> None:
@@ -126,3 +117,27 @@ def check_file(
     if p.is_dir():
         raise error(f"{what} {p}: a folder, not a file; choose a file path")
     check_folder(p.parent, what, error, named=p)
+
+
+@contextmanager
+def output_folder(
+    path: str | os.PathLike[str], what: str = "--out", error: type[ActstoreError] = OutputError
+) -> Iterator[Path]:
+    """``mkdir -p path`` for the block's output. If the block fails, the folders this made
+    are removed with what was written into them, so a failed command leaves nothing new
+    (files written into a folder that existed before stay); a user's OS error becomes
+    ``error`` naming ``path``."""
+    p = Path(path)
+    check_folder(p, what, error)
+    made = None  # the topmost folder this call creates
+    probe = p
+    while not probe.exists():
+        made, probe = probe, probe.parent
+    try:
+        with writing(p, what, error):
+            p.mkdir(parents=True, exist_ok=True)
+            yield p
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise

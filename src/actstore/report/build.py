@@ -26,7 +26,7 @@ from typing import Any
 import jinja2
 
 from actstore import __version__
-from actstore.paths import check_folder, make_folder, writing
+from actstore.paths import check_folder, output_folder
 from actstore.query import metrics as M
 from actstore.report import progress as P
 from actstore.report.csvs import write_csvs
@@ -116,9 +116,9 @@ def build_report(
     bar.set_postfix_str("rendering")
     html = render_html(data, str(store.location), progress)
     bar.update()
-    out = make_folder(out_dir)
-    path = out / REPORT_NAME
-    with writing(out):  # a full disk or a lost permission: one line naming --out
+    # a full disk or a lost permission: one line naming --out, and no new folder left
+    with output_folder(out_dir) as out:
+        path = out / REPORT_NAME
         path.write_text(html, encoding="utf-8")
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
         shutil.copyfile(path, out / f"report_{stamp}.html")

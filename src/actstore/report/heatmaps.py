@@ -35,7 +35,7 @@ import numpy as np
 
 from actstore import naming
 from actstore.errors import SelectionError
-from actstore.paths import check_folder, writing
+from actstore.paths import check_folder, output_folder
 from actstore.query.states import read_region, select
 from actstore.report import progress as P
 
@@ -213,13 +213,16 @@ def write_heatmaps(
         shared = (lo, hi)
     written = []
     bar = P.bar(len(slices), f"heatmaps {source}", progress, unit="png")
-    for sl, (data, xlabel, ylabel, _reshaped) in _iter_data(run, source, slices, reduce):
-        vmin, vmax = shared or color_range(data, normalize)
-        kind = run.steps[sl.step].get("kind", "")
-        title = f"{sl.title} ({kind}) · {tuple(data.shape)}{' · |x|' if reduce == 'abs' else ''}\n{run.id}"
-        first = run.step_positions(sl.step).start
-        with writing(out):
+    # a full disk: one line naming the folder, and a folder this call made is removed
+    with output_folder(Path(out) / run.id / source):
+        for sl, (data, xlabel, ylabel, _reshaped) in _iter_data(run, source, slices, reduce):
+            vmin, vmax = shared or color_range(data, normalize)
+            kind = run.steps[sl.step].get("kind", "")
+            title = (
+                f"{sl.title} ({kind}) · {tuple(data.shape)}{' · |x|' if reduce == 'abs' else ''}\n{run.id}"
+            )
+            first = run.step_positions(sl.step).start
             written.append(render_png(data, sl.path, title, xlabel, ylabel, cmap, vmin, vmax, first, dpi))
-        bar.update()
+            bar.update()
     bar.close()
     return written

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from actstore import __version__, naming
 from actstore.errors import StoreError
-from actstore.paths import check_folder, make_folder, writing
+from actstore.paths import output_folder
 from actstore.store.reader import RunReader
 
 # run.json keys the seed defines, in its order.
@@ -52,13 +52,15 @@ def export_npz(
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (remove it, choose another --out, or overwrite)")
-    check_folder(target.parent)
-    make_folder(target.parent)
-    with writing(target.parent):
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    with output_folder(target.parent) as parent:  # a full disk: one line naming --out
+        _write_via_temp(run, target, parent, quiet=quiet)
+    return target
+
+
+def _write_via_temp(run: RunReader, target: Path, parent: Path, *, quiet: bool) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.partial-"))
     try:
-        with writing(target.parent):  # a full disk: one line naming --out (tmp removed below)
-            _write_run_dir(run, tmp, quiet=quiet)
+        _write_run_dir(run, tmp, quiet=quiet)
         if target.exists():  # overwrite: move the old one aside first, drop it after
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
@@ -69,7 +71,6 @@ def export_npz(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def step_tensors(run: RunReader, step: int) -> dict[str, np.ndarray]:

@@ -141,21 +141,26 @@ def capture(
             click.echo(f"{result.run_id}\t{result.store}\t{result.n_steps} steps, "
                        f"{result.n_positions} positions, {result.seconds:.1f}s")  # fmt: skip
         return
-    from actstore.capture.runner import attn_implementation, preflight
+    from actstore.capture.runner import attn_implementation
     from actstore.capture.runner import capture as do_capture
     from actstore.models.loading import load_model
+    from actstore.store.store import check_location
 
+    opts = parse_storage_options(storage_options)
+    for sc in scenarios:  # a --store that cannot be written fails before any model loads
+        check_location(store_location or sc.output.store or DEFAULT_STORE, create=True)
     loaded: dict[tuple[Any, ...], Any] = {}
     for sc in scenarios:
+        location = store_location or sc.output.store or DEFAULT_STORE
         key = (sc.model.id, sc.model.dtype, sc.model.device, sc.model.gguf_file)
         if key not in loaded:
             loaded[key] = load_model(sc.model, attn_implementation=attn_implementation(sc))
-        preflight(sc, loaded[key], force=force)  # context and memory, before the store exists
-        location = store_location or sc.output.store or DEFAULT_STORE
-        store = open_store(location, storage_options, create=True)
-        for result in do_capture(sc, store, loaded=loaded[key], progress=None if not quiet else False, force=force):
+        # capture() creates the store only once the scenario fits the model (layers,
+        # context, memory)
+        for result in do_capture(sc, location, loaded=loaded[key], progress=None if not quiet else False,
+                                 storage_options=opts, force=force):  # fmt: skip
             click.echo(
-                f"{result.run_id}\t{store.location}\t{result.n_steps} steps, "
+                f"{result.run_id}\t{result.store}\t{result.n_steps} steps, "
                 f"{result.n_positions} positions, {result.seconds:.1f}s"
             )
 

@@ -13,6 +13,7 @@ import click
 
 from actstore.cli import _fail_cleanly, _quiet_option, open_store, store_options
 from actstore.cli_query import fit_layers, parse_steps
+from actstore.paths import check_file
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -103,6 +104,7 @@ def register(main: click.Group) -> None:
         from actstore.query.logit_lens import check_request, logit_lens, write_logit_lens_json
         from actstore.scenario import ModelConfig
 
+        check_file(out)  # before the model loads
         reader = open_store(store_location, storage_options).run(run)
         picked = parse_steps(steps)
         check_request(reader, picked, position, top_k)  # before the model loads

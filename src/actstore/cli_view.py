@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from actstore.cli import _fail_cleanly, open_store, store_options
+from actstore.errors import OptionError
 
 
 def _stop_on_signals() -> None:
@@ -45,12 +46,14 @@ def register(main: click.Group) -> None:
         stops it)."""
         from actstore.view.server import ViewApp, ViewServer
 
+        if not 0 <= port <= 65535:  # checked before the store opens; socket would raise OverflowError
+            raise OptionError(f"--port {port}: ports are 0-65535 (0: any free port)")
         app = ViewApp(open_store(store_location, storage_options), run, device=device)
         try:
             server = ViewServer(app, host, port)
         except OSError as e:
-            raise click.UsageError(
-                f"cannot listen on {host}:{port} ({e.strerror}); pick another --port"
+            raise OptionError(
+                f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another --port"
             ) from None
         _stop_on_signals()
         click.echo(f"actstore view: {server.url}  (Ctrl-C stops)")

@@ -69,12 +69,16 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
 
     cluster = None
     if address == LOCAL_PREFIX or address.startswith(LOCAL_PREFIX + ":"):
-        n = int(address.partition(":")[2] or 2)
+        n = _local_workers(address)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
         address = cluster.scheduler_address
     try:
         try:
             client = Client(address, timeout=timeout, set_as_default=True)
+        except ValueError as e:  # distributed's word for an address it cannot parse
+            raise ClusterError(
+                f"--scheduler {address}: not a scheduler address ({e}); use tcp://HOST:PORT or local:N"
+            ) from e
         except (OSError, TimeoutError) as e:
             raise ClusterError(
                 f"cannot reach a Dask scheduler at {address!r} ({e}); start one with `dask scheduler` "
@@ -87,6 +91,17 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _local_workers(address: str) -> int:
+    """N of ``local:N`` (2 for ``local``). N must be at least 1: a cluster without
+    workers accepts tasks and never runs them."""
+    text = address.partition(":")[2] or "2"
+    if not text.isdigit() or int(text) < 1:
+        raise ClusterError(
+            f"--scheduler {address}: N in local:N must be a whole number of workers, 1 or more"
+        )
+    return int(text)
 
 
 def _scheduler_param() -> Any:
@@ -213,7 +228,8 @@ def capture_task(
         if key not in _MODEL_CACHE:
             _MODEL_CACHE.clear()  # one model per worker: free the last before loading the next
             _MODEL_CACHE[key] = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
-        # capture() checks context and memory before it creates the store
+        # capture() creates the store only once the model fits the scenario (layers,
+        # context, memory)
         return capture(scenario, location, loaded=_MODEL_CACHE[key], progress=False,
                        storage_options=storage_options)  # fmt: skip
 

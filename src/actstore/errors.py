@@ -65,3 +65,11 @@ class BadNameError(ActstoreError, ValueError):
 
 class ResourceError(ActstoreError, MemoryError):
     """A request would need more memory than the machine has (``--force`` to try anyway)."""
+
+
+class OutputError(ActstoreError, OSError):
+    """An output folder or file (``--out``) cannot be created or written."""
+
+
+class OptionError(ActstoreError, ValueError):
+    """A command-line option value is out of its range (``--port``)."""

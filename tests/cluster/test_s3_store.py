@@ -155,4 +155,4 @@ def test_cli_ls_with_storage_option_and_with_env(
 
     missing = run_cli("ls", "--store", s3_url.replace("acts.zarr", "nothing.zarr"),
                       "--storage-option", f"endpoint_url={s3_endpoint}")  # fmt: skip
-    assert missing.returncode == 2 and "no actstore store here" in missing.stderr
+    assert missing.returncode == 2 and "no actstore store at" in missing.stderr

@@ -30,11 +30,13 @@ from actstore import __version__, naming
 from actstore.capture import budget, prefixes, sampling
 from actstore.capture.hooks import Key, Recorder
 from actstore.capture.prompts import as_dicts, render_ids
+from actstore.errors import StoreError
 from actstore.models.architectures import ModelSites, resolve_sites
 from actstore.models.loading import LoadedModel, load_model, resolve_dtype
+from actstore.paths import describe, user_error_in
 from actstore.scenario import DEFAULT_STORE, Scenario, check_layers
 from actstore.store import layout
-from actstore.store.store import ActStore, catalog_entry
+from actstore.store.store import ActStore, catalog_entry, check_location
 from actstore.store.writer import (
     ArrayPlan,
     RunWriter,
@@ -71,14 +73,17 @@ def capture(
 ) -> list[CaptureResult]:
     """Capture every run of a scenario (one, or one per message prefix).
 
-    The prompt is checked against the model's context and the machine's memory before the
-    store is created (``force=True`` skips the memory check)."""
+    A store given by location is created only once the model has loaded and the scenario
+    fits it: its layers, the model's context and the machine's memory (``force=True``
+    skips the memory check). A capture that cannot start leaves nothing behind."""
+    location = None if isinstance(store, ActStore) else store or scenario.output.store or DEFAULT_STORE
+    if location is not None:
+        check_location(location, create=True)  # cheap: fail before the model loads
     if loaded is None:
         loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
     preflight(scenario, loaded, force=force)  # the full conversation is the longest run
     if not isinstance(store, ActStore):
-        location = store or scenario.output.store or DEFAULT_STORE
-        store = ActStore.open(location, create=True, storage_options=storage_options)
+        store = ActStore.open(location or DEFAULT_STORE, create=True, storage_options=storage_options)
     return [capture_run(sub, store, loaded, progress=progress, force=force) for sub in scenario.runs()]
 
 
@@ -238,10 +243,13 @@ def capture_run(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )
         store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
         _discard(store, run_id)
+        cause = user_error_in(e)  # full disk, read-only store: the user's to fix
+        if cause is not None:
+            raise StoreError(f"{describe(cause, '--store', store.location)}; nothing was committed") from e
         raise
     finally:
         bar.close()

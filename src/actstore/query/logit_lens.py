@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from actstore.errors import SelectionError
+from actstore.paths import check_file, writing
 from actstore.query.states import select, step_index
 
 
@@ -125,6 +126,8 @@ def logit_lens_records(df: pd.DataFrame) -> list[dict[str, Any]]:
 def write_logit_lens_json(df: pd.DataFrame, path: str | Path) -> Path:
     """Write :func:`logit_lens_records` as JSON; returns the path."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(logit_lens_records(df), indent=2, ensure_ascii=False))
+    check_file(p, "output file")
+    with writing(p, "output file"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(logit_lens_records(df), indent=2, ensure_ascii=False))
     return p

@@ -26,6 +26,7 @@ from typing import Any
 import jinja2
 
 from actstore import __version__
+from actstore.paths import check_folder, output_folder
 from actstore.query import metrics as M
 from actstore.query.damaged import skipping_damaged
 from actstore.report import progress as P
@@ -110,6 +111,7 @@ def build_report(
     naming it (``skip_damaged=False``: the report fails naming it). Returns the path of
     ``report.html``.
     """
+    check_folder(out_dir)  # before the work: a bad --out fails at once, creating nothing
     runs = store.runs(list(run_ids) if run_ids else ["all"], skip_damaged=skip_damaged)
     bar = P.bar(3, "report", progress, unit="stage")
     bar.set_postfix_str("querying")
@@ -118,13 +120,13 @@ def build_report(
     bar.set_postfix_str("rendering")
     html = render_html(data, str(store.location), progress)
     bar.update()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / REPORT_NAME
-    path.write_text(html, encoding="utf-8")
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    shutil.copyfile(path, out / f"report_{stamp}.html")
-    write_csvs(data, out)
+    # a full disk or a lost permission: one line naming --out, and no new folder left
+    with output_folder(out_dir) as out:
+        path = out / REPORT_NAME
+        path.write_text(html, encoding="utf-8")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+        shutil.copyfile(path, out / f"report_{stamp}.html")
+        write_csvs(data, out)
     bar.update()
     bar.close()
     return path

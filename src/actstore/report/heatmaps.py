@@ -35,6 +35,7 @@ import numpy as np
 
 from actstore import naming
 from actstore.errors import SelectionError
+from actstore.paths import check_folder, output_folder
 from actstore.query.states import read_region, select
 from actstore.report import progress as P
 
@@ -201,6 +202,7 @@ def write_heatmaps(
     check_request(run, source, normalize, reduce)
     if cmap not in matplotlib.colormaps:
         raise SelectionError(f"unknown colormap {cmap!r} (any Matplotlib name, e.g. viridis, RdBu_r, magma)")
+    check_folder(out)  # before reading: a bad --out fails at once, creating nothing
     slices = plan_slices(run, source, layers, steps, per_head and source == "attn_weights", Path(out))
     shared: tuple[float, float] | None = None
     if normalize == "global":
@@ -211,12 +213,16 @@ def write_heatmaps(
         shared = (lo, hi)
     written = []
     bar = P.bar(len(slices), f"heatmaps {source}", progress, unit="png")
-    for sl, (data, xlabel, ylabel, _reshaped) in _iter_data(run, source, slices, reduce):
-        vmin, vmax = shared or color_range(data, normalize)
-        kind = run.steps[sl.step].get("kind", "")
-        title = f"{sl.title} ({kind}) · {tuple(data.shape)}{' · |x|' if reduce == 'abs' else ''}\n{run.id}"
-        first = run.step_positions(sl.step).start
-        written.append(render_png(data, sl.path, title, xlabel, ylabel, cmap, vmin, vmax, first, dpi))
-        bar.update()
+    # a full disk: one line naming the folder, and a folder this call made is removed
+    with output_folder(Path(out) / run.id / source):
+        for sl, (data, xlabel, ylabel, _reshaped) in _iter_data(run, source, slices, reduce):
+            vmin, vmax = shared or color_range(data, normalize)
+            kind = run.steps[sl.step].get("kind", "")
+            title = (
+                f"{sl.title} ({kind}) · {tuple(data.shape)}{' · |x|' if reduce == 'abs' else ''}\n{run.id}"
+            )
+            first = run.step_positions(sl.step).start
+            written.append(render_png(data, sl.path, title, xlabel, ylabel, cmap, vmin, vmax, first, dpi))
+            bar.update()
     bar.close()
     return written

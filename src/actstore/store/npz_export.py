@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from actstore import __version__, naming
 from actstore.errors import BadNameError, StoreError
+from actstore.paths import output_folder
 from actstore.store.reader import RunReader
 
 # run.json keys the seed defines, in its order.
@@ -67,8 +68,13 @@ def export_npz(
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (remove it, choose another --out, or overwrite)")
     _check_names(run)  # before anything is created
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    with output_folder(target.parent) as parent:  # a full disk: one line naming --out
+        _write_via_temp(run, target, parent, quiet=quiet)
+    return target
+
+
+def _write_via_temp(run: RunReader, target: Path, parent: Path, *, quiet: bool) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.partial-"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the rename would keep that
         _write_run_dir(run, tmp, quiet=quiet)
@@ -82,7 +88,6 @@ def export_npz(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _check_names(run: RunReader) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -169,9 +169,21 @@ async def put_atomic(zstore: Store, key: str, data: bytes) -> None:
         await zstore.set(key, default_buffer_prototype().buffer.from_bytes(data))
 
 
+def create_temp(folder: Path) -> tuple[int, str]:
+    """A new ``.tmp-*`` file in ``folder``, open for writing: (fd, path). Unlike
+    mkstemp's 0600, its mode follows the umask, as every other file of the store, so the
+    rename that publishes it leaves it readable by the store's other users."""
+    while True:
+        tmp = str(folder / f".tmp-{secrets.token_hex(8)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def _local_put_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = create_temp(path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import secrets
-import tempfile
 import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from actstore import naming
 from actstore.errors import DamagedRunError, DamageWarning, RunNotFoundError, StoreError
+from actstore.paths import check_folder, describe, is_user_error
 from actstore.store.integrity import StrictStore
 
 FORMAT_VERSION = 1
@@ -59,10 +59,68 @@ def open_zarr_store(
             # s3fs HEADs every whole-object read to decide on a chunked parallel download;
             # our whole-object reads are small (metadata, snapshot rows): one GET is enough.
             opts.setdefault("max_concurrency", 1)
+            # botocore's legacy default retries a refused connection 5 times with backoff;
+            # the standard mode's 3 attempts (AWS's recommended default) fail in ~1 s.
+            config = dict(opts.get("config_kwargs") or {})
+            config.setdefault("retries", {"mode": "standard", "total_max_attempts": 3})
+            opts["config_kwargs"] = config
         return FsspecStore.from_url(loc, storage_options=opts, read_only=read_only)
     if loc.startswith("file://"):
         loc = loc[len("file://") :]
     return LocalStore(loc, read_only=read_only)
+
+
+def _missing(loc: str) -> str:
+    return f"no actstore store at {loc} (run `actstore capture` first, or check --store)"
+
+
+def check_location(location: str | os.PathLike[str], *, create: bool = False) -> None:
+    """Raise StoreError, creating nothing, when a local ``location`` is no store to read
+    (``create=False``: missing, or a file) or no folder to capture into (a file, or not
+    writable). URLs are checked by the first request."""
+    loc = os.fspath(location)
+    if _is_url(loc):
+        return
+    path = Path(loc.removeprefix("file://"))
+    if not create:
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"--store {loc}: a file, not an actstore store folder (check --store)")
+        if not path.is_dir():  # zarr's LocalStore would create it on open
+            raise StoreError(_missing(loc))
+        return
+    check_folder(path, "--store", StoreError)
+    for sub in (naming.RUNS_PREFIX, naming.CATALOG_PREFIX):  # a shared store made by another user
+        if (path / sub).is_dir():
+            check_folder(path / sub, "--store", StoreError)
+
+
+def _reach_error(e: Exception, loc: str, storage_options: dict[str, Any] | None) -> StoreError | None:
+    """A StoreError naming the endpoint when object storage cannot be reached (or a
+    local store cannot be written), else None (a bug: keep the traceback)."""
+    if not _is_url(loc):
+        return (
+            StoreError(describe(e, "--store", loc)) if isinstance(e, OSError) and is_user_error(e) else None
+        )
+    try:
+        from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+    except ImportError:  # not s3fs: only the builtin families below
+        EndpointConnectionError = NoCredentialsError = ConnectionError  # noqa: N806
+    endpoint = (
+        (storage_options or {}).get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "the default endpoint"
+    )
+    if isinstance(e, NoCredentialsError):
+        return StoreError(
+            f"--store {loc}: no credentials for object storage (set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or --storage-option key=... secret=...)"
+        )
+    if isinstance(e, EndpointConnectionError | ConnectionError | TimeoutError):
+        return StoreError(
+            f"--store {loc}: cannot reach object storage at {endpoint} ({type(e).__name__}); "
+            "check --storage-option endpoint_url and that the server is up"
+        )
+    return None
 
 
 def catalog_entry(meta: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -110,6 +168,7 @@ class ActStore:
         storage_options: dict[str, Any] | None = None,
     ) -> ActStore:
         loc = os.fspath(location)
+        check_location(loc, create=create)
         zstore = open_zarr_store(loc, storage_options)
         strict = StrictStore(zstore)  # reads: a missing chunk is damage, not zeros
         try:
@@ -127,9 +186,12 @@ class ActStore:
                 # store exists now, which is all a creating open wanted.
                 root = zarr.open_group(store=strict, mode="r+", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:  # type: ignore[attr-defined]
-            raise StoreError(
-                f"{loc}: no actstore store here (run `actstore capture` first, or check the path)"
-            ) from e
+            raise StoreError(_missing(loc)) from e
+        except Exception as e:
+            err = _reach_error(e, loc, storage_options)
+            if err is None:
+                raise
+            raise err from e
         if create and _ROOT_ATTR not in root.attrs:
             root.attrs[_ROOT_ATTR] = {"format_version": FORMAT_VERSION}
         elif _ROOT_ATTR not in root.attrs:
@@ -183,9 +245,11 @@ class ActStore:
         data = json.dumps({**entry, "id": run_id}, sort_keys=True).encode()
         key = naming.catalog_key(run_id)
         if isinstance(self.zstore, LocalStore):
+            from actstore.store.remote import create_temp
+
             path = Path(self.zstore.root) / key
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = create_temp(path.parent)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -73,7 +73,8 @@ def write_synthetic_run(
             }
             writer.submit(position + start, t)
         steps.append({"step": step, "kind": "prefill" if step == 0 else "decode", "seq_len": n,
-                      "positions": [position, position + n], "generated_token_id": 1, "top_k": []})  # fmt: skip
+                      "positions": [position, position + n], "generated_token_id": 1, "top_k": [],
+                      "input_token_ids": list(range(position, position + n))})  # fmt: skip
         position += n
     writer.finish(position)
     group.create_array(naming.TOKENS_ARRAY, data=np.arange(position, dtype=np.int64))

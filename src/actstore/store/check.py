@@ -39,7 +39,6 @@ from actstore.store.remote import SNAPSHOT_KEY, entry_run_id, is_entry_key
 
 PROBLEMS = ("damaged", "missing", "inconsistent", "orphaned", "temporary")
 GC_MIN_AGE = 30 * 60  # seconds: younger orphans may be a capture still writing
-_RUN_ID_STAMP = 15  # len("20261130T115846") in <name>_<stamp>_<hex>
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +32,53 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ActstoreError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+
+    return wrapper
+
+
+_stopping: list[int] = []  # the signal that is stopping this process, once one came
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt in the main thread, so every
+    ``except BaseException`` cleanup runs (a default SIGTERM kills without any). SIGINT is
+    re-armed because a process started in the background by a shell inherits it ignored.
+    A repeated signal is ignored: the cleanup the first one started must finish.
+    Returns the handlers it replaced."""
+
+    def stop(signum: int, frame: Any) -> None:
+        if _stopping:
+            return
+        _stopping.append(signum)
+        raise KeyboardInterrupt
+
+    return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """For commands that write: an interrupt cleans up, prints one line and exits
+    128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)  # signals reach the main thread only
+        _stopping.clear()
+        previous = stop_on_signals()
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            if not _stopping:  # raised by other means than our handler
+                sys.exit(128 + signal.SIGINT)
+            # os._exit: under `python -m`, an interrupt that landed inside exec()'d code
+            # (dataclasses, namedtuple) makes CPython die by SIGINT whatever sys.exit says.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + _stopping[0])
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     return wrapper
 
@@ -118,6 +168,7 @@ def _one_line_warnings() -> None:
 @store_options
 @scheduler_address_option
 @_quiet_option
+@_interruptible
 @_fail_cleanly
 def capture(
     scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],

@@ -55,6 +55,21 @@ def stop_on_signals() -> dict[int, Any]:
     return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
+def _redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An unraisable-exception hook: an interrupt that landed in a ``__del__`` or a
+    callback, where Python prints and drops exceptions, is sent again (from a thread, so
+    it lands after this hook), instead of being lost while the command carries on."""
+
+    def on_unraisable(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _stopping:
+            signum = _stopping.pop()  # the handler raises again on the next one
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            return
+        hook(unraisable)
+
+    return on_unraisable
+
+
 def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
     """For commands that write: an interrupt cleans up, prints one line and exits
     128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
@@ -65,6 +80,7 @@ def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)  # signals reach the main thread only
         _stopping.clear()
         previous = stop_on_signals()
+        hook, sys.unraisablehook = sys.unraisablehook, _redeliver(sys.unraisablehook)
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
@@ -77,6 +93,7 @@ def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.stderr.flush()
             os._exit(128 + _stopping[0])
         finally:
+            sys.unraisablehook = hook
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 

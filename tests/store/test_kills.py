@@ -271,6 +271,34 @@ def test_killed_export(world: World, tmp_path: Path, sig: int) -> None:
     _mid_write(_exports(world, tmp_path, sig, 13, PHASES), "partial")
 
 
+DESTRUCTOR = """
+import os, signal, time
+from actstore.cli import _interruptible
+
+class Dropper:
+    def __del__(self):  # Python prints and drops an exception raised here
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10**5))
+
+@_interruptible
+def work():
+    Dropper()
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        pass
+    print("finished")
+
+work()
+"""
+
+
+def test_an_interrupt_that_lands_in_a_destructor_is_not_lost() -> None:
+    """Seen in the random trials: a SIGTERM handled inside a ``__del__`` was dropped and
+    the capture ran to the end. It is sent again instead."""
+    done = subprocess.run([sys.executable, "-c", DESTRUCTOR], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (128 + signal.SIGTERM, "", "interrupted\n")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [*KILLS.values(), signal.SIGINT], ids=[*KILLS.keys(), "SIGINT"])
 @pytest.mark.parametrize("command", ["capture", "import", "export"])

@@ -7,6 +7,7 @@ else; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -70,6 +71,13 @@ def _redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return on_unraisable
 
 
+def _ignore_signals() -> None:
+    """At exit the work is done: an interrupt now would only print a traceback from
+    some library's atexit callback (torch's, seen in the kill tests)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
     """For commands that write: an interrupt cleans up, prints one line and exits
     128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
@@ -96,6 +104,8 @@ def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.unraisablehook = hook
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            atexit.unregister(_ignore_signals)  # (re-)registered last, so it runs first at exit
+            atexit.register(_ignore_signals)
 
     return wrapper
 

@@ -7,9 +7,13 @@ else; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +33,79 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ActstoreError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+
+    return wrapper
+
+
+_stopping: list[int] = []  # the signal that is stopping this process, once one came
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt in the main thread, so every
+    ``except BaseException`` cleanup runs (a default SIGTERM kills without any). SIGINT is
+    re-armed because a process started in the background by a shell inherits it ignored.
+    A repeated signal is ignored: the cleanup the first one started must finish.
+    Returns the handlers it replaced."""
+
+    def stop(signum: int, frame: Any) -> None:
+        if _stopping:
+            return
+        _stopping.append(signum)
+        raise KeyboardInterrupt
+
+    return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An unraisable-exception hook: an interrupt that landed in a ``__del__`` or a
+    callback, where Python prints and drops exceptions, is sent again (from a thread, so
+    it lands after this hook), instead of being lost while the command carries on."""
+
+    def on_unraisable(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _stopping:
+            signum = _stopping.pop()  # the handler raises again on the next one
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            return
+        hook(unraisable)
+
+    return on_unraisable
+
+
+def _ignore_signals() -> None:
+    """At exit the work is done: an interrupt now would only print a traceback from
+    some library's atexit callback (torch's, seen in the kill tests)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """For commands that write: an interrupt cleans up, prints one line and exits
+    128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)  # signals reach the main thread only
+        _stopping.clear()
+        previous = stop_on_signals()
+        hook, sys.unraisablehook = sys.unraisablehook, _redeliver(sys.unraisablehook)
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            if not _stopping:  # raised by other means than our handler
+                sys.exit(128 + signal.SIGINT)
+            # os._exit: under `python -m`, an interrupt that landed inside exec()'d code
+            # (dataclasses, namedtuple) makes CPython die by SIGINT whatever sys.exit says.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + _stopping[0])
+        finally:
+            sys.unraisablehook = hook
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            atexit.unregister(_ignore_signals)  # (re-)registered last, so it runs first at exit
+            atexit.register(_ignore_signals)
 
     return wrapper
 
@@ -119,6 +196,7 @@ def _one_line_warnings() -> None:
 @scheduler_address_option
 @_quiet_option
 @click.option("--force", is_flag=True, help="capture even if the memory estimate exceeds what is available")
+@_interruptible
 @_fail_cleanly
 def capture(
     scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],

@@ -3,24 +3,10 @@
 
 from __future__ import annotations
 
-import signal
-from typing import Any
-
 import click
 
-from actstore.cli import _fail_cleanly, open_store, store_options
+from actstore.cli import _fail_cleanly, open_store, stop_on_signals, store_options
 from actstore.errors import OptionError
-
-
-def _stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM both stop the server cleanly (exit 0). SIGINT is re-armed
-    because a process started in the background by a shell inherits it ignored."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
 
 
 def register(main: click.Group) -> None:
@@ -55,7 +41,7 @@ def register(main: click.Group) -> None:
             raise OptionError(
                 f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another --port"
             ) from None
-        _stop_on_signals()
+        stop_on_signals()  # Ctrl-C and SIGTERM stop the server cleanly (exit 0)
         click.echo(f"actstore view: {server.url}  (Ctrl-C stops)")
         if not no_browser:
             import webbrowser

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from actstore import __version__, naming
@@ -246,7 +245,7 @@ def capture_run(
     except BaseException as e:
         if writer is not None:
             writer.abort()
-        _discard(store, run_id)
+        store.discard(run_id)
         cause = user_error_in(e)  # full disk, read-only store: the user's to fix
         if cause is not None:
             raise StoreError(f"{describe(cause, '--store', store.location)}; nothing was committed") from e
@@ -404,13 +403,3 @@ def _run_meta(
         "snapshots": snapshot_meta,
         "references": [r.label for r in scenario.reference_states],
     }
-
-
-def _discard(store: ActStore, run_id: str) -> None:
-    """Best effort: remove an uncommitted run's group (a kill leaves it invisible anyway)."""
-    try:
-        runs = store.root[naming.RUNS_PREFIX]
-        assert isinstance(runs, zarr.Group)
-        del runs[run_id]
-    except Exception:  # noqa: BLE001 - cleanup must not hide the original error
-        pass

@@ -74,20 +74,25 @@ def export_npz(
 
 
 def _write_via_temp(run: RunReader, target: Path, parent: Path, *, quiet: bool) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.partial-"))
+    tmp: Path | None = None
+    old: Path | None = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.partial-"))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the rename would keep that
         _write_run_dir(run, tmp, quiet=quiet)
         if target.exists():  # overwrite: move the old one aside first, drop it after
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:  # an interrupt (SIGTERM included, see cli.py) lands here too
+        if old is not None and not target.exists() and (old / target.name).exists():
+            os.replace(old / target.name, target)  # interrupted between the renames: undo
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_names(run: RunReader) -> None:

@@ -143,10 +143,7 @@ def import_npz(store: ActStore, run_dir: str | os.PathLike[str] | SeedDir, *, qu
     except BaseException:
         for w in writers:
             w.abort()
-        try:  # best effort: an uncommitted group is invisible anyway
-            del store.root[naming.RUNS_PREFIX][run_id]  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001 - cleanup must not hide the original error
-            pass
+        store.discard(run_id)
         raise
     finally:
         bar.close()

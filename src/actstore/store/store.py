@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -245,19 +246,30 @@ class ActStore:
         data = json.dumps({**entry, "id": run_id}, sort_keys=True).encode()
         key = naming.catalog_key(run_id)
         if isinstance(self.zstore, LocalStore):
-            from actstore.store.remote import create_temp
+            from actstore.store.remote import _local_put_atomic
 
-            path = Path(self.zstore.root) / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = create_temp(path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            # In this thread, not zarr's: an interrupt cannot leave the rename pending
+            # behind a discard(), and the temp file goes with the failure.
+            _local_put_atomic(Path(self.zstore.root) / key, data)
         else:
             buf = default_buffer_prototype().buffer.from_bytes(data)
             sync(self.zstore.set(key, buf))
+
+    def discard(self, run_id: str) -> None:
+        """Best effort: remove the group of a run whose writing failed or was interrupted
+        (left behind, it is an orphan no reader sees, for ``actstore gc``). Never a
+        committed run: an interrupt may land just after its catalog entry was written."""
+        self._writing.pop(run_id, None)
+        try:
+            sync(_settle())  # a write the interrupt left in flight would land after the delete
+            if sync(self.zstore.exists(naming.catalog_key(run_id))):
+                return
+            path = naming.run_path(run_id)
+            sync(self.zstore.delete_dir(path))
+            if isinstance(self.zstore, LocalStore):  # delete_dir leaves the emptied folders
+                shutil.rmtree(Path(self.zstore.root) / path, ignore_errors=True)
+        except Exception:  # noqa: BLE001 - cleanup must not hide the original error
+            pass
 
     # ---- reading ---------------------------------------------------------------------
     def catalog_entries(self) -> list[dict[str, Any]]:
@@ -400,6 +412,14 @@ class ActStore:
         runs = self.root[naming.RUNS_PREFIX]
         assert isinstance(runs, zarr.Group)
         return sorted(k for k in runs.group_keys() if k not in committed)
+
+
+async def _settle(timeout: float = 30) -> None:
+    """Wait for the other tasks on zarr's event loop (writes an interrupted caller left)."""
+    me = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not me]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 def _first_line(e: BaseException) -> str:

@@ -99,7 +99,10 @@ def register(main: click.Group) -> None:
         run: str, steps: str, position: int, top_k: int, device: str | None, out: str,
         store_location: str | None, storage_options: tuple[str, ...],
     ) -> None:  # fmt: skip
-        """Project each layer's hidden_out through the final norm and LM head; write logit_lens.json."""
+        """Project each layer's hidden_out through the final norm and LM head; write logit_lens.json.
+
+        Each entry's kl_from_final is KL(layer || last captured layer), as Activation Lab defines it.
+        """
         from actstore.models.loading import load_model
         from actstore.query.logit_lens import check_request, logit_lens, write_logit_lens_json
         from actstore.scenario import ModelConfig

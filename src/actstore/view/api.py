@@ -179,7 +179,7 @@ def decomposition(run: Any, step: int) -> dict[str, Any]:
 def logit_lens_step(run: Any, loaded: Any, step: int, top_k: int = 5) -> dict[str, Any]:
     """What each layer's residual stream would predict at the step's last position
     (``query.logit_lens.logit_lens``): per layer the argmax token, its probability,
-    KL(final || layer) and the top ``top_k``."""
+    KL(layer || final) (Activation Lab's direction) and the top ``top_k``."""
     from actstore.query.logit_lens import logit_lens
 
     step = step_index(run, step)

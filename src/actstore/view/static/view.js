@@ -251,7 +251,7 @@
         return "<tr><td class=\"num\">" + layer + "</td><td class=\"mono\">" + escapeHtml(JSON.stringify(l.argmax[i])) +
           "</td><td class=\"num\">" + l.p[i] + "</td><td class=\"num\">" + l.kl[i] + "</td><td class=\"mono small\">" + top + "</td></tr>";
       }).join("");
-      box.innerHTML = "<table class=\"lens\"><thead><tr><th>layer</th><th>predicts</th><th>p</th><th>KL from last layer</th>" +
+      box.innerHTML = "<table class=\"lens\"><thead><tr><th>layer</th><th>predicts</th><th>p</th><th>KL(layer || last)</th>" +
         "<th>top 5</th></tr></thead><tbody>" + rows + "</tbody></table>";
     }).catch(function (err) {
       box.innerHTML = '<p class="note">Logit lens unavailable: ' + escapeHtml(err.message) + "</p>";

@@ -7,6 +7,7 @@ log-probs, and the tiny model with its LM head scaled up."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from actstore.query.logit_lens import kl_from_final, logit_lens, write_logit_lens_json
 
 from .helpers import raw
+
+lens_module = importlib.import_module("actstore.query.logit_lens")  # the package re-exports the function
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -112,3 +115,21 @@ def test_logit_lens_kl_direction_on_peaked_model(tiny: Any) -> None:
     # peaked enough that a swapped direction is off by far more than the tolerance
     assert np.abs(want - reverse)[:-1].min() > 0.5, (want, reverse)
     np.testing.assert_allclose(df["kl_from_final"], want, rtol=1e-3, atol=1e-3)  # float32 lens
+
+
+def test_logit_lens_layers_measures_from_last_captured_layer(tiny: Any, monkeypatch: Any) -> None:
+    run, loaded = tiny.run, _peaked(tiny.loaded, 200.0)
+    assert len(run.layers) >= 3
+    chosen = list(run.layers[:2])  # leaves the last captured layer out
+    reads: list[Any] = []
+    select = lens_module.select
+    monkeypatch.setattr(lens_module, "select", lambda *a, **k: reads.append(a) or select(*a, **k))
+    df = logit_lens(run, loaded, steps=[0], top_k=3, layers=chosen).sort_values("layer")
+    assert len(reads) == 1  # the reference layer comes in the same read
+    assert df["layer"].tolist() == chosen
+    hidden = raw(run, "hidden_out")[:, int(df["position"].iloc[0])]
+    expected = _hand_lens(loaded, hidden)  # every captured layer
+    want = _kl(expected, expected[-1])[: len(chosen)]
+    assert np.abs(want - _kl(expected[:2], expected[1])).max() > 0.5  # last selected != last captured
+    np.testing.assert_allclose(df["kl_from_final"], want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(df["argmax_id"], expected[: len(chosen)].argmax(-1))

@@ -13,7 +13,7 @@ memory at ``layers x vocabulary``, through the model's final norm and LM head (a
 next-token distribution; the table keeps its top-k tokens, its argmax, and
 ``kl_from_final``. That is Activation Lab's definition, KL(layer || final) =
 sum_v p_layer(v) (log p_layer(v) - log p_final(v)), where *final* is the last captured
-layer. With the model's last layer captured, that
+layer, whether or not ``layers`` selects it. With the model's last layer captured, that
 distribution is the model's own output (hidden_out of the last block is taken before
 the final norm, as the model does).
 """
@@ -89,7 +89,8 @@ def logit_lens(
     layers: list[int] | None = None,
 ) -> pd.DataFrame:
     """Per step and layer: top-k tokens with log-probabilities, the argmax and
-    KL(layer || final) (:func:`kl_from_final`; *final* is the last captured layer).
+    KL(layer || final) (:func:`kl_from_final`; *final* is the last captured layer, read
+    too when ``layers`` leaves it out).
     ``position`` indexes the positions each step computed (-1: the last one; the
     prefill computes the whole prompt). Columns: run, step, position, layer, argmax_id,
     argmax_token, argmax_logprob, kl_from_final, top."""
@@ -97,7 +98,10 @@ def logit_lens(
 
     step_ids, positions = check_request(run, steps, position, top_k, layers)
     lay = list(run.layers) if layers is None else list(layers)
-    hidden = select(run, "hidden_out", positions, layers).compute()  # (L, n, H), one read
+    last = run.layers[-1]
+    read = lay if last in lay else [*lay, last]  # the KL reference, in the same read
+    hidden = select(run, "hidden_out", positions, read).compute()  # (L, n, H), one read
+    ref = read.index(last)
     model, tok = loaded.model, loaded.tokenizer
     lens = lens_function(model)
     param = next(model.parameters())
@@ -106,7 +110,7 @@ def logit_lens(
         for j, (step, pos) in enumerate(zip(step_ids, positions, strict=True)):
             h = torch.from_numpy(np.ascontiguousarray(hidden[:, j])).to(param.device, param.dtype)
             logp = torch.log_softmax(lens(h).float(), dim=-1)  # (L, V)
-            kl_t = kl_from_final(logp, logp[-1])
+            kl_t = kl_from_final(logp, logp[ref])
             top_v, top_i = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1)
             vals, ids = top_v.cpu().numpy(), top_i.cpu().numpy()
             kl = np.maximum(kl_t.cpu().numpy(), 0.0)  # rounding can dip below 0

@@ -133,9 +133,9 @@
   function drawHeatmap() {
     var params = { source: state.source, layer: state.layer, step: state.step, head: state.head, reduce: state.reduce };
     return api("heatmap", params).then(function (h) {
-      var signed = h.reduce === "signed" && h.source !== "attn_weights";
-      var trace = { type: "heatmap", z: h.z, colorscale: signed ? "RdBu" : "Viridis", reversescale: signed,
-                    zmid: signed ? 0 : undefined, hoverongaps: false };
+      // the colour scale comes from the API (positive red, as in the report and actstore heatmap)
+      var trace = { type: "heatmap", z: h.z, colorscale: h.colorscale,
+                    zmid: h.zmid === null ? undefined : h.zmid, hoverongaps: false };
       var layout = { margin: { l: 60, r: 10, t: 10, b: 50 }, height: 520, xaxis: { title: { text: h.xlabel } },
                      yaxis: { title: { text: h.ylabel }, autorange: "reversed" } };
       if (!h.reshaped) {

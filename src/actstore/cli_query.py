@@ -254,7 +254,7 @@ def tables_cmd(run_sel: str, table: str, layers: str, fmt: str,
 @_fail_cleanly
 def logit_lens_cmd(run_sel: str, steps: str, position: int, top_k: int, device: str | None, json_out: str | None,
                    layers: str, fmt: str, store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
-    """Each layer's hidden_out through the final norm and LM head: top tokens and KL from the last layer."""
+    """Each layer's hidden_out through the final norm and LM head: top tokens and KL(layer || last layer)."""
     from actstore import query as q
     from actstore.models.loading import load_model
     from actstore.query.logit_lens import check_request

@@ -63,15 +63,16 @@ def register(main: click.Group) -> None:
                   show_default=True, help="colour scale per image, symmetric around 0, or shared by all images")  # fmt: skip
     @click.option("--reduce", type=click.Choice(["signed", "abs"]), default="signed", show_default=True,
                   help="keep the sign, or draw magnitudes")  # fmt: skip
-    @click.option("--cmap", default="viridis", show_default=True, help="any Matplotlib colormap name")
+    @click.option("--cmap", default=None,
+                  help="any Matplotlib colormap name (default: RdBu_r with --normalize signed, else viridis)")  # fmt: skip
     @click.option("--out", "out", default="heatmaps", show_default=True, metavar="DIR",
                   help="images go to DIR/<run_id>/<source>/")  # fmt: skip
     @store_options
     @_quiet_option
     @_fail_cleanly
     def heatmap_cmd(
-        run: str, source: str, layers: str, steps: str, per_head: bool, normalize: str, reduce: str, cmap: str,
-        out: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool,
+        run: str, source: str, layers: str, steps: str, per_head: bool, normalize: str, reduce: str,
+        cmap: str | None, out: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool,
     ) -> None:  # fmt: skip
         """Render activation heatmaps of RUN: one PNG per layer x step (only those slices are read)."""
         from actstore.report.heatmaps import write_heatmaps
@@ -99,7 +100,10 @@ def register(main: click.Group) -> None:
         run: str, steps: str, position: int, top_k: int, device: str | None, out: str,
         store_location: str | None, storage_options: tuple[str, ...],
     ) -> None:  # fmt: skip
-        """Project each layer's hidden_out through the final norm and LM head; write logit_lens.json."""
+        """Project each layer's hidden_out through the final norm and LM head; write logit_lens.json.
+
+        Each entry's kl_from_final is KL(layer || last captured layer), as Activation Lab defines it.
+        """
         from actstore.models.loading import load_model
         from actstore.query.logit_lens import check_request, logit_lens, write_logit_lens_json
         from actstore.scenario import ModelConfig

@@ -1,8 +1,13 @@
 """Logit lens against an independent computation: the model's own modules applied with
-torch to vectors read straight from Zarr, and log-softmax of the stored logits."""
+torch to vectors read straight from Zarr, and log-softmax of the stored logits.
+
+The tiny random models predict almost uniformly (KL ~1e-2 either way), which hides a
+reversed KL; the tests of its direction use peaked distributions instead: synthetic
+log-probs, and the tiny model with its LM head scaled up."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from actstore.query.logit_lens import logit_lens, write_logit_lens_json
+from actstore.query.logit_lens import kl_from_final, logit_lens, write_logit_lens_json
 
 from .helpers import raw
+
+lens_module = importlib.import_module("actstore.query.logit_lens")  # the package re-exports the function
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -34,7 +41,7 @@ def test_logit_lens_matches_independent_computation(model_run: Any, tmp_path: Pa
             expected = _log_softmax(head(final_norm(h)).double().numpy())  # (L, V)
         sub = df[df.step == step].sort_values("layer")
         assert (sub["position"] == pos).all()
-        kl = (np.exp(expected[-1]) * (expected[-1] - expected)).sum(-1)
+        kl = (np.exp(expected) * (expected - expected[-1])).sum(-1)  # KL(layer || final)
         np.testing.assert_allclose(
             sub["kl_from_final"], np.maximum(kl, 0), rtol=1e-4, atol=2e-4
         )  # float32 lens
@@ -61,3 +68,68 @@ def test_logit_lens_position_out_of_range(model_run: Any) -> None:
 
     with pytest.raises(SelectionError):
         logit_lens(model_run.run, model_run.loaded, steps=[1], position=1)
+
+
+def _kl(p_log: np.ndarray, q_log: np.ndarray) -> np.ndarray:
+    """KL(p || q) along the last axis, by hand."""
+    return (np.exp(p_log) * (p_log - q_log)).sum(-1)
+
+
+def test_kl_from_final_is_layer_to_final() -> None:
+    # A peaked layer against a flatter final: KL(layer||final) and KL(final||layer) differ ~2x.
+    logits = np.array([[9.0, 0.0, 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 1.0, 0.0]])
+    logp = _log_softmax(logits)
+    final = logp[-1]
+    want, reverse = _kl(logp, final), _kl(final, logp)
+    assert abs(want[0] - reverse[0]) > 1.0  # the two directions are far apart here
+    got = kl_from_final(torch.from_numpy(logp), torch.from_numpy(final)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)  # float64 in, float64 out
+    assert got[-1] == 0
+
+
+def _peaked(loaded: Any, scale: float) -> Any:
+    """A copy of ``loaded`` whose LM head is ``scale`` times larger: the stored hidden
+    states are unchanged (the head acts after them) but each layer's lens is peaked."""
+    import copy
+    import dataclasses
+
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return dataclasses.replace(loaded, model=model)
+
+
+def _hand_lens(loaded: Any, hidden: np.ndarray) -> np.ndarray:
+    """(L, V) log-probs: the llama final norm and head by name, log-softmax in NumPy."""
+    model = loaded.model
+    with torch.inference_mode():
+        logits = model.lm_head(model.model.norm(torch.from_numpy(hidden.astype(np.float32))))
+    return _log_softmax(logits.double().numpy())
+
+
+def test_logit_lens_kl_direction_on_peaked_model(tiny: Any) -> None:
+    run, loaded = tiny.run, _peaked(tiny.loaded, 200.0)
+    df = logit_lens(run, loaded, steps=[0], top_k=3).sort_values("layer")
+    expected = _hand_lens(loaded, raw(run, "hidden_out")[:, int(df["position"].iloc[0])])
+    want, reverse = _kl(expected, expected[-1]), _kl(expected[-1], expected)
+    # peaked enough that a swapped direction is off by far more than the tolerance
+    assert np.abs(want - reverse)[:-1].min() > 0.5, (want, reverse)
+    np.testing.assert_allclose(df["kl_from_final"], want, rtol=1e-3, atol=1e-3)  # float32 lens
+
+
+def test_logit_lens_layers_measures_from_last_captured_layer(tiny: Any, monkeypatch: Any) -> None:
+    run, loaded = tiny.run, _peaked(tiny.loaded, 200.0)
+    assert len(run.layers) >= 3
+    chosen = list(run.layers[:2])  # leaves the last captured layer out
+    reads: list[Any] = []
+    select = lens_module.select
+    monkeypatch.setattr(lens_module, "select", lambda *a, **k: reads.append(a) or select(*a, **k))
+    df = logit_lens(run, loaded, steps=[0], top_k=3, layers=chosen).sort_values("layer")
+    assert len(reads) == 1  # the reference layer comes in the same read
+    assert df["layer"].tolist() == chosen
+    hidden = raw(run, "hidden_out")[:, int(df["position"].iloc[0])]
+    expected = _hand_lens(loaded, hidden)  # every captured layer
+    want = _kl(expected, expected[-1])[: len(chosen)]
+    assert np.abs(want - _kl(expected[:2], expected[1])).max() > 0.5  # last selected != last captured
+    np.testing.assert_allclose(df["kl_from_final"], want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(df["argmax_id"], expected[: len(chosen)].argmax(-1))

@@ -28,6 +28,10 @@ def _idle(page: Any, timeout_s: float = 60.0) -> None:
     page.wait_for_function("window.actstoreView.idle()", timeout=timeout_s * 1000)
 
 
+def _rgb(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text[text.index("(") + 1 : text.index(")")].split(","))
+
+
 def _requests(page: Any) -> int:
     return int(page.evaluate("window.actstoreView.requests.length"))
 
@@ -47,6 +51,12 @@ def test_viewer_draws_and_follows_the_controls(
             n_layers = len(two_run_store.run(first).layers)
             assert page.locator("#lens table.lens tbody tr").count() == n_layers
             assert page.locator("#lens tbody tr").last.locator("td").nth(3).inner_text() == "0"  # last layer: KL 0
+            # the signed scale as drawn: the max is red, the min blue (Activation Lab's RdBu_r)
+            trace = page.evaluate("(({colorscale, reversescale}) => ({colorscale, reversescale}))"
+                                  "(document.getElementById('heatmap')._fullData[0])")  # fmt: skip
+            scale = trace["colorscale"][::-1] if trace["reversescale"] else trace["colorscale"]
+            top, bottom = _rgb(scale[-1][1]), _rgb(scale[0][1])
+            assert top[0] > top[2] + 60 and bottom[2] > bottom[0] + 60, trace
 
             # another layer: a new read, different numbers
             z_before = page.evaluate("JSON.stringify(window.actstoreView.heatmap.z)")

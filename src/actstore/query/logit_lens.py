@@ -11,9 +11,11 @@ read lazily (one Zarr read for all steps), then passed, one step at a time to ke
 memory at ``layers x vocabulary``, through the model's final norm and LM head (and gemma2's logit softcap; found by
 ``actstore.models.architectures.resolve_sites``). Log-softmax gives each layer's
 next-token distribution; the table keeps its top-k tokens, its argmax, and
-KL(final || layer), where *final* is the last captured layer. With the model's last
-layer captured, that distribution is the model's own output (hidden_out of the last
-block is taken before the final norm, as the model does).
+``kl_from_final``. That is Activation Lab's definition, KL(layer || final) =
+sum_v p_layer(v) (log p_layer(v) - log p_final(v)), where *final* is the last captured
+layer, whether or not ``layers`` selects it. With the model's last layer captured, that
+distribution is the model's own output (hidden_out of the last block is taken before
+the final norm, as the model does).
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def lens_function(model: Any) -> Any:
     return lens
 
 
+def kl_from_final(logp: Any, final: Any) -> Any:
+    """KL(layer || final) per row of ``logp`` (torch log-probs, ``(L, V)``) against the
+    log-probs ``final`` (``(V,)``): sum_v p_layer (log p_layer - log p_final), Activation
+    Lab's direction, so the two tools' numbers agree."""
+    return (logp.exp() * (logp - final)).sum(-1)
+
+
 def check_request(
     run: Any, steps: list[int] | None, position: int = -1, top_k: int = 10, layers: list[int] | None = None
 ) -> tuple[list[int], list[int]]:
@@ -80,14 +89,19 @@ def logit_lens(
     layers: list[int] | None = None,
 ) -> pd.DataFrame:
     """Per step and layer: top-k tokens with log-probabilities, the argmax and
-    KL(final || layer). ``position`` indexes the positions each step computed (-1: the
-    last one; the prefill computes the whole prompt). Columns: run, step, position,
-    layer, argmax_id, argmax_token, argmax_logprob, kl_from_final, top."""
+    KL(layer || final) (:func:`kl_from_final`; *final* is the last captured layer, read
+    too when ``layers`` leaves it out).
+    ``position`` indexes the positions each step computed (-1: the last one; the
+    prefill computes the whole prompt). Columns: run, step, position, layer, argmax_id,
+    argmax_token, argmax_logprob, kl_from_final, top."""
     import torch
 
     step_ids, positions = check_request(run, steps, position, top_k, layers)
     lay = list(run.layers) if layers is None else list(layers)
-    hidden = select(run, "hidden_out", positions, layers).compute()  # (L, n, H), one read
+    last = run.layers[-1]
+    read = lay if last in lay else [*lay, last]  # the KL reference, in the same read
+    hidden = select(run, "hidden_out", positions, read).compute()  # (L, n, H), one read
+    ref = read.index(last)
     model, tok = loaded.model, loaded.tokenizer
     lens = lens_function(model)
     param = next(model.parameters())
@@ -96,8 +110,7 @@ def logit_lens(
         for j, (step, pos) in enumerate(zip(step_ids, positions, strict=True)):
             h = torch.from_numpy(np.ascontiguousarray(hidden[:, j])).to(param.device, param.dtype)
             logp = torch.log_softmax(lens(h).float(), dim=-1)  # (L, V)
-            final = logp[-1]
-            kl_t = (final.exp() * (final - logp)).sum(-1)  # KL(final || layer)
+            kl_t = kl_from_final(logp, logp[ref])
             top_v, top_i = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1)
             vals, ids = top_v.cpu().numpy(), top_i.cpu().numpy()
             kl = np.maximum(kl_t.cpu().numpy(), 0.0)  # rounding can dip below 0

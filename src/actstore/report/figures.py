@@ -30,7 +30,14 @@ PALETTE = (
 )  # fmt: skip
 # Similarity scales: red = divergent, green = similar (reversed for MAE, where high = far).
 SIMILARITY_SCALE = [[0.0, "#b91c1c"], [0.5, "#fde68a"], [1.0, "#15803d"]]
-DIVERGING_SCALE = "RdBu"
+# Signed values as Activation Lab draws them: matplotlib's RdBu_r at 11 stops, negative
+# blue, 0 white, positive red. Explicit because the name "RdBu" runs blue -> red (grey
+# middle) in plotly.js but red -> blue in plotly.py, so the name alone reads either way.
+DIVERGING_SCALE = [
+    [0.0, "rgb(5,48,97)"], [0.1, "rgb(32,101,171)"], [0.2, "rgb(67,147,195)"], [0.3, "rgb(144,196,221)"],
+    [0.4, "rgb(209,229,240)"], [0.5, "rgb(247,246,246)"], [0.6, "rgb(253,219,199)"], [0.7, "rgb(243,164,129)"],
+    [0.8, "rgb(214,96,77)"], [0.9, "rgb(177,24,43)"], [1.0, "rgb(103,0,31)"],
+]  # fmt: skip
 _MAX_CELL_TEXT = 400  # write values into heatmap cells only when they stay readable
 _MAX_TEXT_COLS = 12
 
@@ -122,8 +129,10 @@ def heatmap(
     reverse: bool = False,
     height: int | None = None,
     zlabel: str = "cosine",
+    signed: bool = False,
 ) -> dict[str, Any]:
-    """A heatmap of ``z`` (rows ``y``, columns ``x``), first row at the top."""
+    """A heatmap of ``z`` (rows ``y``, columns ``x``), first row at the top. ``signed``:
+    :data:`DIVERGING_SCALE` centred on 0 (positive red, negative blue)."""
     z = np.asarray(z, dtype=np.float64)
     rows, cols = z.shape
     trace: dict[str, Any] = {
@@ -138,6 +147,8 @@ def heatmap(
         "colorbar": {"thickness": 10, "title": {"text": zlabel, "side": "right"}},
         "hovertemplate": f"%{{y}} · %{{x}}<br>{zlabel}: %{{z:.4f}}<extra></extra>",
     }
+    if signed:
+        trace.update(colorscale=DIVERGING_SCALE, reversescale=False, zmid=0)
     if zmin is not None:
         trace["zmin"] = zmin
     if zmax is not None:

@@ -14,9 +14,10 @@ with one position (a decode step) is one vector, drawn as a near-square grid of 
 width instead of a 1-pixel strip. Attention is averaged over heads unless ``per_head``.
 
 Colour scale (``normalize``): ``per_image`` and ``none`` span each image's own min..max
-(the seed's behaviour), ``signed`` is symmetric around zero (use a diverging ``cmap``),
-``global`` shares one min..max over every image of the call (a first pass reads the
-slices once to find it). ``reduce="abs"`` draws magnitudes.
+(the seed's behaviour), ``signed`` is symmetric around zero, ``global`` shares one
+min..max over every image of the call (a first pass reads the slices once to find it).
+``reduce="abs"`` draws magnitudes. ``cmap`` defaults to ``RdBu_r`` for ``signed``
+(positive red, negative blue, as Activation Lab draws) and ``viridis`` otherwise.
 
 Files: ``<out>/<run_id>/<source>/layer_NN_step_MMM.png``; per head
 ``<out>/<run_id>/<source>/layer_NN/step_MMM_head_HH.png``; global sources (embeddings,
@@ -41,6 +42,12 @@ from actstore.report import progress as P
 
 NORMALIZE = ("none", "per_image", "signed", "global")
 REDUCE = ("signed", "abs")
+SIGNED_CMAP = "RdBu_r"  # Activation Lab's: positive red, negative blue
+
+
+def default_cmap(normalize: str) -> str:
+    """The colormap used when none is given: diverging for a scale symmetric around 0."""
+    return SIGNED_CMAP if normalize == "signed" else "viridis"
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,7 @@ def write_heatmaps(
     per_head: bool = False,
     normalize: str = "per_image",
     reduce: str = "signed",
-    cmap: str = "viridis",
+    cmap: str | None = None,
     out: str | Path = "heatmaps",
     progress: bool | None = None,
     dpi: int = 100,
@@ -200,6 +207,7 @@ def write_heatmaps(
     import matplotlib
 
     check_request(run, source, normalize, reduce)
+    cmap = cmap or default_cmap(normalize)
     if cmap not in matplotlib.colormaps:
         raise SelectionError(f"unknown colormap {cmap!r} (any Matplotlib name, e.g. viridis, RdBu_r, magma)")
     check_folder(out)  # before reading: a bad --out fails at once, creating nothing

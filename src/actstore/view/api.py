@@ -21,6 +21,7 @@ from actstore import naming
 from actstore.errors import SelectionError
 from actstore.query.analyses import neuron_trajectory, position_tokens, residual_decomposition
 from actstore.query.states import select, state_position, step_index, vector_sources
+from actstore.report.figures import DIVERGING_SCALE
 from actstore.report.heatmaps import Slice, check_request, grid_shape, read_slice
 from actstore.report.tokens import display_token
 
@@ -119,6 +120,10 @@ def heatmap(
         "rows": rows, "row_tokens": [tokens[p] for p in rows],
         "cols": list(range(0, data.shape[1], fc)), "block": [fr, fc],
     }  # fmt: skip
+    # positive red, negative blue (Activation Lab's RdBu_r) when the sign is kept
+    signed = reduce == "signed" and source != "attn_weights"
+    out["colorscale"] = DIVERGING_SCALE if signed else "Viridis"
+    out["zmid"] = 0 if signed else None
     if reshaped:
         out["grid"] = list(grid_shape(int(run.array(source).shape[-1])))
     if source == "attn_weights":
@@ -179,7 +184,7 @@ def decomposition(run: Any, step: int) -> dict[str, Any]:
 def logit_lens_step(run: Any, loaded: Any, step: int, top_k: int = 5) -> dict[str, Any]:
     """What each layer's residual stream would predict at the step's last position
     (``query.logit_lens.logit_lens``): per layer the argmax token, its probability,
-    KL(final || layer) and the top ``top_k``."""
+    KL(layer || final) (Activation Lab's direction) and the top ``top_k``."""
     from actstore.query.logit_lens import logit_lens
 
     step = step_index(run, step)

@@ -133,9 +133,9 @@
   function drawHeatmap() {
     var params = { source: state.source, layer: state.layer, step: state.step, head: state.head, reduce: state.reduce };
     return api("heatmap", params).then(function (h) {
-      var signed = h.reduce === "signed" && h.source !== "attn_weights";
-      var trace = { type: "heatmap", z: h.z, colorscale: signed ? "RdBu" : "Viridis", reversescale: signed,
-                    zmid: signed ? 0 : undefined, hoverongaps: false };
+      // the colour scale comes from the API (positive red, as in the report and actstore heatmap)
+      var trace = { type: "heatmap", z: h.z, colorscale: h.colorscale,
+                    zmid: h.zmid === null ? undefined : h.zmid, hoverongaps: false };
       var layout = { margin: { l: 60, r: 10, t: 10, b: 50 }, height: 520, xaxis: { title: { text: h.xlabel } },
                      yaxis: { title: { text: h.ylabel }, autorange: "reversed" } };
       if (!h.reshaped) {
@@ -251,7 +251,7 @@
         return "<tr><td class=\"num\">" + layer + "</td><td class=\"mono\">" + escapeHtml(JSON.stringify(l.argmax[i])) +
           "</td><td class=\"num\">" + l.p[i] + "</td><td class=\"num\">" + l.kl[i] + "</td><td class=\"mono small\">" + top + "</td></tr>";
       }).join("");
-      box.innerHTML = "<table class=\"lens\"><thead><tr><th>layer</th><th>predicts</th><th>p</th><th>KL from last layer</th>" +
+      box.innerHTML = "<table class=\"lens\"><thead><tr><th>layer</th><th>predicts</th><th>p</th><th>KL(layer || last)</th>" +
         "<th>top 5</th></tr></thead><tbody>" + rows + "</tbody></table>";
     }).catch(function (err) {
       box.innerHTML = '<p class="note">Logit lens unavailable: ' + escapeHtml(err.message) + "</p>";

@@ -294,6 +294,16 @@ def test_capture_into_a_full_disk(tmpfs: Path, world: Path, tiny_folder: Path, s
     assert len(ActStore.open(store).run_ids()) == 1  # the synthetic run, nothing else
 
 
+def test_capture_into_a_new_store_on_a_full_disk_leaves_nothing(tmpfs: Path, world: Path, tiny_folder: Path) -> None:
+    """The store the capture would have created is gone again: no empty store is left."""
+    store = tmpfs / "new.zarr"
+    sc = scenario_file(world, tiny_folder)
+    before = listing(tmpfs)
+    res = invoke("capture", sc, "--store", store, "-q")
+    assert_one_line(res, f"--store {store}", "no space left on device", "nothing was committed")
+    assert listing(tmpfs) == before and not store.exists()
+
+
 def test_read_only_store(tmpfs: Path, world: Path, tiny_folder: Path, synth_source: Path) -> None:
     """A store on a read-only filesystem: captures and imports refuse it before any work,
     reads keep working."""

@@ -15,10 +15,12 @@ in position-major arrays. The run becomes visible only at the final commit.
 from __future__ import annotations
 
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,9 +83,29 @@ def capture(
     if loaded is None:
         loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
     preflight(scenario, loaded, force=force)  # the full conversation is the longest run
+    new_folder = None
     if not isinstance(store, ActStore):
-        store = ActStore.open(location or DEFAULT_STORE, create=True, storage_options=storage_options)
-    return [capture_run(sub, store, loaded, progress=progress, force=force) for sub in scenario.runs()]
+        loc = location or DEFAULT_STORE
+        new_folder = None if "://" in loc or Path(loc).exists() else Path(loc)
+        store = ActStore.open(loc, create=True, storage_options=storage_options)
+    try:
+        return [capture_run(sub, store, loaded, progress=progress, force=force) for sub in scenario.runs()]
+    except BaseException:
+        if new_folder is not None:
+            _remove_if_unused(new_folder)  # the store this capture made holds nothing: no trace
+        raise
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """Remove a store folder this capture created if no run was committed into it and
+    no other writer has a run group in it (best effort, like discard)."""
+    try:
+        runs, catalog = folder / naming.RUNS_PREFIX, folder / naming.CATALOG_PREFIX
+        if (catalog.is_dir() and any(catalog.iterdir())) or (runs.is_dir() and any(p.is_dir() for p in runs.iterdir())):
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ weights, and captures split over many shards against HF position by position.
 Every capture here is float32 on a float32 model, so stored values are the model's own
 numbers; what differs from the oracle is only float32 summation order (a KV-cached
 decode step against one full-sequence pass, a batched matmul against a hand one).
+
+Bugs each test was seen to catch when planted: q/k (or k/v) swapped in a fused split
+(fused q/k/v test); a block written from the wrong rows of a pass, vector or attention
+(shards test); sliding-window rows left-aligned (attention test, gemma2; shards test).
 """
 
 from __future__ import annotations

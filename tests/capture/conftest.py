@@ -1,10 +1,13 @@
-"""Fixtures for capture tests: tiny models wrapped as LoadedModel, and a store per test."""
+"""Fixtures for capture tests: tiny models wrapped as LoadedModel, a store per test, and
+HF's own forward pass on a run's tokens (the oracle captures are compared with)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from actstore.models.loading import LoadedModel
 from actstore.scenario import scenario_from_dict
@@ -13,6 +16,14 @@ from actstore.testing import SAMPLE_MESSAGES, SAMPLE_REFERENCES, tiny_loaded
 
 MESSAGES = SAMPLE_MESSAGES
 REFERENCES = SAMPLE_REFERENCES
+
+
+def hf_forward(model: Any, tokens: np.ndarray, *, attentions: bool = False) -> Any:
+    """One full-sequence pass with HF's hidden states (and attention weights): what every
+    position of a capture, prefill or decode, must equal."""
+    with torch.inference_mode():
+        ids = torch.tensor([tokens.tolist()])
+        return model(input_ids=ids, output_hidden_states=True, output_attentions=attentions)
 
 
 def loaded_tiny(family: str, *, eager: bool = True) -> LoadedModel:

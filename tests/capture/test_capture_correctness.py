@@ -19,14 +19,9 @@ from actstore.capture.runner import capture_run
 from actstore.models.architectures import resolve_sites
 from actstore.testing import FAMILIES
 
-from .conftest import MESSAGES, REFERENCES, loaded_tiny, make_scenario
+from .conftest import MESSAGES, REFERENCES, hf_forward, loaded_tiny, make_scenario
 
 ATOL = 2e-5
-
-
-def _hf_states(model: Any, tokens: np.ndarray) -> Any:
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([tokens.tolist()]), output_hidden_states=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -35,7 +30,7 @@ def test_residual_stream_and_logits_match_hf(family: str, store: Any) -> None:
     res = capture_run(make_scenario(), store, loaded, progress=False)
     run = store.run(res.run_id)
     tokens = run.tokens()
-    out = _hf_states(loaded.model, tokens)
+    out = hf_forward(loaded.model, tokens)
     hs = [h[0].numpy() for h in out.hidden_states]
     n_layers = len(run.layers)
     hin = run.array("hidden_in").compute()
@@ -153,7 +148,7 @@ def test_snapshots_and_references_equal_separate_prefills(family: str, store: An
         assert hin.shape[0] == len(message_lists)
         for row, msgs in enumerate(message_lists):
             ids = np.asarray(render_ids(loaded.tokenizer, msgs))
-            hs = [h[0, -1].numpy() for h in _hf_states(loaded.model, ids).hidden_states]
+            hs = [h[0, -1].numpy() for h in hf_forward(loaded.model, ids).hidden_states]
             for li in range(len(run.layers) - 1):
                 np.testing.assert_allclose(hin[row, li], hs[li], atol=1e-4, rtol=1e-4)
                 np.testing.assert_allclose(hout[row, li], hs[li + 1], atol=1e-4, rtol=1e-4)
@@ -166,7 +161,7 @@ def test_layer_subset_keeps_real_indices(store: Any) -> None:
     sc = make_scenario(capture={"layers": [0, 2], "store_dtype": "float32"})
     run = store.run(capture_run(sc, store, loaded, progress=False).run_id)
     assert run.layers == [0, 2]
-    out = _hf_states(loaded.model, run.tokens())
+    out = hf_forward(loaded.model, run.tokens())
     np.testing.assert_allclose(run.array("hidden_in").compute()[1], out.hidden_states[2][0].numpy(), atol=ATOL)
     np.testing.assert_allclose(run.array("hidden_out").compute()[0], out.hidden_states[1][0].numpy(), atol=ATOL)
     assert run.array("q").shape[0] == 2

@@ -17,8 +17,8 @@ snapshot or reference stack is one read too. Slicing the reader's per-chunk Dask
 gives the same numbers with one task and one synchronous Zarr call per layer and
 position block (about 60 instead of one for an intra-run comparison), which dominates
 query time on many runs. Derived sources are served as the reader serves them
-(residual boundaries for hidden_in/hidden_out, ``mlp_act * mlp_up`` for mlp_down_in,
-bfloat16 bits widened); ``tests/query/test_states.py`` checks both paths agree on
+(residual boundaries for hidden_in/hidden_out, ``mlp_act * mlp_up`` for mlp_down_in
+rounded to the store dtype, bfloat16 bits widened); ``tests/query/test_states.py`` checks both paths agree on
 every source.
 """
 
@@ -239,8 +239,10 @@ def select_many(
         if source in naming.GLOBAL_SOURCES:
             out[source] = _vectors(run, naming.act_path(source), None, pos)
         elif source == "mlp_down_in" and _open(run, naming.act_path(source)) is None:
+            # The reader's derivation, so every path rounds the product alike (bfloat16).
             act = select(run, "mlp_act", list(pos), layers)
-            out[source] = act * select(run, "mlp_up", list(pos), layers) if run.meta["gated_mlp"] else act
+            up = select(run, "mlp_up", list(pos), layers) if run.meta["gated_mlp"] else act
+            out[source] = layout.derive_down_in(act, up, run.meta["gated_mlp"], run.meta["store_dtype"])
         else:
             out[source] = _vectors(run, naming.act_path(source), run.layer_index(layers), pos)
     return out

@@ -260,6 +260,11 @@ class Scenario(_Strict):
         """Which prompt of its file's list this run's scenario is (None: a single prompt)."""
         return self._prompt_index
 
+    @property
+    def prompt_field(self) -> str:
+        """How messages name this run's prompt in the file: prompt, or prompt[i] in a list."""
+        return "prompt" if self._prompt_index is None else f"prompt[{self._prompt_index}]"
+
     def _with_prompt(self, prompt: PromptConfig, index: int | None) -> Scenario:
         sub = self.model_copy(update={"prompt": prompt})
         sub._source_path = self._source_path

@@ -165,3 +165,13 @@ def test_single_prompt_capture_has_a_scenario_run_of_its_own(loaded: Any, store:
     alone = capture_run(make_scenario(), store, loaded, progress=False)
     assert store.run(alone.run_id).meta["scenario_run"] == alone.run_id
     assert store.run(alone.run_id).meta["prompt_index"] is None
+
+
+def test_every_prompt_is_checked_before_the_store_is_created(loaded: Any, tmp_path: Any) -> None:
+    from actstore.errors import ScenarioError
+
+    too_long = {"messages": [{"role": "user", "content": "word " * 600}]}  # > the tiny model's 512
+    location = tmp_path / "never.zarr"
+    with pytest.raises(ScenarioError, match=r": prompt\[1\]\.messages: the prompt is \d+ tokens .*\(shorten prompt\[1\]\.messages"):
+        capture(make_scenario(prompt=[PROMPTS[2], too_long]), str(location), loaded=loaded, progress=False)
+    assert not location.exists()  # the first prompt fits, but nothing was captured

@@ -175,3 +175,39 @@ def test_every_prompt_is_checked_before_the_store_is_created(loaded: Any, tmp_pa
     with pytest.raises(ScenarioError, match=r": prompt\[1\]\.messages: the prompt is \d+ tokens .*\(shorten prompt\[1\]\.messages"):
         capture(make_scenario(prompt=[PROMPTS[2], too_long]), str(location), loaded=loaded, progress=False)
     assert not location.exists()  # the first prompt fits, but nothing was captured
+
+
+def test_cli_captures_activation_labs_multi_prompt_file(tmp_path: Any) -> None:
+    """Activation Lab's multi-prompt fixture file, with only the model (and its layers)
+    swapped for a saved tiny model: one output line per run, in order, one scenario run."""
+    import yaml
+
+    from actstore.testing import tiny_model
+
+    folder = tmp_path / "tiny-llama"
+    model, tok = tiny_model("llama", seed=3)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = {
+        "name": "seed_fixture_multi",
+        "model": {"id": str(folder), "dtype": "float32", "device": "cpu"},
+        "prompt": [{"messages": [{"role": "user", "content": "Say hi."}]},
+                   {"run_at_each_message": True, "messages": [{"role": "system", "content": "Be terse."},
+                                                               {"role": "user", "content": "Sky colour?"}]}],
+        "generation": {"max_new_tokens": 2, "do_sample": False, "temperature": 0},
+        "capture": {"layers": [0, 2], "attention_weights": False, "logits": False, "top_k_probs": 2},
+        "reference_states": [{"label": "calm", "messages": [{"role": "user", "content": "All quiet."}]}],
+    }  # fmt: skip
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump(data))
+    location = str(tmp_path / "store.zarr")
+    cli = CliRunner()
+    res = cli.invoke(main, ["capture", str(path), "--store", location, "-q", "--strict"])
+    assert res.exit_code == 0, res.output
+    ids = [line.split("\t")[0] for line in res.stdout.splitlines()]
+    assert len(ids) == 3 and res.stderr == ""
+    rows = json.loads(cli.invoke(main, ["ls", "--store", location, "--format", "json"]).stdout)
+    assert [r["id"] for r in rows] == ids and len({r["scenario_run"] for r in rows}) == 1
+    store = ActStore.open(location)
+    got = [(r.meta["prompt_index"], [m["content"] for m in r.scenario["prompt"]["messages"]]) for r in store.runs()]
+    assert got == [(0, ["Say hi."]), (1, ["Be terse."]), (1, ["Be terse.", "Sky colour?"])]

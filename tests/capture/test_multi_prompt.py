@@ -211,3 +211,26 @@ def test_cli_captures_activation_labs_multi_prompt_file(tmp_path: Any) -> None:
     store = ActStore.open(location)
     got = [(r.meta["prompt_index"], [m["content"] for m in r.scenario["prompt"]["messages"]]) for r in store.runs()]
     assert got == [(0, ["Say hi."]), (1, ["Be terse."]), (1, ["Be terse.", "Sky colour?"])]
+
+
+def test_npz_export_and_import_keep_the_scenario_run(captured: Any, tmp_path: Any) -> None:
+    import shutil
+
+    from actstore.store.npz_export import export_npz
+    from actstore.store.npz_import import import_npz
+
+    store, results, _ = captured
+    run = store.run(results[1].run_id)
+    folder = export_npz(run, tmp_path / "exported", quiet=True)
+    other = ActStore.open(tmp_path / "other.zarr", create=True)
+    copy = other.run(import_npz(other, folder, quiet=True))
+    assert (copy.meta["scenario_run"], copy.meta["prompt_index"]) == (run.meta["scenario_run"], 1)
+    assert other.resolve(run.meta["scenario_run"]) == [copy.id]
+    # a directory without actstore's block (another tool's) is a scenario run of its own
+    plain = tmp_path / "plain"
+    shutil.copytree(folder, plain)
+    run_json = json.loads((plain / "run.json").read_text())
+    del run_json["actstore"]
+    (plain / "run.json").write_text(json.dumps(run_json))
+    alone = other.run(import_npz(other, plain, quiet=True))
+    assert alone.meta["scenario_run"] == alone.id and alone.meta["prompt_index"] is None

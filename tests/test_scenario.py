@@ -102,9 +102,9 @@ def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
     return path
 
 
-def error_for(path: Path) -> str:
+def error_for(path: Path, *, strict: bool = False) -> str:
     with pytest.raises(ScenarioError) as info:
-        load_scenario(path)
+        load_scenario(path, strict=strict)
     return str(info.value)
 
 
@@ -270,7 +270,7 @@ BAD_CASES: list[tuple[str, str, str, str]] = [
     ("negative_layer", MINIMAL_YAML + "capture:\n  layers: [0, -1]\n", "capture.layers[1]", "negative"),
     ("bad_name", MINIMAL_YAML.replace("name: tiny", "name: my exp"), "name", "no spaces or slashes"),
     ("bad_format", MINIMAL_YAML + "output:\n  format: parquet\n", "output.format", "json+npz"),
-    ("bad_top_p", MINIMAL_YAML + "generation:\n  top_p: 1.5\n", "generation.top_p", "<= 1"),
+    ("bad_top_p", MINIMAL_YAML + "generation:\n  do_sample: true\n  top_p: 1.5\n", "generation.top_p", "<= 1"),
     ("bad_device", MINIMAL_YAML.replace("id: smollm2", "id: smollm2\n  device: tpu"), "model.device", "cuda:N"),
     ("section_not_mapping", MINIMAL_YAML + "capture: yes\n", "capture", "expected a mapping"),
 ]
@@ -279,7 +279,7 @@ BAD_CASES: list[tuple[str, str, str, str]] = [
 @pytest.mark.parametrize(("text", "field", "fragment"), [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
 def test_bad_input_one_line(tmp_path: Path, text: str, field: str, fragment: str) -> None:
     path = write(tmp_path, text)
-    msg = error_for(path)
+    msg = error_for(path, strict=True)  # unknown keys are errors only when strict
     assert_one_line(msg, path, f": {field}: ")
     assert fragment in msg, msg
     assert msg.count("(") >= 1  # every message carries a fix

@@ -22,23 +22,28 @@ def open_store(location: str, *, create: bool = False, storage_options: dict[str
     return ActStore.open(location, create=create, storage_options=storage_options)
 
 
-def load_scenario(path: str) -> Any:
+def load_scenario(path: str, *, strict: bool = False) -> Any:
+    """One scenario file; ``strict=True``: an unknown key is an error, not a warning."""
     from actstore.scenario import load_scenario as _load
 
-    return _load(path)
+    return _load(path, strict=strict)
 
 
-def load_scenarios(path: str) -> Any:
+def load_scenarios(path: str, *, strict: bool = False) -> Any:
     from actstore.scenario import load_scenarios as _load
 
-    return _load(path)
+    return _load(path, strict=strict)
 
 
-def capture_scenario(scenario: Any, store: Any = None, **kwargs: Any) -> Any:
-    """Capture a scenario into a store; see actstore.capture.runner.capture.
+def capture_scenario(scenario: Any, store: Any = None, *, strict: bool = False, **kwargs: Any) -> Any:
+    """Capture a scenario (or a scenario file's path) into a store; see
+    actstore.capture.runner.capture. ``strict=True``: a file with an unknown key is refused.
 
     (Not named ``capture``: that name is the ``actstore.capture`` subpackage, which
     replaces a same-named attribute as soon as anything imports it.)"""
     from actstore.capture.runner import capture as _capture
+    from actstore.scenario import Scenario
 
-    return _capture(scenario, store, **kwargs)
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(str(scenario), strict=strict)
+    return _capture(scenario, store, strict=strict, **kwargs)

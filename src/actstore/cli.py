@@ -172,22 +172,24 @@ def main() -> None:
 
 
 def _one_line_warnings() -> None:
-    """Damage warnings (a run skipped, a catalog entry unreadable) print as one
-    ``warning:`` line on stderr, like errors, instead of Python's file:line format."""
+    """Damage warnings (a run skipped, a catalog entry unreadable) and scenario warnings
+    (an unknown key ignored) print as one ``warning:`` line on stderr, like errors,
+    instead of Python's file:line format."""
     import warnings
 
-    from actstore.errors import DamageWarning
+    from actstore.errors import DamageWarning, ScenarioWarning
 
     shown = warnings.showwarning
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if issubclass(category, DamageWarning):
+        if issubclass(category, DamageWarning | ScenarioWarning):
             click.echo(f"warning: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
     warnings.simplefilter("always", DamageWarning)
+    warnings.simplefilter("always", ScenarioWarning)
 
 
 @main.command()
@@ -196,19 +198,23 @@ def _one_line_warnings() -> None:
 @scheduler_address_option
 @_quiet_option
 @click.option("--force", is_flag=True, help="capture even if the memory estimate exceeds what is available")
+@click.option("--strict", is_flag=True, help="refuse a scenario with an unknown key (default: warn and ignore it)")
 @_interruptible
 @_fail_cleanly
 def capture(
     scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],
-    scheduler_address: str | None, quiet: bool, force: bool,
+    scheduler_address: str | None, quiet: bool, force: bool, strict: bool,
 ) -> None:  # fmt: skip
     """Run the model on a scenario file (or every scenario in a folder) and store the runs.
+
+    A file whose prompt is a list gives one run per prompt, in order, sharing one
+    scenario-run id (see `actstore ls`) and one capture of the references.
 
     With --scheduler, each scenario is one task on the cluster's workers, which write into
     the store directly: give a store they can all reach (an s3:// URL or a shared path)."""
     from actstore.scenario import DEFAULT_STORE, load_scenarios
 
-    scenarios = load_scenarios(scenario_path)  # validate everything before any work
+    scenarios = load_scenarios(scenario_path, strict=strict)  # validate everything before any work
     _quiet_hf_loading()
     if scheduler_address:
         from actstore.distributed import capture_with_scheduler
@@ -248,12 +254,14 @@ def capture(
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @_fail_cleanly
 def ls_cmd(store_location: str | None, storage_options: tuple[str, ...], fmt: str) -> None:
-    """List the committed runs in a store (reads the catalog only)."""
+    """List the committed runs in a store (reads the catalog only). scenario_run is the
+    id shared by the runs captured from one scenario file; it selects them all."""
     store = open_store(store_location, storage_options)
     df = store.catalog()
     cols = [
         "id",
         "scenario",
+        "scenario_run",
         "model",
         "created_at",
         "prompt_len",

@@ -63,7 +63,7 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return _opt("--run", "run_sel", default="latest", help="run id, id prefix, scenario name or latest")(fn)
+    return _opt("--run", "run_sel", default="latest", help="run id, id prefix, scenario-run id, scenario name or latest")(fn)
 
 
 @click.group("query")
@@ -73,7 +73,7 @@ def query() -> None:
 
 def _metric_command(metric: str) -> click.Command:
     @_opt("--runs", "runs", multiple=True, default=("latest",),
-          help="run ids, id prefixes, scenario names, latest or all (repeatable)")  # fmt: skip
+          help="run ids, id prefixes, scenario-run ids, scenario names, latest or all (repeatable)")  # fmt: skip
     @_opt(
         "--source",
         "sources",

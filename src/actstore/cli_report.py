@@ -27,7 +27,7 @@ def register(main: click.Group) -> None:
     @main.command("report")
     @store_options
     @click.option("--runs", "runs", multiple=True, metavar="RUN",
-                  help="run ids, id prefixes, scenario names, latest or all (repeatable or comma-separated; default: all)")  # fmt: skip
+                  help="run ids, id prefixes, scenario-run ids, scenario names, latest or all (repeatable or comma-separated; default: all)")  # fmt: skip
     @click.option("--out", "out", default="results", show_default=True, metavar="DIR",
                   help="folder for report.html, its timestamped copy and the four CSVs")  # fmt: skip
     @click.option("--overlap-by", type=click.Choice(["magnitude", "value"]), default="magnitude", show_default=True,

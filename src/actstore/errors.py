@@ -58,6 +58,11 @@ class DamageWarning(UserWarning):
     """A damaged run or catalog entry was skipped; the message names it."""
 
 
+class ScenarioWarning(UserWarning):
+    """A scenario file loads, but with something ignored (an unknown key); the message
+    names the file, the field and the fix, on one line."""
+
+
 class BadNameError(ActstoreError, ValueError):
     """A name that becomes a path piece (scenario name, label, role, run id, file name)
     breaks the naming rule of :func:`actstore.naming.check_name`."""

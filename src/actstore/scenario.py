@@ -4,28 +4,39 @@ A scenario says which model to load, which conversation to feed it, how to gener
 what to capture. This module parses YAML into frozen pydantic models and turns every
 validation failure into one ``ScenarioError`` line: ``<file>: <field.path>: <what> (<fix>)``.
 The format is the seed's unchanged, plus ``output.store`` (where the Zarr store goes).
+
+Every file Activation Lab accepts loads and means the same: ``prompt`` may be a list of
+prompts (one run each), sampling numbers are checked only when ``do_sample`` is true, and
+an unknown key is a ``ScenarioWarning`` naming the nearest known key (``strict=True``
+makes it the error it is in actstore's own format).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from actstore import naming
-from actstore.errors import ScenarioError
+from actstore.errors import ScenarioError, ScenarioWarning
 
 DEFAULT_STORE = "stores/actstore.zarr"  # used when output.store is null; relative to the cwd
 
@@ -104,10 +115,28 @@ class PromptConfig(_Strict):
 class GenerationConfig(_Strict):
     max_new_tokens: int = Field(default=50, ge=1)
     do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    top_k: int | None = Field(default=None, ge=1)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    # Plain numbers, as in Activation Lab: greedy decoding never reads them, so
+    # `do_sample: false, temperature: 0` is a valid file. Checked only when sampling.
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _sampling_numbers(self) -> GenerationConfig:
+        if not self.do_sample:
+            return self
+        fix = "or set do_sample: false"
+        if self.temperature <= 0:
+            raise _Invalid(f"must be > 0 when do_sample is true, got {_show(self.temperature)}",
+                           f"use a value > 0, {fix}", ("temperature",))  # fmt: skip
+        if self.top_k is not None and self.top_k < 1:
+            raise _Invalid(f"must be >= 1 when do_sample is true, got {self.top_k}",
+                           f"use a value >= 1 or null, {fix}", ("top_k",))  # fmt: skip
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise _Invalid(f"must be > 0 and <= 1 when do_sample is true, got {_show(self.top_p)}",
+                           f"use a value in (0, 1] or null, {fix}", ("top_p",))  # fmt: skip
+        return self
 
 
 class CaptureConfig(_Strict):
@@ -144,16 +173,31 @@ class ReferenceState(_Strict):
         return _check_safe_name(v, "label", "calm")
 
 
+def _prompt_form(value: Any) -> str:
+    return "list" if isinstance(value, list) else "mapping"
+
+
+_PROMPT_TAGS = ("mapping", "list")  # appear in pydantic's error locations after "prompt"
+
+# One prompt mapping, or Activation Lab's list of them (what its scenario builder writes).
+Prompts = Annotated[
+    Annotated[PromptConfig, Tag("mapping")] | Annotated[list[PromptConfig], Tag("list"), Field(min_length=1)],
+    Discriminator(_prompt_form),
+]
+
+
 class Scenario(_Strict):
     name: str
     model: ModelConfig
-    prompt: PromptConfig
+    prompt: Prompts
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     reference_states: list[ReferenceState] = []
 
     _source_path: Path | None = PrivateAttr(default=None)
+    _prompt_index: int | None = PrivateAttr(default=None)  # set on the runs of a prompt list
+    _unknown: tuple[str, ...] = PrivateAttr(default=())  # strict-mode errors of ignored keys
 
     @field_validator("name")
     @classmethod
@@ -187,20 +231,68 @@ class Scenario(_Strict):
         """Every key with its default filled in, JSON-serialisable (goes into run metadata)."""
         return self.model_dump(mode="json")
 
+    def check_strict(self) -> None:
+        """Raise the ScenarioError that ``strict=True`` loading would have raised, if the
+        file had unknown keys (they were ignored with a warning)."""
+        if self._unknown:
+            more = f" (+{len(self._unknown) - 1} more)" if len(self._unknown) > 1 else ""
+            raise ScenarioError(self._unknown[0] + more)
+
+    @property
+    def prompts(self) -> list[PromptConfig]:
+        """Every prompt of the file: one, or Activation Lab's list, in order."""
+        return list(self.prompt) if isinstance(self.prompt, list) else [self.prompt]
+
+    @property
+    def single_prompt(self) -> PromptConfig:
+        """The one prompt of a single-prompt scenario (what one run captures)."""
+        if isinstance(self.prompt, list):
+            if len(self.prompt) == 1:
+                return self.prompt[0]
+            raise ScenarioError(
+                f"{self.source}: prompt: a list of {len(self.prompt)} prompts is several runs "
+                "(capture it with capture(), or capture each of scenario.runs())"
+            )
+        return self.prompt
+
+    @property
+    def prompt_index(self) -> int | None:
+        """Which prompt of its file's list this run's scenario is (None: a single prompt)."""
+        return self._prompt_index
+
+    @property
+    def prompt_field(self) -> str:
+        """How messages name this run's prompt in the file: prompt, or prompt[i] in a list."""
+        return "prompt" if self._prompt_index is None else f"prompt[{self._prompt_index}]"
+
+    def _with_prompt(self, prompt: PromptConfig, index: int | None) -> Scenario:
+        sub = self.model_copy(update={"prompt": prompt})
+        sub._source_path = self._source_path
+        sub._prompt_index = index
+        return sub
+
+    def prompt_scenarios(self) -> list[Scenario]:
+        """One single-prompt scenario per prompt of the file, in order."""
+        if not isinstance(self.prompt, list):
+            return [self]
+        return [self._with_prompt(p, i) for i, p in enumerate(self.prompt)]
+
     def prefix_scenarios(self) -> list[Scenario]:
         """One scenario per message prefix messages[:1..n], each running the prefix once."""
         out: list[Scenario] = []
-        msgs = self.prompt.messages
+        msgs = self.single_prompt.messages
         for k in range(1, len(msgs) + 1):
             prompt = PromptConfig(messages=list(msgs[:k]), run_at_each_message=False)
-            sub = self.model_copy(update={"prompt": prompt})
-            sub._source_path = self._source_path
-            out.append(sub)
+            out.append(self._with_prompt(prompt, self._prompt_index))
         return out
 
     def runs(self) -> list[Scenario]:
-        """The scenarios to actually run: the prefixes when run_at_each_message, else self."""
-        return self.prefix_scenarios() if self.prompt.run_at_each_message else [self]
+        """The single-prompt scenarios to actually run, in order: per prompt of the file,
+        its message prefixes when run_at_each_message, else the prompt itself."""
+        out: list[Scenario] = []
+        for sub in self.prompt_scenarios():
+            out += sub.prefix_scenarios() if sub.single_prompt.run_at_each_message else [sub]
+        return out
 
 
 # ---------------------------------------------------------------------------- errors
@@ -220,6 +312,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _strip_tags(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Drop the prompt union's tags, so paths read as the user wrote them."""
+    return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "prompt" and p in _PROMPT_TAGS))
+
+
 def _field_path(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:
@@ -227,21 +324,28 @@ def _field_path(loc: tuple[str | int, ...]) -> str:
     return out or "<top level>"
 
 
+def _submodel(ann: Any) -> type[BaseModel] | None:
+    """The model class inside an annotation (through lists, unions and Annotated)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if get_origin(ann) in (list, Union, UnionType, Annotated):
+        for arg in get_args(ann):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
 def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
     """The model class whose keys live at ``loc`` (list indices skipped)."""
-    cls: type[BaseModel] = Scenario
+    cls: type[BaseModel] | None = Scenario
     for part in loc:
         if isinstance(part, int):
             continue
-        field = cls.model_fields.get(part)
+        field = cls.model_fields.get(part) if cls is not None else None
         if field is None:
             return None
-        ann = field.annotation
-        while get_origin(ann) is list:
-            ann = get_args(ann)[0]
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        cls = ann
+        cls = _submodel(field.annotation)
     return cls
 
 
@@ -258,7 +362,7 @@ _TYPE_WORDS: dict[str, tuple[str, str]] = {
 
 def _describe(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str, str]:
     """(field loc, what is wrong, how to fix) for one pydantic error."""
-    loc, kind, ctx, value = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
+    loc, kind, ctx, value = _strip_tags(tuple(err["loc"])), err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "value_error" and isinstance(ctx.get("error"), _Invalid):
         e = ctx["error"]
         return loc + e.at, e.what, e.fix
@@ -276,7 +380,9 @@ def _describe(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str, str]:
         options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         return loc, f"{loc[-1]} {_show(value)} is not allowed", f"use one of: {', '.join(options)}"
     if kind == "too_short":
-        entry = "message with role and content" if loc[-1] == "messages" else "entry"
+        entry = {"messages": "message with role and content", "prompt": "prompt with messages"}.get(
+            str(loc[-1]), "entry"
+        )
         return loc, "must not be empty", f"add at least one {entry}"
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
@@ -320,25 +426,68 @@ class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
         return mapping
 
 
-def scenario_from_dict(data: Any, source: str = "<dict>") -> Scenario:
-    """Validate parsed YAML (or any mapping); errors become one ScenarioError line."""
+def _drop_unknown(
+    data: Any, cls: type[BaseModel], loc: tuple[str | int, ...], found: list[tuple[tuple[str | int, ...], str]]
+) -> Any:
+    """``data`` without the keys ``cls`` (and the models inside it) does not know; each
+    dropped key goes into ``found`` with the nearest known key."""
+    if not isinstance(data, dict):
+        return data  # a wrong type: validation names it
+    out: dict[Any, Any] = {}
+    for key, value in data.items():
+        field = cls.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            near = difflib.get_close_matches(str(key), list(cls.model_fields), n=1, cutoff=0.0)
+            found.append((loc + (str(key),), near[0] if near else ""))
+            continue
+        sub = _submodel(field.annotation)
+        if sub is not None and isinstance(value, list):
+            value = [_drop_unknown(v, sub, loc + (key, i), found) for i, v in enumerate(value)]
+        elif sub is not None:
+            value = _drop_unknown(value, sub, loc + (key,), found)
+        out[key] = value
+    return out
+
+
+def scenario_from_dict(data: Any, source: str = "<dict>", *, strict: bool = False) -> Scenario:
+    """Validate parsed YAML (or any mapping); errors become one ScenarioError line.
+
+    An unknown key is ignored with a one-line ScenarioWarning naming the nearest known
+    key, as Activation Lab ignores it; ``strict=True`` makes it an error."""
     if not isinstance(data, dict):
         got = "an empty file" if data is None else _show(data)
         raise ScenarioError(
             f"{source}: <top level>: expected a mapping of scenario keys, got {got} "
             f"(start the file with 'name: ...', 'model:' and 'prompt:')"
         )
+    unknown: list[tuple[tuple[str | int, ...], str]] = []
+    if not strict:
+        data = _drop_unknown(data, Scenario, (), unknown)
+        for loc, near in unknown:
+            warnings.warn(
+                f"{source}: {_field_path(loc)}: unknown key {loc[-1]!r} ignored, nearest known key "
+                f"{near!r} (fix or remove it; --strict makes this an error)",
+                ScenarioWarning,
+                stacklevel=2,
+            )
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         raise _translate(exc, source) from None
     if source != "<dict>":
         scenario._source_path = Path(source)
+    scenario._unknown = tuple(_unknown_error(loc, source) for loc, _ in unknown)
     return scenario
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate one scenario YAML file."""
+def _unknown_error(loc: tuple[str | int, ...], source: str) -> str:
+    """The error ``strict=True`` gives for an unknown key at ``loc``."""
+    _, what, fix = _describe({"loc": loc, "type": "extra_forbidden"})
+    return f"{source}: {_field_path(loc)}: {what} ({fix})"
+
+
+def load_scenario(path: str | Path, *, strict: bool = False) -> Scenario:
+    """Read and validate one scenario YAML file (``strict``: see scenario_from_dict)."""
     p = Path(path)
     if p.is_dir():
         raise ScenarioError(f"{p}: is a directory (pass a .yaml file, or use load_scenarios)")
@@ -359,20 +508,20 @@ def load_scenario(path: str | Path) -> Scenario:
         ) from None
     except yaml.YAMLError as exc:
         raise ScenarioError(_one_line(f"{p}: YAML error: {exc} (fix the YAML)")) from None
-    return scenario_from_dict(data, source=str(p))
+    return scenario_from_dict(data, source=str(p), strict=strict)
 
 
-def load_scenarios(path_or_dir: str | Path) -> list[Scenario]:
+def load_scenarios(path_or_dir: str | Path, *, strict: bool = False) -> list[Scenario]:
     """One file, or every *.yaml/*.yml directly inside a directory, sorted by file name."""
     p = Path(path_or_dir)
     if not p.is_dir():
-        return [load_scenario(p)]
+        return [load_scenario(p, strict=strict)]
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml"))
     if not files:
         raise ScenarioError(
             f"{p}: no *.yaml or *.yml scenario files in this directory (add one or pass a file)"
         )
-    return [load_scenario(f) for f in files]
+    return [load_scenario(f, strict=strict) for f in files]
 
 
 def check_layers(scenario: Scenario, num_layers: int) -> list[int]:

@@ -110,7 +110,8 @@ def test_bad_scenarios_exit_2_with_one_line_and_write_nothing(tmp_path: Path) ->
     for fname, text in cases.items():
         path = tmp_path / fname
         path.write_text(text)
-        result = _invoke(["capture", str(path), "--store", str(location)])
+        strict = ["--strict"] if fname == "unknown_key.yaml" else []  # else a warning, and it loads
+        result = _invoke(["capture", str(path), "--store", str(location), *strict])
         assert result.exit_code == 2, (fname, result.output)
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and fname in lines[0], (fname, result.output)

@@ -44,9 +44,9 @@ def check_context(scenario: Any, model_id: str, limit: int | None, prompt_len: i
     positions = prompt_len + gen - 1  # the last generated token is never fed back
     if positions > limit:
         raise ScenarioError(
-            f"{scenario.source}: prompt.messages: the prompt is {prompt_len} tokens and "
+            f"{scenario.source}: {scenario.prompt_field}.messages: the prompt is {prompt_len} tokens and "
             f"generation.max_new_tokens is {gen}, {positions} positions, but {model_id} handles "
-            f"{limit} (shorten prompt.messages or lower generation.max_new_tokens)"
+            f"{limit} (shorten {scenario.prompt_field}.messages or lower generation.max_new_tokens)"
         )
     for i, n in enumerate(ref_lens):
         if n > limit:
@@ -60,8 +60,8 @@ def check_prefix(scenario: Any, model_id: str, limit: int | None, k: int, n: int
     """Snapshot prefix ``messages[:k + 1]`` fits (its generation prompt can add a few tokens)."""
     if limit is not None and n > limit:
         raise ScenarioError(
-            f"{scenario.source}: prompt.messages[{k}]: the conversation up to this message is {n} "
-            f"tokens, but {model_id} handles {limit} (shorten prompt.messages)"
+            f"{scenario.source}: {scenario.prompt_field}.messages[{k}]: the conversation up to this message is {n} "
+            f"tokens, but {model_id} handles {limit} (shorten {scenario.prompt_field}.messages)"
         )
 
 
@@ -161,8 +161,8 @@ def check_memory(scenario: Any, need: Estimate, available: int | None, force: bo
     if force or available is None or need.total <= available:
         return
     raise ResourceError(
-        f"{scenario.source}: prompt.messages: capturing needs about {_gib(need.total)} "
-        f"({need.describe()}) but {_gib(available)} is available (shorten prompt.messages, "
+        f"{scenario.source}: {scenario.prompt_field}.messages: capturing needs about {_gib(need.total)} "
+        f"({need.describe()}) but {_gib(available)} is available (shorten {scenario.prompt_field}.messages, "
         "set capture.attention_weights: false, capture fewer capture.layers, or pass --force to try anyway)"
     )
 

@@ -63,6 +63,14 @@ def attn_implementation(scenario: Scenario) -> str | None:
     return "eager" if scenario.capture.attention_weights else None
 
 
+@dataclass
+class SharedReferences:
+    """The reference states of one scenario file, computed by its first run and written
+    by every run after it (one forward pass per reference per file, not per run)."""
+
+    states: list[dict[Key, torch.Tensor]] | None = None
+
+
 def capture(
     scenario: Scenario,
     store: ActStore | str | None = None,
@@ -71,25 +79,37 @@ def capture(
     progress: bool | None = None,
     storage_options: dict[str, Any] | None = None,
     force: bool = False,
+    strict: bool = False,
 ) -> list[CaptureResult]:
-    """Capture every run of a scenario (one, or one per message prefix).
+    """Capture every run of a scenario, in order: one per prompt of the file (Activation
+    Lab's prompt list), or one per message prefix of a prompt with run_at_each_message.
+    The runs share one scenario-run id and one capture of the references.
 
     A store given by location is created only once the model has loaded and the scenario
     fits it: its layers, the model's context and the machine's memory (``force=True``
-    skips the memory check). A capture that cannot start leaves nothing behind."""
+    skips the memory check). A capture that cannot start leaves nothing behind.
+    ``strict=True`` refuses a scenario whose file had unknown keys."""
+    if strict:
+        scenario.check_strict()
     location = None if isinstance(store, ActStore) else store or scenario.output.store or DEFAULT_STORE
     if location is not None:
         check_location(location, create=True)  # cheap: fail before the model loads
     if loaded is None:
         loaded = load_model(scenario.model, attn_implementation=attn_implementation(scenario))
-    preflight(scenario, loaded, force=force)  # the full conversation is the longest run
+    for sub in scenario.prompt_scenarios():  # each full conversation is its prompt's longest run
+        preflight(sub, loaded, force=force)
     new_folder = None
     if not isinstance(store, ActStore):
         loc = location or DEFAULT_STORE
         new_folder = None if "://" in loc or Path(loc).exists() else Path(loc)
         store = ActStore.open(loc, create=True, storage_options=storage_options)
+    scenario_run, refs = store.new_run_id(scenario.name), SharedReferences()
     try:
-        return [capture_run(sub, store, loaded, progress=progress, force=force) for sub in scenario.runs()]
+        return [
+            capture_run(sub, store, loaded, progress=progress, force=force, scenario_run=scenario_run,
+                        references=refs)  # fmt: skip
+            for sub in scenario.runs()
+        ]
     except BaseException:
         if new_folder is not None:
             _remove_if_unused(new_folder)  # the store this capture made holds nothing: no trace
@@ -121,7 +141,7 @@ def _check(scenario: Scenario, loaded: LoadedModel, sites: ModelSites, force: bo
     """Render the prompt (once) and the references; check context and memory."""
     layers = check_layers(scenario, sites.num_layers)
     sources = set(_available_sources(naming.sources_for_flags(scenario.capture.flags()), sites))
-    prompt_ids = render_ids(loaded.tokenizer, as_dicts(scenario.prompt.messages))
+    prompt_ids = render_ids(loaded.tokenizer, as_dicts(scenario.single_prompt.messages))
     ref_ids = [render_ids(loaded.tokenizer, r.messages) for r in scenario.reference_states]
     limit = budget.context_limit(loaded.model.config)
     budget.check_context(scenario, loaded.model_id, limit, len(prompt_ids), [len(r) for r in ref_ids])
@@ -171,9 +191,14 @@ def capture_run(
     *,
     progress: bool | None = None,
     force: bool = False,
+    scenario_run: str | None = None,
+    references: SharedReferences | None = None,
 ) -> CaptureResult:
     """One prefill + decode loop with capture, committed as one run. Checks the prompt
-    against the context and memory first (see :func:`preflight`)."""
+    against the context and memory first (see :func:`preflight`).
+
+    ``scenario_run``: the id shared by the runs of one scenario file (default: this
+    run's own id). ``references``: reused when already computed, else filled."""
     t0 = time.perf_counter()
     _ensure_attention(loaded, scenario)
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
@@ -183,17 +208,18 @@ def capture_run(
     cap, gen = scenario.capture, scenario.generation
     store_dtype = resolve_dtype(cap.store_dtype)
 
-    messages = as_dicts(scenario.prompt.messages)
+    messages = as_dicts(scenario.single_prompt.messages)
     snapshot_ids = _snapshot_ids(scenario, loaded, messages, plan.limit, _progress_enabled(progress))
     n_max = len(prompt_ids) + gen.max_new_tokens - 1
     eos = _eos_ids(model, tok)
     generator = sampling.make_generator(gen.seed)
 
     run_id = store.new_run_id(scenario.name)
+    shared_refs = references.states if references is not None else None
     group = store.create_run_group(run_id)
     writer: RunWriter | None = None
     bar = tqdm(
-        total=gen.max_new_tokens + len(snapshot_ids) + len(ref_ids),
+        total=gen.max_new_tokens + len(snapshot_ids) + (len(ref_ids) if shared_refs is None else 0),
         desc=f"capture {scenario.name}",
         unit="pass",
         disable=not _progress_enabled(progress),
@@ -244,11 +270,10 @@ def capture_run(
                 if choice.token_id in eos or step == gen.max_new_tokens - 1:
                     break
                 ids = [choice.token_id]
-            ref_bases = [prefixes.Base(prompt_ids, cache)]
-            shared = prefixes.shared_prefix(ref_ids)
-            if len(ref_ids) > 1 and len(shared) > 1:
-                ref_bases.append(prefixes.prefill_base(model, shared, device))
-            ref_states = prefixes.last_token_states(model, rec, ref_ids, ref_bases, device, bar.update)
+            if shared_refs is None:
+                ref_states = _reference_states(model, rec, prompt_ids, cache, ref_ids, device, bar.update)
+            else:
+                ref_states = shared_refs
         assert writer is not None
         writer.finish(position)
         generated = [s["generated_token_id"] for s in steps]
@@ -263,7 +288,11 @@ def capture_run(
         meta = _run_meta(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )
+        meta["scenario_run"] = scenario_run or run_id
+        meta["prompt_index"] = scenario.prompt_index
         store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
+        if references is not None and references.states is None:
+            references.states = ref_states  # only once committed: a failed run's are not kept
     except BaseException as e:
         if writer is not None:
             writer.abort()
@@ -275,6 +304,19 @@ def capture_run(
     finally:
         bar.close()
     return CaptureResult(run_id, store.location, len(steps), position, text, time.perf_counter() - t0)
+
+
+def _reference_states(
+    model: Any, rec: Recorder, prompt_ids: list[int], cache: Any, ref_ids: list[list[int]],
+    device: torch.device, on_done: Any,
+) -> list[dict[Key, torch.Tensor]]:  # fmt: skip
+    """Last-token states of the references, reusing the prompt's cache and their own
+    shared prefix."""
+    ref_bases = [prefixes.Base(prompt_ids, cache)]
+    shared = prefixes.shared_prefix(ref_ids)
+    if len(ref_ids) > 1 and len(shared) > 1:
+        ref_bases.append(prefixes.prefill_base(model, shared, device))
+    return prefixes.last_token_states(model, rec, ref_ids, ref_bases, device, on_done)
 
 
 def _available_sources(wanted: tuple[str, ...], sites: ModelSites) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from actstore.store.reader import RunReader, _ranges
 
 
@@ -10,7 +12,7 @@ def describe_run(run: RunReader) -> str:
     arch = m["model"]["arch"]
     lines = [
         f"run        {run.id}",
-        f"scenario   {m['scenario']['name']}",
+        f"scenario   {m['scenario']['name']}" + _scenario_run(m),
         f"created    {m['created_at']}",
         f"model      {m['model']['id']} ({arch['family']}, {arch['num_layers']} layers, "
         f"hidden {arch['hidden_size']}, {m['model']['dtype']} on {m['model']['device']})",
@@ -44,3 +46,11 @@ def describe_run(run: RunReader) -> str:
             f"{st['generated_token']!r}  top: {top}"
         )
     return "\n".join(lines)
+
+
+def _scenario_run(m: dict[str, Any]) -> str:
+    """Which capture of a scenario file the run belongs to (absent in older stores)."""
+    if not m.get("scenario_run"):
+        return ""
+    index = m.get("prompt_index")
+    return f" (scenario run {m['scenario_run']}" + (f", prompt {index})" if index is not None else ")")

@@ -223,6 +223,9 @@ def _run_json(run: RunReader, meta: dict[str, Any], npz_dtype: str | None) -> di
         "gated_mlp": meta.get("gated_mlp"),
         "prompt_len": run.prompt_len,
         "n_positions": run.n_positions,
+        # which capture of a scenario file the run came from, so an import keeps it
+        "scenario_run": meta.get("scenario_run"),
+        "prompt_index": meta.get("prompt_index"),
     }
     return out
 

@@ -139,6 +139,9 @@ def import_npz(store: ActStore, run_dir: str | os.PathLike[str] | SeedDir, *, qu
         _read_stacked(seed.ref_paths, group, naming.REFERENCES_GROUP, schema, schema.store_dtype)
         bar.update()
         meta = _run_meta(run_json, info, steps, schema, seed.snapshots, seed.labels, d)
+        # An actstore export keeps its scenario run; any other directory is a run of its own.
+        meta["scenario_run"] = info.get("scenario_run") or run_id
+        meta["prompt_index"] = info.get("prompt_index")
         store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
     except BaseException:
         for w in writers:

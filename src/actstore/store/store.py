@@ -142,6 +142,9 @@ def catalog_entry(meta: dict[str, Any], run_id: str) -> dict[str, Any]:
         "n_references": len(meta["references"]),
         "store_dtype": meta["store_dtype"],
         "generated_text": meta["generated_text"][:200],
+        # The id shared by the runs of one scenario file (absent in older stores).
+        "scenario_run": meta.get("scenario_run"),
+        "prompt_index": meta.get("prompt_index"),
     }
 
 
@@ -296,7 +299,7 @@ class ActStore:
         rows = self.catalog_entries()
         columns = [
             "id", "scenario", "model", "created_at", "prompt_len", "n_steps",
-            "n_positions", "n_layers", "sources", "n_snapshots", "n_references",
+            "n_positions", "n_layers", "sources", "n_snapshots", "n_references", "scenario_run",
         ]  # fmt: skip
         df = pd.DataFrame(rows)
         for c in columns:
@@ -308,9 +311,10 @@ class ActStore:
         return [e["id"] for e in self.catalog_entries()]
 
     def resolve(self, selector: str = "latest", entries: list[dict[str, Any]] | None = None) -> list[str]:
-        """Run ids for a selector: an exact id, an id prefix, a scenario name (every run
-        of it), ``latest``, ``latest:<scenario>`` or ``all``. ``entries``: a catalog
-        already read (else it is read here)."""
+        """Run ids for a selector: an exact id, a scenario-run id (every run captured
+        from one scenario file, in order), an id prefix, a scenario name (every run of
+        it), ``latest``, ``latest:<scenario>`` or ``all``. ``entries``: a catalog already
+        read (else it is read here)."""
         entries = self.catalog_entries() if entries is None else entries
         if not entries:
             raise RunNotFoundError(f"{self.location}: the store holds no committed runs")
@@ -327,6 +331,9 @@ class ActStore:
             return [named[-1]]
         if selector in ids:
             return [selector]
+        by_file = [e["id"] for e in entries if e.get("scenario_run") == selector]
+        if by_file:
+            return by_file
         by_name = [e["id"] for e in entries if e.get("scenario") == selector]
         if by_name:
             return by_name
@@ -352,12 +359,15 @@ class ActStore:
         return out
 
     def run(self, selector: str = "latest") -> Any:
-        """A lazy reader for one committed run."""
+        """A lazy reader for one committed run (a scenario-run id: its latest run)."""
 
-        ids = self.resolve(selector)
+        listed = self.catalog_entries()
+        ids = self.resolve(selector, listed)
+        if len(ids) > 1 and all(e.get("scenario_run") == selector for e in listed if e["id"] in ids):
+            ids = ids[-1:]
         if len(ids) > 1:
             raise RunNotFoundError(f"{selector!r} names {len(ids)} runs; pick one id")
-        entry = next(e for e in self.catalog_entries() if e["id"] == ids[0])
+        entry = next(e for e in listed if e["id"] == ids[0])
         return self.runs_from([entry], skip_damaged=False)[0]
 
     def runs(self, selectors: Iterable[str] = ("all",), *, skip_damaged: bool = False) -> list[Any]:

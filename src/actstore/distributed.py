@@ -68,6 +68,10 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
     from distributed import Client, LocalCluster
 
     cluster = None
+    # A Client made default sets dask's global "scheduler"; one that fails half-way does
+    # not take it back, and every later compute in the process would then ask for a
+    # client that does not exist. Restore what was there, whatever happens.
+    saved = {k: dask.config.get(k, None) for k in ("scheduler", "shuffle")}
     if address == LOCAL_PREFIX or address.startswith(LOCAL_PREFIX + ":"):
         n = _local_workers(address)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
@@ -91,6 +95,11 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
     finally:
         if cluster is not None:
             cluster.close()
+        for key, value in saved.items():
+            if value is None:
+                dask.config.config.pop(key, None)
+            else:
+                dask.config.set({key: value})
 
 
 def _local_workers(address: str) -> int:

@@ -10,8 +10,9 @@ must generate the tokens ``model.generate(do_sample=True)`` generates from the s
 
 Planted bugs these tests caught (each failed, then reverted): top-k branch removed;
 top-p branch removed; top-p keeping the tail (sorted descending instead of ascending);
-top-p threshold ``cum <= top_p`` instead of ``cum <= 1 - top_p``; temperature applied
-after the filters; ``choose`` sampling from the unfiltered logits; the runner passing
+top-p threshold ``cum <= top_p`` instead of ``cum <= 1 - top_p``; top-p's
+keep-the-most-likely rule removed; top-k dropping the k-th value too (``<=``);
+temperature applied after the filters; ``choose`` sampling from the unfiltered logits; the runner passing
 ``top_k=None`` / ``top_p=None`` to ``choose``.
 """
 
@@ -74,6 +75,7 @@ SETTINGS = [
     ("random", 0.5, None, 0.5),
     ("random", 2.0, 50, 0.6),  # all three: top-p renormalizes over the top-k survivors
     ("random", 1.0, None, 1e-4),  # tiny top-p: only the most likely token survives
+    ("random", 1.0, None, 1e-8),  # 1 - top_p rounds to 1.0 in float32: the keep-one rule
     ("ties", 1.0, 2, None),  # the k-th value is tied: every tied token stays
     ("ties", 1.0, 3, None),
     ("ties", 1.0, None, 0.5),

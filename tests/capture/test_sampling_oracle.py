@@ -37,7 +37,9 @@ from actstore.capture.runner import capture_run
 from .conftest import MESSAGES, loaded_tiny, make_scenario
 
 
-def hf_filter(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+def hf_filter(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
     """transformers' warpers, built as ``_get_logits_processor`` builds them for sampling."""
     warpers = LogitsProcessorList()
     if temperature != 1.0:

@@ -38,6 +38,11 @@ from actstore.store.npz_export import default_export_dir, export_npz
 from actstore.store.npz_import import SeedDir, import_npz, import_npz_dirs, read_seed_dir, read_seed_dirs
 
 __all__ = [
-    "SeedDir", "default_export_dir", "export_npz", "import_npz", "import_npz_dirs", "read_seed_dir",
+    "SeedDir",
+    "default_export_dir",
+    "export_npz",
+    "import_npz",
+    "import_npz_dirs",
+    "read_seed_dir",
     "read_seed_dirs",
 ]

@@ -91,7 +91,9 @@ def read_seed_dirs(run_dir: str | os.PathLike[str], *, max_bytes: int | None = N
         if m.group(2) is not None and not 1 <= int(m.group(2)) <= int(m.group(3)):
             raise StoreError(f"{d / entry}: message {m.group(2)} of {m.group(3)} is out of range (rename it)")
         if not (d / entry).is_dir() or (d / entry).is_symlink():  # inside() rules: no link out
-            raise StoreError(f"{d / entry}: not a directory (a prompt directory holds run.json, steps.json, ...)")
+            raise StoreError(
+                f"{d / entry}: not a directory (a prompt directory holds run.json, steps.json, ...)"
+            )
         found.append(((int(m.group(1)), int(m.group(2) or 0)), entry))
     if not found:
         raise StoreError(
@@ -154,7 +156,9 @@ def import_npz_dirs(store: ActStore, seeds: list[SeedDir], *, quiet: bool = Fals
         except StoreError as e:
             if not ids:
                 raise
-            raise StoreError(f"{e} (runs already imported from {seeds[0].d.parent}: {', '.join(ids)})") from None
+            raise StoreError(
+                f"{e} (runs already imported from {seeds[0].d.parent}: {', '.join(ids)})"
+            ) from None
     return ids
 
 
@@ -270,7 +274,9 @@ def _read_stacked(paths: list[Path], group: Any, where: str, schema: Schema, dec
                     continue
                 vecs = [_last(load_member(path, npz, naming.npz_key(la, source))) for la in schema.layers]
                 if any(v.ndim != 1 for v in vecs):
-                    raise StoreError(f"{path}: {source} vectors must be (hidden_size,) or (1, tokens, hidden_size)")
+                    raise StoreError(
+                        f"{path}: {source} vectors must be (hidden_size,) or (1, tokens, hidden_size)"
+                    )
                 dtype = dtype or npz_store_dtype(vecs[0].dtype, declared, str(path))
                 rows.setdefault(source, []).append(to_store(np.stack(vecs), dtype, f"{path}: {source}"))
     for source, stack in rows.items():
@@ -324,7 +330,9 @@ def _check_snapshots(d: Path, schema: Schema) -> tuple[list[dict[str, Any]], lis
         snap = {"index": e["index"], "role": e["role"], "content_preview": e.get("content_preview", "")}
         if "generated" in e:  # the reply appended as an assistant turn
             if not isinstance(e["generated"], bool):
-                raise StoreError(f"{index_path}: [{i}].generated must be true or false, got {e['generated']!r}")
+                raise StoreError(
+                    f"{index_path}: [{i}].generated must be true or false, got {e['generated']!r}"
+                )
             snap["generated"] = e["generated"]
         snaps.append(snap)
         # Activation Lab names the file; the README layout derives it from index and role.

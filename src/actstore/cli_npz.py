@@ -53,16 +53,20 @@ def register(main: click.Group) -> None:
     def import_npz_cmd(
         run_dir: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool
     ) -> None:
-        """Read a seed run directory (ours or the original tool's) into the store as a new run.
+        """Read a seed run directory (ours or the original tool's) into the store as new runs.
 
+        DIR is a run directory (run.json, steps.json, ...) or Activation Lab's top-level
+        run directory (scenario.json, references/, one prompt_N*/ per prompt): one run per
+        prompt directory, in order, each with the shared references. Prints the run ids.
         The whole directory is checked before the store is opened: names (scenario,
         labels, roles) follow the scenario rule; every file must lie inside DIR (no
         absolute path, no .., no symlink leading out); every NPZ member's header is read
         before its data and must have the shape steps.json declares and a float dtype
         (nothing is unpickled), and no member may expand like a zip bomb; the import must
         fit in half the machine's memory."""
-        from actstore.store.npz import import_npz, read_seed_dir
+        from actstore.store.npz import import_npz_dirs, read_seed_dirs
 
-        seed = read_seed_dir(run_dir)  # every check first: a refused directory creates no store
+        seeds = read_seed_dirs(run_dir)  # every check first: a refused directory creates no store
         store = open_store(store_location, storage_options, create=True)
-        click.echo(import_npz(store, seed, quiet=quiet))
+        for run_id in import_npz_dirs(store, seeds, quiet=quiet):
+            click.echo(run_id)

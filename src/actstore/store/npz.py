@@ -17,6 +17,12 @@ Import (seed directory -> store)::
     derives (else stored explicitly) --> RunWriter (the capture path's writer)
     snapshots / references / tokens / metadata --> catalog entry (commit, written last)
 
+Import also reads the layout Activation Lab writes today (its README describes an older
+one): a top-level directory with scenario.json, references/ shared by every prompt and
+one prompt_N/ or prompt_N_msgKofM/ per prompt becomes one run per prompt directory, in
+order, each answering for the shared references; snapshot and reference NPZs holding
+the full prefill (1, T, ...) give their last position (actstore keeps last-token rows).
+
 Both directions hold at most one step's tensors in memory. Store -> NPZ -> store -> NPZ
 is lossless: every array is equal bit for bit and the seed's metadata keys are equal.
 bfloat16 runs are exported as float32 (NumPy has no bfloat16; the widening is exact and
@@ -29,6 +35,14 @@ this module is the public entry point.
 from __future__ import annotations
 
 from actstore.store.npz_export import default_export_dir, export_npz
-from actstore.store.npz_import import SeedDir, import_npz, read_seed_dir
+from actstore.store.npz_import import SeedDir, import_npz, import_npz_dirs, read_seed_dir, read_seed_dirs
 
-__all__ = ["SeedDir", "default_export_dir", "export_npz", "import_npz", "read_seed_dir"]
+__all__ = [
+    "SeedDir",
+    "default_export_dir",
+    "export_npz",
+    "import_npz",
+    "import_npz_dirs",
+    "read_seed_dir",
+    "read_seed_dirs",
+]

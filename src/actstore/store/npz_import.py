@@ -17,6 +17,7 @@ directory is refused before the store is opened or anything is written.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,11 +70,51 @@ class SeedDir:
         )
 
 
-def read_seed_dir(run_dir: str | os.PathLike[str], *, max_bytes: int | None = None) -> SeedDir:
+# Activation Lab's per-prompt directories: prompt_N, or prompt_N_msgKofM (run_at_each_message).
+_PROMPT_DIR = re.compile(r"prompt_(\d+)(?:_msg(\d+)of(\d+))?")
+
+
+def read_seed_dirs(run_dir: str | os.PathLike[str], *, max_bytes: int | None = None) -> list[SeedDir]:
+    """The runs a directory holds, each checked by :func:`read_seed_dir`: itself when it
+    holds run.json (the README layout, or one prompt directory of Activation Lab's), else
+    Activation Lab's top-level run directory (scenario.json, references/ shared by every
+    prompt, one sub-directory per prompt), one run per prompt directory in prompt order."""
+    d = Path(run_dir)
+    if not d.is_dir() or os.path.lexists(d / "run.json") or not os.path.lexists(d / "scenario.json"):
+        return [read_seed_dir(d, max_bytes=max_bytes)]
+    inside(d, "scenario.json", d / "scenario.json", "the file")
+    found: list[tuple[tuple[int, int], str]] = []
+    for entry in os.listdir(d):
+        m = _PROMPT_DIR.fullmatch(entry)
+        if m is None:
+            continue
+        if m.group(2) is not None and not 1 <= int(m.group(2)) <= int(m.group(3)):
+            raise StoreError(f"{d / entry}: message {m.group(2)} of {m.group(3)} is out of range (rename it)")
+        if not (d / entry).is_dir() or (d / entry).is_symlink():  # inside() rules: no link out
+            raise StoreError(
+                f"{d / entry}: not a directory (a prompt directory holds run.json, steps.json, ...)"
+            )
+        found.append(((int(m.group(1)), int(m.group(2) or 0)), entry))
+    if not found:
+        raise StoreError(
+            f"{d}: holds scenario.json but no prompt_N/ directory (pass an Activation Lab run directory, "
+            "or a directory holding run.json and steps.json)"
+        )
+    keys = [k for k, _ in found]
+    dup = next((name for k, name in found if keys.count(k) > 1), None)
+    if dup is not None:
+        raise StoreError(f"{d / dup}: another directory has the same prompt and message number (remove one)")
+    refs = d if os.path.lexists(d / "references") else None
+    return [read_seed_dir(d / name, max_bytes=max_bytes, references_from=refs) for _, name in sorted(found)]
+
+
+def read_seed_dir(run_dir: str | os.PathLike[str], *, max_bytes: int | None = None,
+                  references_from: Path | None = None) -> SeedDir:  # fmt: skip
     """Check a run directory without writing anything or decompressing a tensor: names
     (the capture rule), paths (inside the directory), every NPZ member's header against
     the shapes steps.json declares, and the memory the import needs (``max_bytes``,
-    default half the machine's memory)."""
+    default half the machine's memory). ``references_from``: the directory whose
+    references/ the run answers for (Activation Lab keeps them beside its prompt directories)."""
     d = Path(run_dir)
     if not d.is_dir():
         raise StoreError(f"{d}: not a directory (pass a run directory holding run.json and steps.json)")
@@ -102,8 +143,23 @@ def read_seed_dir(run_dir: str | os.PathLike[str], *, max_bytes: int | None = No
         path = d / step["tensors_file"]
         schema.check_members(path, npz_members(path), i)
     snapshots, snap_paths = _check_snapshots(d, schema)
-    labels, ref_paths = _check_references(d, schema)
+    labels, ref_paths = _check_references(d if references_from is None else references_from, schema)
     return SeedDir(d, run_json, steps, schema, snapshots, snap_paths, labels, ref_paths)
+
+
+def import_npz_dirs(store: ActStore, seeds: list[SeedDir], *, quiet: bool = False) -> list[str]:
+    """Import checked run directories (see :func:`read_seed_dirs`) in order; the run ids."""
+    ids: list[str] = []
+    for seed in seeds:
+        try:
+            ids.append(import_npz(store, seed, quiet=quiet))
+        except StoreError as e:
+            if not ids:
+                raise
+            raise StoreError(
+                f"{e} (runs already imported from {seeds[0].d.parent}: {', '.join(ids)})"
+            ) from None
+    return ids
 
 
 def import_npz(store: ActStore, run_dir: str | os.PathLike[str] | SeedDir, *, quiet: bool = False) -> str:
@@ -219,9 +275,11 @@ def _read_stacked(paths: list[Path], group: Any, where: str, schema: Schema, dec
             for source in naming.RESIDUAL_SOURCES:
                 if (schema.layers[0], source) not in got:
                     continue
-                vecs = [load_member(path, npz, naming.npz_key(la, source)) for la in schema.layers]
+                vecs = [_last(load_member(path, npz, naming.npz_key(la, source))) for la in schema.layers]
                 if any(v.ndim != 1 for v in vecs):
-                    raise StoreError(f"{path}: {source} vectors must be 1-D (hidden_size,)")
+                    raise StoreError(
+                        f"{path}: {source} vectors must be (hidden_size,) or (1, tokens, hidden_size)"
+                    )
                 dtype = dtype or npz_store_dtype(vecs[0].dtype, declared, str(path))
                 rows.setdefault(source, []).append(to_store(np.stack(vecs), dtype, f"{path}: {source}"))
     for source, stack in rows.items():
@@ -229,6 +287,12 @@ def _read_stacked(paths: list[Path], group: Any, where: str, schema: Schema, dec
             raise StoreError(f"{paths[0].parent}: {source} is in some files but not all")
         data = np.stack(stack)
         write_rows(group, f"{where}/{source}", data, dtype or schema.store_dtype, schema.layers)
+
+
+def _last(arr: np.ndarray) -> np.ndarray:
+    """A residual vector: itself (README layout), or the last position of a full prefill
+    (1, T, H) as Activation Lab writes snapshots and references; the state after the prefix."""
+    return arr[0, -1] if arr.ndim == 3 and arr.shape[0] == 1 and arr.shape[1] > 0 else arr
 
 
 def _is_key(key: str) -> bool:
@@ -252,20 +316,35 @@ def _check_snapshots(d: Path, schema: Schema) -> tuple[list[dict[str, Any]], lis
     if found is None:
         return [], []
     index_path, index = found
+    if isinstance(index, dict) and isinstance(index.get("snapshots"), list):
+        index = index["snapshots"]  # Activation Lab's {"snapshots": [...]}; the README has the bare list
     if not isinstance(index, list) or not all(
         isinstance(e, dict) and isinstance(e.get("index"), int) and isinstance(e.get("role"), str)
         for e in index
     ):
-        raise StoreError(f"{index_path}: expected a list of {{index, role, content_preview}}")
-    snaps = []
+        raise StoreError(
+            f'{index_path}: expected a list (or {{"snapshots": [...]}}) of {{index, role, content_preview}}'
+        )
+    snaps, paths = [], []
     for i, e in enumerate(index):
         if not 0 <= e["index"] < 10**6:
             raise StoreError(f"{index_path}: [{i}].index {e['index']} is out of range (0 to 999999)")
         check_name(e["role"], f"[{i}].role", index_path)  # a piece of the snapshot file name
-        snaps.append(
-            {"index": e["index"], "role": e["role"], "content_preview": e.get("content_preview", "")}
-        )
-    paths = [_vectors(d, naming.snapshot_file(e["index"], e["role"]), index_path, schema) for e in snaps]
+        snap = {"index": e["index"], "role": e["role"], "content_preview": e.get("content_preview", "")}
+        if "generated" in e:  # the reply appended as an assistant turn
+            if not isinstance(e["generated"], bool):
+                raise StoreError(
+                    f"{index_path}: [{i}].generated must be true or false, got {e['generated']!r}"
+                )
+            snap["generated"] = e["generated"]
+        snaps.append(snap)
+        # Activation Lab names the file; the README layout derives it from index and role.
+        rel = naming.snapshot_file(e["index"], e["role"])
+        if "tensors_file" in e:
+            if not isinstance(e["tensors_file"], str):
+                raise StoreError(f"{index_path}: [{i}].tensors_file must be a file name")
+            rel = f"conversation_snapshots/{e['tensors_file']}"
+        paths.append(_vectors(d, rel, index_path, schema, e.get("seq_len")))
     return snaps, paths
 
 
@@ -285,9 +364,9 @@ def _check_references(d: Path, schema: Schema) -> tuple[list[str], list[Path]]:
     return labels, [_vectors(d, naming.reference_file(x), index_path, schema) for x in labels]
 
 
-def _vectors(d: Path, rel: str, index_path: Path, schema: Schema) -> Path:
+def _vectors(d: Path, rel: str, index_path: Path, schema: Schema, seq_len: object = None) -> Path:
     path = inside(d, rel, index_path, "file")
-    schema.check_vectors(path, npz_members(path))
+    schema.check_vectors(path, npz_members(path), seq_len)
     return path
 
 

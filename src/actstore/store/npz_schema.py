@@ -196,8 +196,14 @@ def read_steps(d: Path) -> list[dict[str, Any]]:
             raise StoreError(f"{where}: 'input_token_ids' must be a non-empty list of integers")
         if i > 0 and len(ids) != 1:
             raise StoreError(f"{where}: a decode step feeds one token, not {len(ids)}")
-        if s.get("seq_len", len(ids)) != len(ids):
-            raise StoreError(f"{where}: seq_len {s.get('seq_len')} != {len(ids)} input tokens")
+        # actstore writes the tokens fed; Activation Lab the sequence length: the prompt at
+        # step 0, and prompt + i + 1 at decode step i (it counts the token this step emits).
+        fed = {len(ids)} if i == 0 else {1, len(steps[0]["input_token_ids"]) + i + 1}
+        if "seq_len" in s and s["seq_len"] not in fed:
+            raise StoreError(
+                f"{where}: seq_len {s['seq_len']!r} must be {' or '.join(map(str, sorted(fed)))} "
+                "(the tokens fed, or the prompt plus tokens so far as Activation Lab counts them)"
+            )
         kind = "prefill" if i == 0 else "decode"
         if s.get("kind", kind) != kind:
             raise StoreError(f"{where}: kind {s.get('kind')!r}, expected {kind!r}")
@@ -343,18 +349,32 @@ class Schema:
                     f"{path}: {key}: dtype {m.dtype}, but this run's tensors are {self.npz_dtype}"
                 )
 
-    def check_vectors(self, path: Path, members: dict[str, Member]) -> None:
-        """Headers of a snapshot / reference NPZ: 1-D residual vectors of the run's width."""
+    def check_vectors(self, path: Path, members: dict[str, Member], seq_len: object = None) -> None:
+        """Headers of a snapshot / reference NPZ: 1-D residual vectors of the run's width (the
+        README layout), or the full prefill (1, T, width) Activation Lab writes, of which the
+        import keeps the last position. ``seq_len`` (its index's, when given) must be T."""
+        lengths: set[int] = set()
         for key, m in members.items():
             try:
                 _, source = naming.parse_npz_key(key)
             except ValueError:
                 continue  # other keys (the original tool's qkv_last...) are never read
-            if m.shape != (self.hidden,) or m.dtype not in NPZ_DTYPES:
+            full = len(m.shape) in (3, 4) and m.shape[0] == 1 and m.shape[-2 if len(m.shape) == 4 else 1] > 0
+            if source in naming.RESIDUAL_SOURCES and full:
+                full = len(m.shape) == 3 and m.shape[2] == self.hidden
+                lengths.add(m.shape[1])
+            if not (m.shape == (self.hidden,) or full) or m.dtype not in NPZ_DTYPES:
                 raise StoreError(
                     f"{path}: {key} is {m.dtype} {list(m.shape)}; expected a float16/float32 vector "
-                    f"of the run's hidden size [{self.hidden}]"
+                    f"of the run's hidden size [{self.hidden}] or a prefill [1, tokens, {self.hidden}]"
                 )
+        if len(lengths) > 1:
+            raise StoreError(f"{path}: residual sources cover different token counts {sorted(lengths)}")
+        if seq_len is not None and lengths and lengths != {seq_len}:
+            raise StoreError(
+                f"{path}: holds {lengths.pop()} tokens, but its index gives seq_len {seq_len!r} "
+                "(fix seq_len in index.json or replace the file)"
+            )
 
     def memory_needed(self) -> int:
         """Bytes the import holds at once: the largest step (step 0) plus the writer's

@@ -90,7 +90,14 @@ def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
         previous = stop_on_signals()
         hook, sys.unraisablehook = sys.unraisablehook, _redeliver(sys.unraisablehook)
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if _stopping and _raised_by_interrupt(e):
+                    # cleanup the interrupt set off failed in turn (zipfile refuses to close
+                    # a member half-written): still an interruption, not a crash
+                    raise KeyboardInterrupt from e
+                raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             if not _stopping:  # raised by other means than our handler
@@ -108,6 +115,17 @@ def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
             atexit.register(_ignore_signals)
 
     return wrapper
+
+
+def _raised_by_interrupt(e: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:

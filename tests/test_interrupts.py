@@ -13,7 +13,7 @@ from pathlib import Path
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time, zipfile
     import click
-    from actstore.cli import _interruptible
+    from actstore.cli.common import _interruptible
 
     @click.command()
     @click.argument("path")

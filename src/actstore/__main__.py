@@ -1,5 +1,5 @@
-"""``python -m actstore ...``: the ``actstore`` command (``actstore.cli`` cannot be run
-as ``__main__`` itself: its command modules import it back)."""
+"""``python -m actstore ...``: the ``actstore`` command (``python -m actstore.cli`` works
+too, through ``actstore/cli/__main__.py``)."""
 
 from actstore.cli import main
 

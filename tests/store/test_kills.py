@@ -273,7 +273,7 @@ def test_killed_export(world: World, tmp_path: Path, sig: int) -> None:
 
 DESTRUCTOR = """
 import os, signal, time
-from actstore.cli import _interruptible
+from actstore.cli.common import _interruptible
 
 class Dropper:
     def __del__(self):  # Python prints and drops an exception raised here

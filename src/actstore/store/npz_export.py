@@ -84,7 +84,7 @@ def _write_via_temp(run: RunReader, target: Path, parent: Path, *, quiet: bool) 
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
         os.replace(tmp, target)
-    except BaseException:  # an interrupt (SIGTERM included, see cli.py) lands here too
+    except BaseException:  # an interrupt (SIGTERM included, see cli/common.py) lands here too
         if old is not None and not target.exists() and (old / target.name).exists():
             os.replace(old / target.name, target)  # interrupted between the renames: undo
         if tmp is not None:

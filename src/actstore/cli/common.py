@@ -1,8 +1,8 @@
-"""The ``actstore`` command line: thin click commands over the library.
+"""What every ``actstore`` command shares: the ``main`` group, the store options, the
+output formats, and the error and interrupt handling.
 
-Each command parses options, calls one library function and prints its result. Library
-errors (``ActstoreError``) become one line on stderr and exit code 2, here and nowhere
-else; anything else is a bug and keeps its traceback.
+Library errors (``ActstoreError``) become one line on stderr and exit code 2, here
+(``_fail_cleanly``) and nowhere else; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 
 import click
 
-from actstore.distributed import scheduler_address_option
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, SelectionError
 
 STORE_ENV = "ACTSTORE_STORE"
 
@@ -171,13 +170,6 @@ def open_store(location: str | None, storage_options: tuple[str, ...], create: b
     )
 
 
-def _quiet_hf_loading() -> None:
-    """transformers' per-tensor loading bar is noise next to our own progress."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def _quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--quiet", "-q", is_flag=True, help="no progress bars")(fn)
 
@@ -210,115 +202,6 @@ def _one_line_warnings() -> None:
     warnings.simplefilter("always", ScenarioWarning)
 
 
-@main.command()
-@click.argument("scenario_path", metavar="SCENARIO.yaml|DIR")
-@store_options
-@scheduler_address_option
-@_quiet_option
-@click.option("--force", is_flag=True, help="capture even if the memory estimate exceeds what is available")
-@click.option("--strict", is_flag=True, help="refuse a scenario with an unknown key (default: warn and ignore it)")
-@_interruptible
-@_fail_cleanly
-def capture(
-    scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],
-    scheduler_address: str | None, quiet: bool, force: bool, strict: bool,
-) -> None:  # fmt: skip
-    """Run the model on a scenario file (or every scenario in a folder) and store the runs.
-
-    A file whose prompt is a list gives one run per prompt, in order, sharing one
-    scenario-run id (see `actstore ls`) and one capture of the references.
-
-    With --scheduler, each scenario is one task on the cluster's workers, which write into
-    the store directly: give a store they can all reach (an s3:// URL or a shared path)."""
-    from actstore.scenario import DEFAULT_STORE, load_scenarios
-
-    scenarios = load_scenarios(scenario_path, strict=strict)  # validate everything before any work
-    _quiet_hf_loading()
-    if scheduler_address:
-        from actstore.distributed import capture_with_scheduler
-
-        opts = parse_storage_options(storage_options)
-        for result in capture_with_scheduler(scenarios, scheduler_address, store_location,
-                                             storage_options=opts, progress=not quiet):  # fmt: skip
-            click.echo(f"{result.run_id}\t{result.store}\t{result.n_steps} steps, "
-                       f"{result.n_positions} positions, {result.seconds:.1f}s")  # fmt: skip
-        return
-    from actstore.capture.runner import attn_implementation
-    from actstore.capture.runner import capture as do_capture
-    from actstore.models.loading import load_model
-    from actstore.store.store import check_location
-
-    opts = parse_storage_options(storage_options)
-    for sc in scenarios:  # a --store that cannot be written fails before any model loads
-        check_location(store_location or sc.output.store or DEFAULT_STORE, create=True)
-    loaded: dict[tuple[Any, ...], Any] = {}
-    for sc in scenarios:
-        location = store_location or sc.output.store or DEFAULT_STORE
-        key = (sc.model.id, sc.model.dtype, sc.model.device, sc.model.gguf_file)
-        if key not in loaded:
-            loaded[key] = load_model(sc.model, attn_implementation=attn_implementation(sc))
-        # capture() creates the store only once the scenario fits the model (layers,
-        # context, memory)
-        for result in do_capture(sc, location, loaded=loaded[key], progress=None if not quiet else False,
-                                 storage_options=opts, force=force):  # fmt: skip
-            click.echo(
-                f"{result.run_id}\t{result.store}\t{result.n_steps} steps, "
-                f"{result.n_positions} positions, {result.seconds:.1f}s"
-            )
-
-
-@main.command("ls")
-@store_options
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
-@_fail_cleanly
-def ls_cmd(store_location: str | None, storage_options: tuple[str, ...], fmt: str) -> None:
-    """List the committed runs in a store (reads the catalog only). scenario_run is the
-    id shared by the runs captured from one scenario file; it selects them all."""
-    store = open_store(store_location, storage_options)
-    df = store.catalog()
-    cols = [
-        "id",
-        "scenario",
-        "scenario_run",
-        "model",
-        "created_at",
-        "prompt_len",
-        "n_steps",
-        "n_layers",
-        "n_snapshots",
-        "n_references",
-    ]
-    click.echo(render_frame(df[cols], fmt))
-
-
-@main.command()
-@click.argument("run", default="latest")
-@store_options
-@_fail_cleanly
-def inspect(run: str, store_location: str | None, storage_options: tuple[str, ...]) -> None:
-    """Summarise one run: model, prompt, generated text, steps, arrays."""
-    from actstore.store.inspect import describe_run
-
-    store = open_store(store_location, storage_options)
-    click.echo(describe_run(store.run(run)))
-
-
-@main.command()
-@click.argument("model_id")
-@click.option("--gguf-file", default=None, help="GGUF file inside MODEL_ID's folder")
-@click.option("--trust-remote-code", is_flag=True)
-@_fail_cleanly
-def layers(model_id: str, gguf_file: str | None, trust_remote_code: bool) -> None:
-    """Print a model's module tree and where each capture point hooks in."""
-    from actstore.models.architectures import describe_model
-    from actstore.models.loading import load_model
-    from actstore.scenario import ModelConfig
-
-    cfg = ModelConfig(id=model_id, dtype="float32", device="cpu", gguf_file=gguf_file,
-                      trust_remote_code=trust_remote_code)  # fmt: skip
-    click.echo(describe_model(load_model(cfg).model))
-
-
 def render_frame(df: Any, fmt: str) -> str:
     """A DataFrame as an aligned table, CSV or JSON records."""
     if fmt == "csv":
@@ -333,23 +216,21 @@ def render_frame(df: Any, fmt: str) -> str:
         return str(df.to_string(index=False))
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules (export/import, queries, reports, viewer)."""
-    modules = ("actstore.cli_npz", "actstore.cli_query", "actstore.cli_report", "actstore.cli_view",
-               "actstore.cli_check")  # fmt: skip
-    for module in modules:
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(main)
-    from actstore.distributed import add_scheduler_option
+def fit_layers(text: str, readers: list[Any]) -> list[int] | None:
+    """Layers for a query over ``readers`` (see ``actstore.query.layers``: a range is
+    clipped to the layers every run captured, with a note; a listed layer must exist)."""
+    from actstore.query.layers import choose_layers, common_layers
 
-    for name in ("query", "report"):  # their Dask graphs may run on a cluster
-        if name in main.commands:
-            add_scheduler_option(main.commands[name])
+    choice = choose_layers(text, common_layers(readers))
+    if choice.note:
+        click.echo(f"note: {choice.note}", err=True)
+    return choice.layers
 
 
-_register_optional()
+def parse_steps(text: str | None) -> list[int] | None:
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise SelectionError(f"--steps {text!r}: use all or a list of steps like 0,5,-1") from None

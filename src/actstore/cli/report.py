@@ -1,7 +1,7 @@
 """``actstore report``, ``actstore heatmap`` and ``actstore logit-lens``.
 
 Thin commands over :mod:`actstore.report` and :mod:`actstore.query.logit_lens`;
-``cli.py`` calls :func:`register`. Progress bars show on a terminal only, never with
+``actstore.cli`` calls :func:`register`. Progress bars show on a terminal only, never with
 ``--quiet``.
 """
 
@@ -11,8 +11,14 @@ from pathlib import Path
 
 import click
 
-from actstore.cli import _fail_cleanly, _quiet_option, open_store, store_options
-from actstore.cli_query import fit_layers, parse_steps
+from actstore.cli.common import (
+    _fail_cleanly,
+    _quiet_option,
+    fit_layers,
+    open_store,
+    parse_steps,
+    store_options,
+)
 from actstore.paths import check_file
 
 

@@ -1,13 +1,13 @@
 """``actstore export npz`` and ``actstore import npz``: the seed's run directories.
 
-Thin commands over :mod:`actstore.store.npz`; ``cli.py`` calls :func:`register`.
+Thin commands over :mod:`actstore.store.npz`; ``actstore.cli`` calls :func:`register`.
 """
 
 from __future__ import annotations
 
 import click
 
-from actstore.cli import _fail_cleanly, _interruptible, _quiet_option, open_store, store_options
+from actstore.cli.common import _fail_cleanly, _interruptible, _quiet_option, open_store, store_options
 
 
 def _subgroup(main: click.Group, name: str, help_text: str) -> click.Group:

@@ -1,11 +1,11 @@
-"""``actstore view``: a thin command over :mod:`actstore.view`; ``cli.py`` calls
+"""``actstore view``: a thin command over :mod:`actstore.view`; ``actstore.cli`` calls
 :func:`register`."""
 
 from __future__ import annotations
 
 import click
 
-from actstore.cli import _fail_cleanly, open_store, stop_on_signals, store_options
+from actstore.cli.common import _fail_cleanly, open_store, stop_on_signals, store_options
 from actstore.errors import OptionError
 
 

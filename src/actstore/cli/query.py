@@ -8,8 +8,8 @@
     actstore query tables --run emotions
 
 Each command parses its options, calls one function of ``actstore.query`` and prints
-the DataFrame it returns as a table, CSV or JSON (``cli.render_frame``). Library errors
-become one line and exit code 2 (``cli._fail_cleanly``).
+the DataFrame it returns as a table, CSV or JSON (``common.render_frame``). Library errors
+become one line and exit code 2 (``common._fail_cleanly``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,14 @@ from typing import Any
 
 import click
 
-from actstore.cli import _fail_cleanly, open_store, render_frame, store_options
-from actstore.errors import SelectionError
+from actstore.cli.common import (
+    _fail_cleanly,
+    fit_layers,
+    open_store,
+    parse_steps,
+    render_frame,
+    store_options,
+)
 
 COMPARE_HELP = (
     "initial-final (default: each run's last prompt token vs its last position), runs "
@@ -30,26 +36,6 @@ COMPARE_HELP = (
     "STATE:STATE with STATE one of initial, final, step:N, pos:N, snapshot:K, reference:LABEL "
     "(e.g. step:0:final, snapshot:3:reference:joy)"
 )
-
-
-def fit_layers(text: str, readers: list[Any]) -> list[int] | None:
-    """Layers for a query over ``readers`` (see ``actstore.query.layers``: a range is
-    clipped to the layers every run captured, with a note; a listed layer must exist)."""
-    from actstore.query.layers import choose_layers, common_layers
-
-    choice = choose_layers(text, common_layers(readers))
-    if choice.note:
-        click.echo(f"note: {choice.note}", err=True)
-    return choice.layers
-
-
-def parse_steps(text: str | None) -> list[int] | None:
-    if text is None or text.strip().lower() == "all":
-        return None
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise SelectionError(f"--steps {text!r}: use all or a list of steps like 0,5,-1") from None
 
 
 def _opt(*decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -1,6 +1,7 @@
-"""``actstore check`` (verify every object of a store) and ``actstore gc`` (remove what
-killed captures and interrupted writes left behind). Thin commands over
-:mod:`actstore.store.check`."""
+"""``actstore ls`` and ``actstore inspect`` (what a store holds), ``actstore check`` (verify
+every object of a store) and ``actstore gc`` (remove what killed captures and interrupted
+writes left behind). Thin commands over :mod:`actstore.store`; ``actstore.cli`` calls
+:func:`register`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,43 @@ import sys
 
 import click
 
-from actstore.cli import _fail_cleanly, _quiet_option, open_store, store_options
+from actstore.cli.common import _fail_cleanly, _quiet_option, open_store, render_frame, store_options
+
+
+@click.command("ls")
+@store_options
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@_fail_cleanly
+def ls_cmd(store_location: str | None, storage_options: tuple[str, ...], fmt: str) -> None:
+    """List the committed runs in a store (reads the catalog only). scenario_run is the
+    id shared by the runs captured from one scenario file; it selects them all."""
+    store = open_store(store_location, storage_options)
+    df = store.catalog()
+    cols = [
+        "id",
+        "scenario",
+        "scenario_run",
+        "model",
+        "created_at",
+        "prompt_len",
+        "n_steps",
+        "n_layers",
+        "n_snapshots",
+        "n_references",
+    ]
+    click.echo(render_frame(df[cols], fmt))
+
+
+@click.command()
+@click.argument("run", default="latest")
+@store_options
+@_fail_cleanly
+def inspect(run: str, store_location: str | None, storage_options: tuple[str, ...]) -> None:
+    """Summarise one run: model, prompt, generated text, steps, arrays."""
+    from actstore.store.inspect import describe_run
+
+    store = open_store(store_location, storage_options)
+    click.echo(describe_run(store.run(run)))
 
 
 def _size(n: int | None) -> str:
@@ -28,6 +65,9 @@ def _age(s: float | None) -> str:
 
 
 def register(main: click.Group) -> None:
+    main.add_command(ls_cmd)
+    main.add_command(inspect)
+
     @main.command("check")
     @click.argument("runs", nargs=-1, metavar="[RUN]...")
     @store_options

@@ -118,7 +118,7 @@ def test_a_capture_that_fits_still_works_under_the_limit(models: dict[str, Path]
     proc, _ = _capture_limited(path, tmp_path / "store.zarr")
     assert proc.returncode == 0, proc.stderr
     run = ActStore.open(tmp_path / "store.zarr").run("latest")
-    assert run.n_steps == 3 and len(run.snapshot_index) == len(MESSAGES)
+    assert run.n_steps == 3 and len(run.snapshot_index) == len(MESSAGES) + 1  # + the generated reply
 
 
 # ---- CLI, in process (cheap cases) ---------------------------------------------------------

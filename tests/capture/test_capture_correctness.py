@@ -140,7 +140,9 @@ def test_snapshots_and_references_equal_separate_prefills(family: str, store: An
     loaded = loaded_tiny(family)
     res = capture_run(make_scenario(), store, loaded, progress=False)
     run = store.run(res.run_id)
-    sets = [("snapshots", [MESSAGES[: k + 1] for k in range(len(MESSAGES))])]
+    # One snapshot per message prefix, then the conversation with the reply as an assistant turn.
+    reply = {"role": "assistant", "content": run.meta["generated_text"]}
+    sets = [("snapshots", [MESSAGES[: k + 1] for k in range(len(MESSAGES))] + [[*MESSAGES, reply]])]
     sets.append(("references", [r["messages"] for r in REFERENCES]))
     for what, message_lists in sets:
         hin = getattr(run, what)("hidden_in").compute()
@@ -152,7 +154,8 @@ def test_snapshots_and_references_equal_separate_prefills(family: str, store: An
             for li in range(len(run.layers) - 1):
                 np.testing.assert_allclose(hin[row, li], hs[li], atol=1e-4, rtol=1e-4)
                 np.testing.assert_allclose(hout[row, li], hs[li + 1], atol=1e-4, rtol=1e-4)
-    assert [s["role"] for s in run.snapshot_index] == [m["role"] for m in MESSAGES]
+    assert [s["role"] for s in run.snapshot_index] == [m["role"] for m in MESSAGES] + ["assistant"]
+    assert [s["generated"] for s in run.snapshot_index] == [False] * len(MESSAGES) + [True]
     assert run.reference_labels == ["joy", "fear"]
 
 
@@ -209,7 +212,7 @@ def test_flags_switch_sources_off(store: Any) -> None:
         emb = loaded.model.get_input_embeddings()(torch.tensor(run.tokens())).numpy()
     np.testing.assert_allclose(run.array("embeddings").compute(), emb, atol=1e-6)
     # snapshots still hold all four residual sources
-    assert run.snapshots("attn_out").shape[0] == len(MESSAGES)
+    assert run.snapshots("attn_out").shape[0] == len(MESSAGES) + 1  # + the generated reply
 
 
 def test_run_at_each_message_makes_one_run_per_prefix(store: Any) -> None:

@@ -162,3 +162,25 @@ def test_minimal_run_still_reports(tmp_path: Path, loaded: Any) -> None:
 
     df = pd.read_csv(tmp_path / "out" / "intra_run_report.csv")
     assert list(df["source"]) == ["hidden_in", "hidden_out"]
+
+
+def test_generated_reply_row_is_labelled(two_run_store: Any, one_run_report: Path) -> None:
+    """The last snapshot is the conversation with the generated reply: its heatmap row
+    says ``gen`` and its message entry carries a generated badge and the whole reply."""
+    import html as html_lib
+
+    meta = run_group(two_run_store, two_run_store.run_ids()[0]).attrs["run"]
+    snaps = meta["snapshots"]
+    assert [s["generated"] for s in snaps] == [False] * (len(snaps) - 1) + [True]
+    short = {"system": "sys", "user": "usr", "assistant": "ast"}
+    expected = [f"{s['index']}·{short[s['role']]}" for s in snaps[:-1]] + [f"{snaps[-1]['index']}·gen"]
+    trace = _figure(report_figures(one_run_report), "Message × reference")["data"][0]
+    assert trace["y"] == expected
+    html = _html(one_run_report)
+    block = html[html.index('<details class="msg-detail">') :]
+    entries = block.split('<details class="msg-detail">')[1:]
+    assert len(entries) == len(snaps)
+    assert '<span class="badge generated">' in entries[-1]
+    assert not any('<span class="badge generated">' in e for e in entries[:-1])
+    reply = meta["generated_text"].strip()
+    assert reply and html_lib.escape(reply[:40]) in entries[-1]

@@ -141,8 +141,15 @@ def test_export_layout_matches_seed(f16_run: tuple[ActStore, str], f16_export: P
                 assert arr.shape[:2] == (1, T)
     assert L >= 2
     snaps = _json(d / "conversation_snapshots" / "index.json")
-    assert [(e["index"], e["role"]) for e in snaps] == [(i, m["role"]) for i, m in enumerate(MESSAGES)]
+    # One per message prefix, then the generated reply as an assistant turn (Activation Lab's flag).
+    M = len(MESSAGES)
+    assert [(e["index"], e["role"], e["generated"]) for e in snaps] == [
+        (i, m["role"], False) for i, m in enumerate(MESSAGES)
+    ] + [(M, "assistant", True)]
     assert snaps[1]["content_preview"] == MESSAGES[1]["content"]
+    assert snaps[M]["content_preview"] == run.meta["generated_text"][:80]
+    gen = _npz(d / f"conversation_snapshots/snapshot_{M:02d}_assistant.npz")
+    assert _same_bits(gen[naming.npz_key(layers[0], "hidden_in")], run.snapshots("hidden_in").compute()[M, 0])
     snap = _npz(d / "conversation_snapshots" / "snapshot_01_user.npz")
     assert set(snap) == {naming.npz_key(la, s) for la in layers for s in naming.RESIDUAL_SOURCES}
     assert all(a.shape == (H,) for a in snap.values())

@@ -6,6 +6,7 @@ Data flow for one run::
                                     \\--snapshots: slices of the prefill KV cache (hooks: last mode)
              references --shared-prefix prefill--> short passes (hooks: last mode)
     decode loop: one token per pass (hooks: step mode) --> writer queue
+             conversation + reply as an assistant turn --slice of the decode cache--> generated snapshot
     writer.finish -> tokens, snapshots, references, metadata -> catalog entry (commit)
 
 The model runs with a KV cache, so every position is computed exactly once and lands
@@ -18,6 +19,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,6 +174,23 @@ def _snapshot_ids(
     return out
 
 
+def _reply_snapshot_ids(
+    scenario: Scenario, loaded: LoadedModel, messages: list[dict[str, str]], text: str, limit: int | None
+) -> list[int] | None:
+    """Token ids of the conversation with the generated reply as an assistant turn, or
+    None (with a warning) when its end-of-turn and generation prompt overflow the context:
+    the run is kept without that snapshot rather than lost after decoding."""
+    ids = render_ids(loaded.tokenizer, [*messages, {"role": "assistant", "content": text}])
+    if limit is not None and len(ids) > limit:
+        warnings.warn(
+            f"{scenario.name}: the conversation with the generated reply is {len(ids)} tokens, but "
+            f"{loaded.model_id} handles {limit}; the run has no generated-reply snapshot",
+            stacklevel=2,
+        )
+        return None
+    return ids
+
+
 def _ensure_attention(loaded: LoadedModel, scenario: Scenario) -> None:
     wanted = attn_implementation(scenario)
     current = getattr(loaded.model.config, "_attn_implementation", None)
@@ -219,7 +238,7 @@ def capture_run(
     group = store.create_run_group(run_id)
     writer: RunWriter | None = None
     bar = tqdm(
-        total=gen.max_new_tokens + len(snapshot_ids) + (len(ref_ids) if shared_refs is None else 0),
+        total=gen.max_new_tokens + len(snapshot_ids) + 1 + (len(ref_ids) if shared_refs is None else 0),
         desc=f"capture {scenario.name}",
         unit="pass",
         disable=not _progress_enabled(progress),
@@ -270,21 +289,33 @@ def capture_run(
                 if choice.token_id in eos or step == gen.max_new_tokens - 1:
                     break
                 ids = [choice.token_id]
+            generated = [s["generated_token_id"] for s in steps]
+            text = tok.decode(generated, skip_special_tokens=True)
+            # Activation Lab's last snapshot: the reply appended as an assistant turn. Its
+            # prefix is what decoding fed, so the cache now covers most of it.
+            reply_ids = _reply_snapshot_ids(scenario, loaded, messages, text, plan.limit)
+            if reply_ids is not None:
+                fed = (prompt_ids + generated)[:position]
+                snap_states += prefixes.last_token_states(
+                    model, rec, [reply_ids], [prefixes.Base(fed, cache)], device, bar.update
+                )
             if shared_refs is None:
                 ref_states = _reference_states(model, rec, prompt_ids, cache, ref_ids, device, bar.update)
             else:
                 ref_states = shared_refs
         assert writer is not None
         writer.finish(position)
-        generated = [s["generated_token_id"] for s in steps]
         _write_tokens(group, prompt_ids, generated, position)
         snapshot_meta = [
-            {"index": k, "role": m["role"], "content_preview": m["content"][:80]}
+            {"index": k, "role": m["role"], "content_preview": m["content"][:80], "generated": False}
             for k, m in enumerate(messages)
         ]
+        if reply_ids is not None:
+            snapshot_meta.append(
+                {"index": len(messages), "role": "assistant", "content_preview": text[:80], "generated": True}
+            )
         _write_stacked(group, naming.SNAPSHOTS_GROUP, snap_states, layers, cap.store_dtype, store_dtype)
         _write_stacked(group, naming.REFERENCES_GROUP, ref_states, layers, cap.store_dtype, store_dtype)
-        text = tok.decode(generated, skip_special_tokens=True)
         meta = _run_meta(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )

@@ -9,7 +9,7 @@
 Modules, in data-flow order:
 
 * ``metrics``: cosine, mae, jaccard (top-fraction overlap), once for NumPy and Dask;
-* ``states``: which vectors (initial, final, step:N, pos:N, snapshot:K,
+* ``states``: which vectors (initial, final, step:N, pos:N, snapshot:K, snapshot:generated,
   reference:LABEL) as lazy Dask arrays, one Zarr read per stored array;
 * ``plan``: lazy pieces + a finisher, many plans computed in one ``dask.compute``;
 * ``compare``: intra-run, inter-run, snapshots vs references, role averages and the

@@ -7,7 +7,9 @@
 A *state* names one vector per layer: ``initial`` (last prompt token, the seed's prefill
 state), ``final`` (last position fed to the model), ``step:N`` (last position of forward
 pass N; negative N counts from the end), ``pos:N`` (a token position), ``snapshot:K``
-(conversation prefix K) and ``reference:LABEL``.
+(conversation prefix K; ``snapshot:generated`` is the conversation with the generated
+reply appended as an assistant turn, the last row of runs captured with it) and
+``reference:LABEL``.
 
 Data flow: a positional selection becomes ONE Dask task per stored array that does a
 single Zarr orthogonal read (``layers x positions x width``); Zarr then fetches just the
@@ -36,6 +38,7 @@ from actstore.errors import SelectionError
 from actstore.store import layout
 
 POSITIONAL = ("initial", "final", "step", "pos")
+GENERATED = "generated"  # snapshot:generated, the reply appended as an assistant turn
 _NEEDS_ARG = ("step", "pos", "snapshot", "reference")
 
 
@@ -103,7 +106,7 @@ def _take_state(tokens: list[str], text: str) -> tuple[State, list[str]]:
         raise SelectionError(
             f"{text!r}: state {kind!r} needs an argument, e.g. {kind}:{'joy' if kind == 'reference' else 0}"
         )
-    if kind != "reference":
+    if kind != "reference" and not (kind == "snapshot" and tokens[1] == GENERATED):
         _as_int(tokens[1], text)
     return State(kind, tokens[1]), tokens[2:]
 
@@ -285,6 +288,20 @@ def snapshot_stack(run: Any, source: str, layers: list[int] | None = None) -> da
     return _stack(run, "snapshot", source, layers)
 
 
+def snapshot_row(run: Any, arg: str, n: int) -> int:
+    """Stack row of ``snapshot:ARG``: a row number (negative counts from the end) or
+    ``generated``, the row the run's snapshot index marks as the generated reply."""
+    if arg != GENERATED:
+        return _index(_as_int(arg, f"snapshot:{arg}"), n, "snapshots", run)
+    rows = [i for i, s in enumerate(run.snapshot_index) if s.get("generated")]
+    if not rows:
+        raise SelectionError(
+            f"run {run.id} has no generated-reply snapshot (captured before actstore kept one, "
+            f"or the reply did not fit the context); its snapshots are 0..{n - 1}"
+        )
+    return rows[-1]
+
+
 def reference_stack(run: Any, source: str, layers: list[int] | None = None) -> da.Array:
     """Lazy ``(references, L, H)``, rows in ``run.reference_labels`` order."""
     return _stack(run, "reference", source, layers)
@@ -298,7 +315,7 @@ def state_vectors(run: Any, state: State | str, source: str, layers: list[int] |
         return x[:, 0] if x.ndim == 3 else x[0]
     if st.kind == "snapshot":
         x = snapshot_stack(run, source, layers)
-        return x[_index(_as_int(st.arg or "", str(st)), x.shape[0], "snapshots", run)]
+        return x[snapshot_row(run, st.arg or "", x.shape[0])]
     labels = run.reference_labels
     if st.arg not in labels:
         raise SelectionError(

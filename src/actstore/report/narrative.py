@@ -17,7 +17,7 @@ import pandas as pd
 
 from actstore.report.cells import Cell, Table, num_cell, text_cell
 from actstore.report.gather import ReportData, RunResult
-from actstore.report.run_section import message_label
+from actstore.report.run_section import generated_messages, message_label, message_texts
 
 FULL_DETAIL_RUNS = 3  # above this many runs the first screen is one table row per run
 PREFERRED_SOURCE = "hidden_out"
@@ -64,9 +64,10 @@ def closest_references(rr: RunResult) -> pd.DataFrame | None:
     z = mr[labels].to_numpy(dtype=float)
     rel = z - np.nanmean(z, axis=0, keepdims=True)
     out = mr[["message", "role", "preview", "best"]].copy()
-    contents = [m.get("content", "") for m in rr.run.scenario.get("prompt", {}).get("messages", [])]
-    if len(contents) == len(out):  # the whole message, not the 80-character preview
-        out["preview"] = [contents[int(m)] for m in out["message"]]
+    texts = message_texts(rr.run)  # the whole message, not the 80-character preview
+    out["preview"] = [texts.get(int(m), p) for m, p in zip(out["message"], out["preview"], strict=True)]
+    gen = generated_messages(rr.run)
+    out["generated"] = [int(m) in gen for m in out["message"]]
     out["best_cosine"] = np.nanmax(z, axis=1)
     out["leans"] = [labels[i] for i in np.nanargmax(rel, axis=1)]
     out["lean"] = np.nanmax(rel, axis=1)
@@ -138,10 +139,10 @@ def run_points(rr: RunResult) -> list[str]:
 
 def message_table(cr: pd.DataFrame) -> Table:
     rows = [
-        [text_cell(message_label(m, r), "label"), text_cell(p, "preview"), text_cell(b, "ref"), num_cell(c),
+        [text_cell(message_label(m, r, g), "label"), text_cell(p, "preview"), text_cell(b, "ref"), num_cell(c),
          text_cell(lean if d > 0 else "–", "ref"), num_cell(d if d > 0 else None, digits=3)]
-        for m, r, p, b, c, lean, d in cr[["message", "role", "preview", "best", "best_cosine", "leans", "lean"]]
-        .itertuples(index=False, name=None)
+        for m, r, g, p, b, c, lean, d in cr[["message", "role", "generated", "preview", "best", "best_cosine",
+                                             "leans", "lean"]].itertuples(index=False, name=None)
     ]  # fmt: skip
     return Table(["message", "text", "closest", "cosine", "leans toward", "Δ vs its mean"], rows)
 

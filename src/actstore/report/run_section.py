@@ -56,8 +56,31 @@ def summary_table(summary: pd.DataFrame, keys: list[str]) -> Table:
     return frame_table(summary[[*keys, *SUMMARY_COLUMNS]], SUMMARY_COLOR)
 
 
-def message_label(index: Any, role: Any) -> str:
-    return f"{index}·{ROLE_SHORT.get(str(role), str(role)[:3])}"
+def message_label(index: Any, role: Any, generated: bool = False) -> str:
+    # The generated reply is an assistant turn too; its label says it is the model's.
+    return f"{index}·gen" if generated else f"{index}·{ROLE_SHORT.get(str(role), str(role)[:3])}"
+
+
+def generated_messages(run: Any) -> set[int]:
+    """Snapshot indexes marked as the generated reply (Activation Lab's last snapshot)."""
+    return {int(s["index"]) for s in run.snapshot_index if s.get("generated")}
+
+
+def message_texts(run: Any) -> dict[int, str]:
+    """Each snapshot's whole message when the run has it (the scenario's messages, the
+    generated text for the reply), else its 80-character preview."""
+    snaps = run.snapshot_index
+    contents = [m.get("content", "") for m in run.scenario.get("prompt", {}).get("messages", [])]
+    given = [s for s in snaps if not s.get("generated")]
+    full = len(contents) == len(given)
+    out = {int(s["index"]): str(s.get("content_preview", "")) for s in snaps}
+    for k, s in enumerate(given):
+        if full:
+            out[int(s["index"])] = contents[k]
+    for s in snaps:
+        if s.get("generated") and run.meta.get("generated_text") is not None:
+            out[int(s["index"])] = str(run.meta["generated_text"])
+    return out
 
 
 def reference_block(rr: RunResult, figs: F.Figures) -> dict[str, Any]:
@@ -68,7 +91,8 @@ def reference_block(rr: RunResult, figs: F.Figures) -> dict[str, Any]:
     labels, sources, layers, msg_ids = c.labels, c.sources, c.layers, c.messages
     colors = [F.color(i) for i in range(len(labels))]
     snaps = run.snapshot_index
-    xlabels = [message_label(m, r) for m, r in zip(c.messages, c.roles, strict=True)]
+    gen = generated_messages(run)
+    xlabels = [message_label(m, r, m in gen) for m, r in zip(c.messages, c.roles, strict=True)]
     cube = c.values  # (metric, message, reference, source, layer)
     over_layers = np.nanmean(cube, axis=-1)  # (metric, message, reference, source)
     line_charts = [
@@ -90,15 +114,14 @@ def reference_block(rr: RunResult, figs: F.Figures) -> dict[str, Any]:
     z = mr[labels].to_numpy(dtype=float)
     finite = z[np.isfinite(z)]
     heat = figs.add(F.heatmap(
-        z, labels, [message_label(m, r) for m, r in zip(mr["message"], mr["role"], strict=True)],
+        z, labels, [message_label(m, r, m in gen) for m, r in zip(mr["message"], mr["role"], strict=True)],
         title="Message × reference: mean cosine over layers and sources", xtitle="reference", ytitle="message",
         zmin=float(finite.min()) if finite.size else None, zmax=float(finite.max()) if finite.size else None,
     ))  # fmt: skip
     best = dict(zip(mr["message"], mr["best"], strict=True))
-    contents = [m.get("content", "") for m in run.scenario.get("prompt", {}).get("messages", [])]
-    full = len(contents) == len(snaps)  # the whole message when the scenario has it, else the preview
+    texts = message_texts(run)
     messages = [
-        {"index": m, "role": snap["role"], "preview": contents[k] if full else snap.get("content_preview", ""),
+        {"index": m, "role": snap["role"], "preview": texts.get(m, ""), "generated": bool(snap.get("generated")),
          "closest": best.get(m),
          "charts": layer_reference_charts(cube[0, k], labels, colors, sources, layers, figs, f"message {m}")}
         for k, (m, snap) in enumerate(zip(msg_ids, snaps, strict=True))

@@ -169,7 +169,13 @@ def _write_run_dir(run: RunReader, root: Path, *, quiet: bool) -> None:
         _write_json(root / "steps.json", {"steps": steps_out})
         _write_stacked(run, root, "snapshots", [(s["index"], s["role"]) for s in snapshots], bar)
         if snapshots:
-            index = [{k: s.get(k) for k in ("index", "role", "content_preview")} for s in snapshots]
+            # generated (Activation Lab's flag for the reply appended as an assistant turn)
+            # only where the run records it: runs from before it, or README-layout imports, have none.
+            index = [
+                {k: s.get(k) for k in ("index", "role", "content_preview")}
+                | ({"generated": s["generated"]} if "generated" in s else {})
+                for s in snapshots
+            ]
             _write_json(root / "conversation_snapshots" / "index.json", index)
         _write_stacked(run, root, "references", [(label, None) for label in labels], bar)
         if labels:

@@ -33,7 +33,7 @@ from actstore.cli.common import (
 COMPARE_HELP = (
     "initial-final (default: each run's last prompt token vs its last position), runs "
     "(every pair of runs, initial and final states), snapshots-references, or two states "
-    "STATE:STATE with STATE one of initial, final, step:N, pos:N, snapshot:K, reference:LABEL "
+    "STATE:STATE with STATE one of initial, final, step:N, pos:N, snapshot:K, snapshot:generated, reference:LABEL "
     "(e.g. step:0:final, snapshot:3:reference:joy)"
 )
 
@@ -121,7 +121,7 @@ for _m in ("cosine", "mae", "jaccard"):
 @query.command("cross-layer")
 @_run_option
 @_opt("--source", default="hidden_out")
-@_opt("--state", default="final", help="initial, final, step:N, pos:N, snapshot:K or reference:LABEL")
+@_opt("--state", default="final", help="initial, final, step:N, pos:N, snapshot:K, snapshot:generated or reference:LABEL")
 @_opt("--matrix", is_flag=True, help="print the L x L matrix instead of long rows")
 @_common
 @_fail_cleanly

@@ -1,0 +1,254 @@
+"""The report's options and sentences checked by value (issue 12).
+
+* ``actstore report --overlap-by value|magnitude``: the CSVs' ``overlap`` column equals a
+  plain-NumPy top-1% Jaccard ranked by x or by |x|, and the two differ on this data.
+* ``generated_a`` / ``generated_b`` are each run's own generated text (read from the run's
+  Zarr attributes), and the two runs' texts differ.
+* Every first-screen sentence names the layer / role / reference that NumPy picks from
+  vectors read straight from the Zarr arrays (argmin drift layer, closer role, argmax
+  separation layer, most common closest reference), with the numbers it prints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from actstore.cli import main
+from actstore.store.store import ActStore
+from query.synth import write_synthetic_run
+
+from .helpers import SOURCES, cosine, run_group, stacked, vectors_at
+
+RTOL, ATOL = 1e-6, 1e-9
+FRAC = 0.01  # the report's top 1%
+
+
+def np_overlap(a: np.ndarray, b: np.ndarray, magnitude: bool) -> np.ndarray:
+    """Top-1% Jaccard per row, ranked by |x| or x; ties to the lower index (stable sort)."""
+    k = max(1, int(a.shape[-1] * FRAC))
+    out = []
+    for x, y in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), strict=True):
+        vx, vy = (np.abs(x), np.abs(y)) if magnitude else (x, y)
+        sa = set(np.argsort(-vx, kind="stable")[:k].tolist())
+        sb = set(np.argsort(-vy, kind="stable")[:k].tolist())
+        out.append(len(sa & sb) / len(sa | sb))
+    return np.asarray(out).reshape(a.shape[:-1])
+
+
+def _position(group: Any, state: str) -> int:
+    meta = group.attrs["run"]
+    return int(meta["prompt_len"] - 1 if state == "initial" else meta["n_positions"] - 1)
+
+
+def _report_folders(store: Any, tmp_path_factory: Any) -> dict[str, Path]:
+    """The report CLI's output folder, once per --overlap-by."""
+    out = {}
+    for by in ("value", "magnitude"):
+        d = tmp_path_factory.mktemp(f"overlap_{by}")
+        res = CliRunner().invoke(main, ["report", "--store", str(store.location), "--out", str(d),
+                                        "--overlap-by", by, "--quiet"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        out[by] = d
+    return out
+
+
+@pytest.fixture(scope="module")
+def reports(two_run_store: Any, tmp_path_factory: Any) -> dict[str, Path]:
+    return _report_folders(two_run_store, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def synth_reports(tmp_path_factory: Any) -> tuple[ActStore, dict[str, Path]]:
+    """Two synthetic float32 runs, 300 wide (top 1% = 3 dimensions): wide enough that
+    ranking by x and by |x| picks different dimensions between initial and final."""
+    st = ActStore.open(tmp_path_factory.mktemp("synthrep") / "store.zarr", create=True)
+    for seed in range(2):
+        write_synthetic_run(st, name=f"rep{seed}", seed=seed, n_layers=4, prompt_len=10, n_steps=4, width=300,
+                            n_snapshots=4, labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
+    return st, _report_folders(st, tmp_path_factory)
+
+
+def _read(folder: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(folder / name, keep_default_na=False)
+
+
+# ---- --overlap-by -------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["tiny", "synth"])
+def test_overlap_by_changes_intra_overlap_as_numpy(which: str, request: Any) -> None:
+    if which == "tiny":
+        store, folders = request.getfixturevalue("two_run_store"), request.getfixturevalue("reports")
+    else:
+        store, folders = request.getfixturevalue("synth_reports")
+    differ = 0
+    for by, magnitude in (("value", False), ("magnitude", True)):
+        df = _read(folders[by], "intra_run_cosines.csv")
+        for run_id in store.run_ids():
+            g = run_group(store, run_id)
+            for source in SOURCES:
+                a = vectors_at(g, source, _position(g, "initial"))
+                b = vectors_at(g, source, _position(g, "final"))
+                got = df[(df["run"] == run_id) & (df["source"] == source)].sort_values("layer")
+                assert got["layer"].tolist() == g.attrs["run"]["layers"]
+                expected = np_overlap(a, b, magnitude)
+                np.testing.assert_allclose(got["overlap"].to_numpy(float), expected, rtol=0, atol=1e-12)
+                differ += int(not np.array_equal(expected, np_overlap(a, b, not magnitude)))
+                np.testing.assert_allclose(got["cosine"].to_numpy(float), cosine(a, b), rtol=RTOL, atol=ATOL)
+    if which == "synth":  # (tiny model: 64 wide, top 1% is one dimension, here the same either way)
+        assert differ > 0  # x and |x| rank differently somewhere on this data
+
+
+def test_overlap_by_changes_inter_overlap_as_numpy(two_run_store: Any, reports: dict[str, Path]) -> None:
+    a_id, b_id = two_run_store.run_ids()
+    ga, gb = run_group(two_run_store, a_id), run_group(two_run_store, b_id)
+    differ = 0
+    frames = {by: _read(reports[by], "comparison_cosines.csv") for by in reports}
+    for by, magnitude in (("value", False), ("magnitude", True)):
+        df = frames[by]
+        assert set(zip(df["run_a"], df["run_b"], strict=True)) == {(a_id, b_id)}
+        for state in ("initial", "final"):
+            for source in SOURCES:
+                a, b = (
+                    vectors_at(ga, source, _position(ga, state)),
+                    vectors_at(gb, source, _position(gb, state)),
+                )
+                got = df[(df["state"] == state) & (df["source"] == source)].sort_values("layer")
+                expected = np_overlap(a, b, magnitude)
+                np.testing.assert_allclose(got["overlap"].to_numpy(float), expected, rtol=0, atol=1e-12)
+                differ += int(not np.array_equal(expected, np_overlap(a, b, not magnitude)))
+    assert differ > 0
+    assert not np.array_equal(frames["value"]["overlap"].to_numpy(float),
+                              frames["magnitude"]["overlap"].to_numpy(float))  # fmt: skip
+    # the summary's overlap columns follow the flag too
+    for by in reports:
+        s = _read(reports[by], "comparison_report.csv")
+        per = frames[by].groupby(["state", "source"])["overlap"].mean()
+        for row in s.itertuples():
+            assert row.mean_overlap == pytest.approx(per[(row.state, row.source)], rel=RTOL, abs=ATOL)
+
+
+# ---- generated_a / generated_b ------------------------------------------------------------
+def _own_generated(group: Any, run_id: str) -> str:
+    text = " ".join(str(group.attrs["run"]["generated_text"]).split())
+    return text[:40] or run_id
+
+
+def test_generated_columns_are_each_runs_own_text(two_run_store: Any, reports: dict[str, Path]) -> None:
+    a_id, b_id = two_run_store.run_ids()
+    own = {i: _own_generated(run_group(two_run_store, i), i) for i in (a_id, b_id)}
+    assert own[a_id] != own[b_id]  # a swap shows
+    for name in ("comparison_cosines.csv", "comparison_report.csv"):
+        df = _read(reports["magnitude"], name)
+        assert len(df) > 0
+        assert set(df["generated_a"]) == {own[a_id]}, name
+        assert set(df["generated_b"]) == {own[b_id]}, name
+    intra = _read(reports["magnitude"], "intra_run_report.csv")
+    for run_id in (a_id, b_id):
+        full = " ".join(str(run_group(two_run_store, run_id).attrs["run"]["generated_text"]).split())
+        assert set(intra[intra["run"] == run_id]["generated"]) == {full}
+
+
+# ---- the first screen's sentences -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def screen(two_run_store: Any) -> dict[str, Any]:
+    from actstore.report.gather import gather
+    from actstore.report.narrative import first_screen
+
+    return first_screen(gather(two_run_store.runs(["all"])))
+
+
+def _point(points: list[str], needle: str) -> str:
+    found = [p for p in points if needle in p]
+    assert len(found) == 1, (needle, points)
+    return found[0]
+
+
+def _svr_cosines(group: Any, source: str) -> np.ndarray:
+    """(messages, references, layers) cosine of each snapshot with each reference."""
+    s, r = stacked(group, "snapshots", source), stacked(group, "references", source)
+    return cosine(s[:, None], r[None, :])
+
+
+def test_first_screen_drift_sentence(
+    two_run_store: Any, screen: dict[str, Any], reports: dict[str, Path]
+) -> None:
+    csv = _read(reports["magnitude"], "intra_run_cosines.csv")
+    for entry in screen["runs"]:
+        g = run_group(two_run_store, entry["id"])
+        layers = g.attrs["run"]["layers"]
+        a, b = (
+            vectors_at(g, "hidden_out", _position(g, "initial")),
+            vectors_at(g, "hidden_out", _position(g, "final")),
+        )
+        cos = cosine(a, b)
+        sub = csv[(csv["run"] == entry["id"]) & (csv["source"] == "hidden_out")].sort_values("layer")
+        np.testing.assert_allclose(sub["cosine"].to_numpy(float), cos, rtol=RTOL, atol=ATOL)
+        assert cos.min() < cos.max()
+        p = _point(entry["points"], "changes most at layer")
+        m = re.search(
+            r"\(hidden_out\) keeps a mean cosine of ([-\d.]+) .* changes most at layer (\d+) \(cosine ([-\d.]+)\)",
+            p,
+        )
+        assert m, p
+        assert int(m.group(2)) == layers[int(np.argmin(cos))]
+        assert m.group(1) == f"{cos.mean():.2f}" and m.group(3) == f"{cos.min():.2f}"
+
+
+def test_first_screen_role_sentence(two_run_store: Any, screen: dict[str, Any]) -> None:
+    for entry in screen["runs"]:
+        g = run_group(two_run_store, entry["id"])
+        roles = [s["role"] for s in g.attrs["run"]["snapshots"]]
+        cos = _svr_cosines(g, "hidden_out")  # (M, R, L)
+        user = cos[[i for i, r in enumerate(roles) if r == "user"]].mean()
+        assistant = cos[[i for i, r in enumerate(roles) if r == "assistant"]].mean()
+        assert abs(user - assistant) > 1e-3  # the data has a closer role
+        closer = "User" if user > assistant else "Assistant"
+        p = _point(entry["points"], "turns sit closer to the references")
+        m = re.fullmatch(r"(\w+) turns sit closer to the references \(hidden_out: user ([-\d.]+) vs "
+                         r"assistant ([-\d.]+) mean cosine over references and layers\)\.", p)  # fmt: skip
+        assert m, p
+        assert m.group(1) == closer
+        assert (m.group(2), m.group(3)) == (f"{user:.3f}", f"{assistant:.3f}")
+
+
+def test_first_screen_best_layer_sentence(two_run_store: Any, screen: dict[str, Any]) -> None:
+    for entry in screen["runs"]:
+        g = run_group(two_run_store, entry["id"])
+        layers = g.attrs["run"]["layers"]
+        r = stacked(g, "references", "hidden_out")  # (R, L, H)
+        iu, ju = np.triu_indices(len(r), 1)
+        sep = (1 - cosine(r[iu], r[ju])).mean(0)  # (L,) mean cosine distance over pairs
+        order = np.argsort(-sep, kind="stable")
+        assert sep.max() > sep.min()  # most and least discriminative layers differ
+        p = _point(entry["points"], "The most discriminative layer is")
+        m = re.search(r"layer is (\d+)(?:, then ([\d, ]+))? \(hidden_out\).*distance ([\d.]+), ([\d.]+)×", p)
+        assert m, p
+        assert int(m.group(1)) == layers[int(order[0])]
+        nxt = [int(v) for v in m.group(2).split(",")] if m.group(2) else []
+        assert nxt == [layers[int(i)] for i in order[1:3]]
+        assert m.group(3) == f"{sep.max():.3f}"
+        assert m.group(4) == f"{sep.max() / sep.mean():.1f}"
+
+
+def test_first_screen_closest_reference_sentence(two_run_store: Any, screen: dict[str, Any]) -> None:
+    for entry in screen["runs"]:
+        g = run_group(two_run_store, entry["id"])
+        labels = list(g.attrs["run"]["references"])
+        # cosine averaged over layers within each source, then over sources: (M, R)
+        z = np.mean([_svr_cosines(g, s).mean(-1) for s in SOURCES], axis=0)
+        best = [labels[i] for i in z.argmax(1)]
+        counts = Counter(best)
+        p = _point(entry["points"], "messages are closest to")
+        m = re.search(r"(\d+) of (\d+) messages are closest to “([^”]+)”", p)
+        assert m, p
+        assert int(m.group(2)) == len(z)
+        assert int(m.group(1)) == max(counts.values()) == counts[m.group(3)]
+        table = entry["messages"]
+        assert [row[2].text for row in table.rows] == best

@@ -148,11 +148,6 @@ def test_ambiguous_prefix_raises(prefix_store: ActStore) -> None:
     assert prefix_store.resolve("pfx_a") == ids[:2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.resolve: an ambiguous prefix's error gives only the count ('matches 3 runs; give more "
-    "of the id'), not the ids it matches (issue 12 asks it to name them)",
-)
 def test_ambiguous_prefix_error_names_the_matches(prefix_store: ActStore) -> None:
     with pytest.raises(RunNotFoundError) as err:
         prefix_store.run("pfx")

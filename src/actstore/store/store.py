@@ -341,7 +341,8 @@ class ActStore:
         if len(by_prefix) == 1:
             return by_prefix
         if by_prefix:
-            raise RunNotFoundError(f"{selector!r} matches {len(by_prefix)} runs; give more of the id")
+            shown = ", ".join(by_prefix[:5]) + (", ..." if len(by_prefix) > 5 else "")
+            raise RunNotFoundError(f"{selector!r} matches {len(by_prefix)} runs ({shown}); give more of the id")
         raise RunNotFoundError(
             f"{self.location}: no run matches {selector!r} (see `actstore ls` for the run ids)"
         )

@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("capture", "query", "report", "scale")
+ORDER = ("capture", "query", "report", "scale", "integrity")
 
 
 def main() -> None:

@@ -1,0 +1,247 @@
+"""Mutation testing for actstore (issue 12 item 3): a habit, not a CI step.
+
+Runs mutmut 3 over ``capture/``, ``store/``, ``query/`` and ``report/`` (or a narrower scope)
+with the fast suite (``-m "not slow"``) and writes the score per package to
+``benchmarks/results/mutation.md``.
+
+Install (the tool is in the ``dev`` extra; a separate virtualenv keeps the shared one untouched)::
+
+    python3 -m venv /tmp/mutvenv
+    /tmp/mutvenv/bin/pip install "torch==2.13.0"      # pinned: the local CPU build
+    /tmp/mutvenv/bin/pip install -e '.[dev]'          # brings mutmut>=3.3
+
+Run (from the repository root, with that virtualenv's python)::
+
+    /tmp/mutvenv/bin/python scripts/mutation.py                      # all four packages (hours on 2 cores)
+    /tmp/mutvenv/bin/python scripts/mutation.py --package query      # one package
+    /tmp/mutvenv/bin/python scripts/mutation.py \\
+        --paths src/actstore/query/metrics.py src/actstore/query/plan.py --tests tests/query
+
+How it works: mutmut copies ``src/`` and ``tests/`` into ``mutants/`` (git-ignored; the script
+wipes it first unless ``--keep``), writes every mutant of every function in scope into that copy
+behind a trampoline, runs the selected tests once to record which tests reach which function,
+and then runs, for each mutant, only the tests that reach its function (mutmut's per-test
+selection). ``[tool.mutmut]`` in pyproject.toml holds the defaults (fast suite, files copied
+alongside the tests); this script narrows ``only_mutate`` (``--package``/``--paths``) and the
+test selection (``--tests``) for one run by overriding mutmut's loaded configuration.
+
+What it writes: ``benchmarks/results/mutation.md`` (``--out``), with per package the number of
+mutants, killed, survived, timeout, skipped / not covered, the score (killed + timeout over
+the mutants that were run), the date, the mutmut version, the scope, the tests, the wall time,
+and each surviving mutant as ``file:line`` with the mutation (original -> mutant line). A
+surviving mutant is then either killed by a new test or listed as equivalent, with the reason,
+in the "Equivalent mutants" section of that file (kept across runs, edited by hand).
+
+Scoring: ``timeout`` counts as killed (the mutant made the suite hang, which is detected);
+``no tests`` (no fast test reaches the function) counts as survived, since nothing would catch
+a bug there; ``skipped`` and ``caught by type check`` are listed but left out of the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("capture", "store", "query", "report")
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mutation.md"
+EQUIV_HEADER = "## Equivalent mutants"
+
+# Runs inside a child interpreter: load mutmut's configuration from pyproject.toml, narrow it
+# for this run, then hand over to mutmut's own command line (`mutmut run`).
+_CHILD = r"""
+import dataclasses, json, sys
+from mutmut import configuration as c
+args = json.loads(sys.argv[1])
+cfg = c._load_config()
+c._config = dataclasses.replace(
+    cfg, only_mutate=args["only_mutate"], pytest_add_cli_args_test_selection=args["tests"]
+)
+from mutmut.__main__ import cli
+argv = ["run"] + (["--max-children", str(args["max_children"])] if args["max_children"] else [])
+cli(argv, prog_name="mutmut")
+"""
+
+
+def _package_of(path: str) -> str:
+    parts = Path(path).parts
+    i = parts.index("actstore")
+    return parts[i + 1] if len(parts) > i + 2 else "(top level)"
+
+
+def _mutant_line(src_path: Path, mutant: str, diff: str) -> tuple[int | None, str]:
+    """Line of the change in the original file and a one-line description of the mutation."""
+    removed = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    added = [ln[1:] for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    desc = " / ".join(f"`{a.strip()}` -> `{b.strip()}`" for a, b in zip(removed, added, strict=False))
+    if len(removed) != len(added):
+        desc = desc or f"`{' '.join(r.strip() for r in removed)}` -> `{' '.join(a.strip() for a in added)}`"
+    name = mutant.rsplit("__mutmut_", 1)[0].rpartition(".")[-1]
+    name = name.rsplit("ǁ", 1)[-1]
+    if name.startswith("x_"):
+        name = name[2:]
+    lines = src_path.read_text().splitlines()
+    start = 0
+    try:
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
+                start = node.lineno - 1
+                break
+    except SyntaxError:
+        pass
+    if removed:
+        target = removed[0].strip()
+        for i in range(start, len(lines)):
+            if lines[i].strip() == target:
+                return i + 1, desc
+    return (start + 1 if start else None), desc
+
+
+def _collect(paths: list[Path]) -> dict[str, list[tuple[str, str, str | None]]]:
+    """Per file: (mutant name, status, diff for survivors) read from mutmut's meta files."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    out: dict[str, list[tuple[str, str, str | None]]] = {}
+    for path in paths:
+        meta = ROOT / "mutants" / (str(path) + ".meta")
+        if not meta.exists():
+            continue
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        rows = []
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            for key, code in sorted(codes.items()):
+                status = status_by_exit_code[code]
+                diff = get_diff_for_mutant(key, path=path) if status in ("survived", "no tests") else None
+                rows.append((key, status, diff))
+        finally:
+            os.chdir(cwd)
+        out[str(path)] = rows
+    return out
+
+
+def _keep_equivalents(out: Path) -> str:
+    if out.exists():
+        text = out.read_text()
+        if EQUIV_HEADER in text:
+            return text[text.index(EQUIV_HEADER):].rstrip() + "\n"
+    return (
+        f"{EQUIV_HEADER}\n\nA surviving mutant that no test can kill because it does not change "
+        "behaviour is listed here with the reason (edited by hand; kept across runs).\n\n"
+        "None listed yet.\n"
+    )
+
+
+def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
+           partial_note: str | None) -> None:
+    by_pkg: dict[str, Counter] = defaultdict(Counter)
+    survivors: dict[str, list[str]] = defaultdict(list)
+    for path, rows in results.items():
+        pkg = _package_of(path)
+        for key, status, diff in rows:
+            by_pkg[pkg][status] += 1
+            if diff is not None:
+                line, desc = _mutant_line(ROOT / path, key, diff)
+                tag = " (no fast test reaches it)" if status == "no tests" else ""
+                survivors[pkg].append(f"- `{path}:{line}` {desc}{tag}  \n  mutant `{key}`")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Mutation testing",
+        "",
+        f"Written by `scripts/mutation.py` on {now} with mutmut {version}, fast suite (`-m \"not slow\"`), "
+        "each mutant run against only the tests that reach its function.",
+        "",
+        f"- Scope: {', '.join(f'`{s}`' for s in scope)}",
+        f"- Tests: {', '.join(f'`{t}`' for t in tests)}",
+        f"- Wall time: {seconds / 60:.1f} min on {os.cpu_count()} cores",
+    ]
+    if partial_note:
+        lines += ["", f"**Partial run.** {partial_note}"]
+    lines += [
+        "",
+        "| package | mutants | killed | survived | no tests | timeout | skipped | score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for pkg in sorted(by_pkg):
+        c = by_pkg[pkg]
+        killed, timeout = c["killed"], c["timeout"]
+        survived, no_tests = c["survived"], c["no tests"]
+        skipped = c["skipped"] + c["caught by type check"] + c["not checked"]
+        other = sum(c.values()) - killed - timeout - survived - no_tests - skipped
+        run = killed + timeout + survived + no_tests + other
+        score = f"{100 * (killed + timeout) / run:.1f}%" if run else "n/a"
+        lines.append(f"| {pkg} | {sum(c.values())} | {killed} | {survived} | {no_tests} | {timeout} | "
+                     f"{skipped} | {score} |")
+    lines += ["", "Score = (killed + timeout) / (mutants run); `no tests` counts as surviving.", ""]
+    lines += ["## Surviving mutants", ""]
+    if not any(survivors.values()):
+        lines.append("None.")
+    for pkg in sorted(survivors):
+        lines += [f"### {pkg}", "", *survivors[pkg], ""]
+    lines += ["", _keep_equivalents(out)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--package", action="append", choices=PACKAGES,
+                    help="package under src/actstore to mutate (repeatable; default all four)")
+    ap.add_argument("--paths", nargs="+", help="mutate only these files (overrides --package)")
+    ap.add_argument("--tests", nargs="+", default=["tests/"],
+                    help="pytest paths the mutants are tested with (default tests/, the whole fast suite)")
+    ap.add_argument("--max-children", type=int, default=None, help="parallel workers (default: cores)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--keep", action="store_true", help="reuse mutants/ from an earlier run (mutmut resumes)")
+    ap.add_argument("--partial-note", help="sentence written under the header when the run is partial")
+    args = ap.parse_args(argv)
+
+    try:
+        from importlib.metadata import version
+
+        mutmut_version = version("mutmut")
+    except Exception:  # noqa: BLE001 - a missing tool is reported, not raised
+        print("mutmut is not installed in this interpreter; see the top of scripts/mutation.py", file=sys.stderr)
+        return 2
+
+    if args.paths:
+        scope = [str(Path(p)) for p in args.paths]
+        only = scope
+    else:
+        pkgs = args.package or list(PACKAGES)
+        scope = [f"src/actstore/{p}/" for p in pkgs]
+        only = [f"src/actstore/{p}/*" for p in pkgs]
+    if not args.keep and (ROOT / "mutants").exists():
+        shutil.rmtree(ROOT / "mutants")
+
+    child = {"only_mutate": only, "tests": args.tests, "max_children": args.max_children}
+    t0 = time.monotonic()
+    rc = subprocess.call([sys.executable, "-c", _CHILD, json.dumps(child)], cwd=ROOT)
+    seconds = time.monotonic() - t0
+    if rc != 0:
+        print(f"mutmut run exited with {rc}; {args.out} not written", file=sys.stderr)
+        return rc
+
+    import fnmatch
+
+    files = sorted(p.relative_to(ROOT) for p in (ROOT / "src" / "actstore").rglob("*.py"))
+    files = [p for p in files if any(fnmatch.fnmatch(str(p), pat) for pat in only)]
+    results = _collect(files)
+    _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

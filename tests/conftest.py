@@ -24,3 +24,16 @@ def pytest_configure(config: pytest.Config) -> None:
             else Path(config.rootpath) / ".pytest_cache" / "actstore"
         )
         os.environ["ACTSTORE_CACHE"] = str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random llama (3 layers; model + tokenizer): a model id any process,
+    the CLI's included, loads for real."""
+    from actstore.testing import tiny_model
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model, tok = tiny_model("llama", seed=3)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

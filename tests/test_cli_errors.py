@@ -79,18 +79,6 @@ def world(tmp_path: Path, synth_source: Path, monkeypatch: pytest.MonkeyPatch) -
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny random llama (3 layers): a model id the CLI loads for real."""
-    from actstore.testing import tiny_model
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    model, tok = tiny_model("llama", seed=3)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def scenario_file(folder: Path, model_id: str | Path, **capture: Any) -> Path:
     path = folder / "scenario.yaml"
     path.write_text(yaml.safe_dump({

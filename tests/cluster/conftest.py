@@ -78,18 +78,6 @@ def cluster(s3_endpoint: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny random llama (model + tokenizer): a model id any process can load."""
-    from actstore.testing import tiny_model
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    model, tok = tiny_model("llama", seed=3)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def tiny_loaded(tiny_folder: Path) -> Any:
     """The saved tiny model loaded once (eager attention) for in-process captures."""
     from actstore.models.loading import load_model

@@ -77,7 +77,7 @@ def register(main: click.Group) -> None:
                   quiet: bool) -> None:  # fmt: skip
         """Verify every object of every run (or of RUN...): checksums, missing chunks,
         metadata, catalog; list orphans and temp files. Exit 1 when anything is wrong."""
-        from actstore.store.check import check_store
+        from actstore.store.check import PROBLEMS, check_store
 
         store = open_store(store_location, storage_options)
         result = check_store(store, runs, progress=None if not quiet else False)
@@ -86,8 +86,7 @@ def register(main: click.Group) -> None:
             click.echo(f"{f.problem:<12} {f.key}  {f.detail}{age}")
         for run_id in result.unchecksummed:
             click.echo(f"note: run {run_id} was written before checksums: flipped bytes in it go undetected")
-        problems = {p: sum(f.problem == p for f in result.findings) for p in
-                    ("damaged", "missing", "inconsistent", "orphaned", "temporary")}  # fmt: skip
+        problems = {p: sum(f.problem == p for f in result.findings) for p in PROBLEMS}
         summary = ", ".join(f"{n} {p}" for p, n in problems.items() if n) or "no problems"
         click.echo(f"checked {result.runs} runs, {result.objects} chunk objects: {summary}")
         if any(f.problem in ("orphaned", "temporary") for f in result.findings):

@@ -20,7 +20,6 @@ cache's half-built folders, and nothing else: damaged runs are the user's to del
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import time
@@ -35,7 +34,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from actstore import naming
 from actstore.store import integrity
-from actstore.store.remote import SNAPSHOT_KEY, entry_run_id, is_entry_key
+from actstore.store.remote import GONE, SNAPSHOT_KEY, entry_run_id, get_json, is_entry_key
 
 PROBLEMS = ("damaged", "missing", "inconsistent", "orphaned", "temporary")
 GC_MIN_AGE = 30 * 60  # seconds: younger orphans may be a capture still writing
@@ -158,15 +157,9 @@ class _Checker:
         return self.result
 
     def get_json(self, key: str) -> Any:
-        from zarr.core.buffer import default_buffer_prototype
-
-        buf = sync(self.zstore.get(key, prototype=default_buffer_prototype()))
-        if buf is None:
-            return None
-        try:
-            return json.loads(buf.to_bytes())
-        except ValueError:
-            return None
+        """The parsed document, or None when it is missing or does not parse."""
+        doc = sync(get_json(self.zstore, key))
+        return None if doc is GONE else doc
 
     # -- the catalog ----------------------------------------------------------------------
     def catalog(self, store_wide: bool) -> dict[str, dict[str, Any]]:

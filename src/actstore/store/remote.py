@@ -97,8 +97,8 @@ async def read_catalog(
     not parse is left out. Both are described in ``problems`` when given."""
     listed = await list_versions(zstore, naming.CATALOG_PREFIX + "/")
     keys = {k: v for k, v in listed.items() if is_entry_key(k)}
-    snap = await _get_json(zstore, SNAPSHOT_KEY) if SNAPSHOT_KEY in listed else None
-    snap = None if snap is _GONE else snap
+    snap = await get_json(zstore, SNAPSHOT_KEY) if SNAPSHOT_KEY in listed else None
+    snap = None if snap is GONE else snap
     cached: dict[str, Any] = (snap or {}).get("entries", {}) if isinstance(snap, dict) else {}
     fresh = {k: cached[k] for k, v in keys.items() if v is not None and cached.get(k, {}).get("version") == v}
     missing = [k for k in keys if k not in fresh]
@@ -106,10 +106,10 @@ async def read_catalog(
 
     async def get(key: str) -> tuple[str, Any]:
         async with sem:
-            return key, await _get_json(zstore, key)
+            return key, await get_json(zstore, key)
 
     for key, entry in await asyncio.gather(*(get(k) for k in missing)):
-        if entry is _GONE:  # deleted since the LIST
+        if entry is GONE:  # deleted since the LIST
             continue
         if isinstance(entry, dict):
             fresh[key] = {"version": keys[key], "entry": entry}
@@ -139,13 +139,14 @@ def entry_run_id(key: str) -> str:
     return key.rsplit("/", 1)[-1].removesuffix(".json")
 
 
-_GONE = object()  # a key listed, then deleted before its GET
+GONE = object()  # a key listed, then deleted before its GET
 
 
-async def _get_json(zstore: Store, key: str) -> Any:
+async def get_json(zstore: Store, key: str) -> Any:
+    """The JSON document at ``key``; GONE if there is no such key, None if it does not parse."""
     buf = await zstore.get(key, prototype=default_buffer_prototype())
     if buf is None:
-        return _GONE
+        return GONE
     try:
         return json.loads(buf.to_bytes())
     except ValueError:

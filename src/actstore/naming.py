@@ -46,6 +46,7 @@ FLAG_SOURCES: dict[str, tuple[str, ...]] = {
 ACTS_GROUP = "acts"
 SNAPSHOTS_GROUP = "snapshots"
 REFERENCES_GROUP = "references"
+PASSES_GROUP = "passes"  # own positions of full snapshot and reference passes, see store.passes
 RESIDUAL_ARRAY = "residual"  # (boundaries, T, H): hidden_in/out stored once, see store.layout
 TOKENS_ARRAY = "tokens"
 POSITION_STEP_ARRAY = "position_step"

@@ -46,14 +46,14 @@ def loaded() -> Any:
 def captured(loaded: Any, tmp_path_factory: Any) -> tuple[ActStore, list[Any], int]:
     store = ActStore.open(tmp_path_factory.mktemp("multi") / "store.zarr", create=True)
     calls = []
-    real = runner._reference_states
+    real = runner._reference_passes
 
     def counting(*args: Any) -> Any:
         calls.append(1)
         return real(*args)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "_reference_states", counting)
+    mp.setattr(runner, "_reference_passes", counting)
     try:
         results = capture(make_scenario(prompt=PROMPTS), store, loaded=loaded, progress=False)
     finally:
@@ -91,11 +91,16 @@ def test_each_run_equals_a_separate_single_prompt_capture(captured: Any, loaded:
         assert got[f"{naming.SNAPSHOTS_GROUP}/hidden_out"].dtype == np.float32  # so equality is bit for bit
         assert any(p.startswith(naming.SNAPSHOTS_GROUP) for p in got) and any(p.startswith(refs_prefix) for p in got)
         for path, want in expected.items():
-            if path.startswith(refs_prefix) and n > 0:
-                continue  # the first run's references (below)
+            if (path.startswith(refs_prefix) or path.startswith(naming.PASSES_GROUP + "/")) and n > 0:
+                continue  # the first run's references (below); the passes hold no reference rows
             assert got[path].dtype == want.dtype
             np.testing.assert_array_equal(got[path], want, err_msg=f"run {n} {path}")
         assert run.steps == alone.steps and run.generated_text() == alone.generated_text()
+        for k, _ in enumerate(run.snapshot_index):  # full snapshots, the generated one included
+            for source in run.sources:
+                np.testing.assert_array_equal(
+                    run.pass_array("snapshot", k, source).compute(), alone.pass_array("snapshot", k, source).compute()
+                )
 
 
 def test_references_captured_once_and_served_by_every_run(captured: Any, loaded: Any, tmp_path: Any) -> None:
@@ -114,6 +119,12 @@ def test_references_captured_once_and_served_by_every_run(captured: Any, loaded:
         for j, label in enumerate(labels):  # reference:LABEL on every run
             vec = state_vectors(run, f"reference:{label}", "hidden_out").compute()
             np.testing.assert_array_equal(vec, want_ref(first_alone, j))
+            # the full pass is stored once, in the first run, and every run serves it
+            assert run.meta.get("references_run", run.id) == runs[0].id
+            full = run.pass_array("reference", label, "hidden_out").compute()
+            np.testing.assert_array_equal(full, runs[0].pass_array("reference", label, "hidden_out").compute())
+            np.testing.assert_array_equal(full[:, -1], vec.astype(full.dtype))
+    assert all(p.kind == "snapshot" for r in runs[1:] for p in r.passes)
     # A separate capture of another prompt computes the same references (its own prefill
     # seeds them, so equal within float32 rounding).
     _, last_alone = single(loaded, PROMPTS[2], tmp_path, "last")

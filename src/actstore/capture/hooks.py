@@ -7,8 +7,9 @@ tensor, drop the batch axis, cast to the store dtype (an asynchronous device op,
 host sync) and put it in a dict. Two modes:
 
 * ``"step"``: every position of the pass, every planned source, for the writer;
-* ``"last"``: only the last position of the residual-stream sources, for conversation
-  snapshots and reference states;
+* ``"last"``: only the last position of the residual-stream sources;
+* ``"full"``: both at once, for full snapshot and reference passes: every position of
+  every planned source in ``.tensors``, the last position in ``.last``;
 * ``None``: hooks return at once (uncaptured passes such as a shared prefix).
 
 Keys are ``(source, layer)`` for per-layer sources, ``("residual", boundary)`` for the
@@ -51,6 +52,7 @@ class Recorder:
         self.keep_last = keep_last  # snapshots/references need the residual sources
         self.mode: str | None = None
         self.tensors: dict[Key, torch.Tensor] = {}
+        self.last: dict[Key, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     # ---- what to hook -------------------------------------------------------------
@@ -111,11 +113,11 @@ class Recorder:
 
     def _keep(self, key: Key, kind: str, t: torch.Tensor) -> None:
         """Store ``t`` (batch, seq, ...) under ``key`` according to the mode."""
-        if self.mode == "step":
+        if self.mode in ("step", "full"):
             if kind in self.sources or (kind == "residual" and "hidden_in" in self.sources):
                 self.tensors[key] = t[0].detach().to(self.dtype)
-        elif self.mode == "last" and kind in LAST_SOURCES:
-            self.tensors[key] = t[0, -1].detach().float()
+        if self.mode in ("last", "full") and kind in LAST_SOURCES:
+            (self.last if self.mode == "full" else self.tensors)[key] = t[0, -1].detach().float()
 
     def _out(self, module: nn.Module, key: Key, kind: str) -> None:
         def hook(_m: nn.Module, _args: Any, output: Any) -> None:
@@ -139,7 +141,7 @@ class Recorder:
         split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     ) -> None:
         def hook(_m: nn.Module, _args: Any, output: Any) -> None:
-            if self.mode == "step":
+            if self.mode in ("step", "full"):
                 for name, part in zip(names, split(_first(output)), strict=True):
                     self._keep((name, layer), name, part)
 
@@ -147,7 +149,7 @@ class Recorder:
 
     def _attn_hook(self, layer: int) -> Callable[..., None]:
         def hook(_m: nn.Module, _args: Any, output: Any) -> None:
-            if self.mode == "step":
+            if self.mode in ("step", "full"):
                 weights = output[1] if isinstance(output, tuple | list) and len(output) > 1 else None
                 if weights is None:
                     raise RuntimeError(
@@ -162,6 +164,11 @@ class Recorder:
     def take(self) -> dict[Key, torch.Tensor]:
         """The tensors of the pass that just ran; resets for the next one."""
         out, self.tensors = self.tensors, {}
+        return out
+
+    def take_last(self) -> dict[Key, torch.Tensor]:
+        """The last-position vectors of the ``"full"`` pass that just ran; resets."""
+        out, self.last = self.last, {}
         return out
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,11 +1,12 @@
-"""Last-token states of many message lists, sharing the computation of common prefixes.
+"""Full snapshot and reference passes, sharing the computation of common prefixes.
 
-A conversation snapshot is the state after a prefill of ``messages[:k]``; with causal
-attention, the keys and values of the tokens that prefix shares with the full prompt
-are exactly those the main prefill already computed. So each snapshot is a short
-forward pass (the few tokens after the shared prefix, usually the generation prompt)
-over a slice of the main prefill's KV cache, instead of a prefill of the whole prefix.
-References share their own common prefix (the system preamble) the same way.
+A conversation snapshot is the prefill of ``messages[:k]``; with causal attention, the
+keys and values of the tokens that prefix shares with the full prompt are exactly those
+the main prefill already computed. So each snapshot is a short forward pass (the few
+tokens after the shared prefix, usually the generation prompt) over a slice of the main
+prefill's KV cache, instead of a prefill of the whole prefix, and its shared positions
+are read back from the run (store/passes.py). References share their own common prefix
+(the system preamble) with earlier references the same way.
 
 A slice is only taken from a plain ``DynamicCache``; anything else (sliding-window or
 hybrid caches) falls back to a separate prefill, which is always correct.
@@ -28,9 +29,23 @@ from actstore.capture.prompts import common_prefix
 
 @dataclass
 class Base:
-    """A token sequence whose KV cache can seed other passes."""
+    """A token sequence whose KV cache can seed other passes; ``index`` is where its
+    positions are stored (None: the run's own, else the number of a full pass)."""
 
     tokens: list[int]
+    cache: Any
+    index: int | None = None
+
+
+@dataclass
+class Pass:
+    """One full pass: every position from ``shared`` on (``own``, store dtype), the
+    last position's residual-stream vectors (``last``, float32), its base and cache."""
+
+    own: dict[Key, torch.Tensor]
+    last: dict[Key, torch.Tensor]
+    base: Base | None
+    shared: int
     cache: Any
 
 
@@ -79,51 +94,32 @@ def cache_of(output: Any) -> Any:
 
 
 @torch.inference_mode()
-def prefill_base(model: Any, tokens: list[int], device: torch.device) -> Base:
-    """Run an uncaptured prefill of ``tokens`` and keep its cache as a base."""
-    out = forward(model, torch.tensor([tokens], device=device))
-    return Base(tokens, cache_of(out))
-
-
-@torch.inference_mode()
-def last_token_states(
+def full_pass(
     model: Any,
     recorder: Recorder,
-    sequences: Sequence[list[int]],
+    seq: list[int],
     bases: Sequence[Base],
     device: torch.device,
-    on_done: Any = None,
-) -> list[dict[Key, torch.Tensor]]:
-    """For each sequence, the residual-stream vectors at its last token."""
-    results = []
-    for seq in sequences:
+    logits_dtype: torch.dtype | None = None,
+) -> Pass:
+    """Run ``seq`` from the base sharing most of its prefix, capturing every position
+    after the shared part (and always the last token, so the hooks see it). With
+    ``logits_dtype`` the own positions' logits are kept too, in that dtype."""
+    best_n, best_base = 0, None
+    for base in bases:
+        n = min(common_prefix(seq, base.tokens), len(seq) - 1)
+        if n > best_n:
+            best_n, best_base = n, base
+    cache = sliced_cache(best_base.cache, best_n) if best_base is not None else None
+    if cache is None:
         best_n, best_base = 0, None
-        for base in bases:
-            # Always run at least the last token, so the hooks see it.
-            n = min(common_prefix(seq, base.tokens), len(seq) - 1)
-            if n > best_n:
-                best_n, best_base = n, base
-        cache = sliced_cache(best_base.cache, best_n) if best_base is not None else None
-        if cache is None:
-            best_n = 0
-        recorder.mode = "last"
-        try:
-            forward(
-                model, torch.tensor([seq[best_n:]], device=device), cache=cache, use_cache=cache is not None
-            )
-        finally:
-            recorder.mode = None
-        results.append(recorder.take())
-        if on_done is not None:
-            on_done()
-    return results
-
-
-def shared_prefix(sequences: Sequence[list[int]]) -> list[int]:
-    """The longest token prefix common to every sequence."""
-    if not sequences:
-        return []
-    n = min(len(s) for s in sequences)
-    for s in sequences[1:]:
-        n = min(n, common_prefix(sequences[0], s))
-    return list(sequences[0][:n])
+    recorder.mode = "full"
+    try:
+        out = forward(model, torch.tensor([seq[best_n:]], device=device), cache=cache,
+                      last_logits_only=logits_dtype is None)  # fmt: skip
+    finally:
+        recorder.mode = None
+    own, last = recorder.take(), recorder.take_last()
+    if logits_dtype is not None:
+        own[("logits", None)] = out.logits[0].to(logits_dtype)
+    return Pass(own, last, best_base, best_n, cache_of(out))

@@ -3,14 +3,16 @@
 Data flow for one run::
 
     scenario --render--> prompt ids --prefill (hooks: step mode)--> writer queue
-                                    \\--snapshots: slices of the prefill KV cache (hooks: last mode)
-             references --shared-prefix prefill--> short passes (hooks: last mode)
+                                    \\--snapshots: slices of the prefill KV cache (hooks: full mode)
     decode loop: one token per pass (hooks: step mode) --> writer queue
              conversation + reply as an assistant turn --slice of the decode cache--> generated snapshot
-    writer.finish -> tokens, snapshots, references, metadata -> catalog entry (commit)
+             references: slices of the prompt's or an earlier reference's cache (hooks: full mode)
+    writer.finish -> tokens, full passes, snapshot and reference stacks, metadata -> catalog entry (commit)
 
 The model runs with a KV cache, so every position is computed exactly once and lands
-in position-major arrays. The run becomes visible only at the final commit.
+in position-major arrays; a snapshot or reference pass stores only the positions it does
+not share with the run or an earlier pass (store/passes.py). The run becomes visible
+only at the final commit.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from actstore import __version__, naming
 from actstore.capture import budget, prefixes, sampling
 from actstore.capture.hooks import Key, Recorder
+from actstore.capture.pass_log import PassLog
 from actstore.capture.prompts import as_dicts, render_ids
 from actstore.errors import StoreError
 from actstore.models.architectures import ModelSites, resolve_sites
@@ -67,10 +70,12 @@ def attn_implementation(scenario: Scenario) -> str | None:
 
 @dataclass
 class SharedReferences:
-    """The reference states of one scenario file, computed by its first run and written
-    by every run after it (one forward pass per reference per file, not per run)."""
+    """The reference states of one scenario file, computed by its first run (one forward
+    pass per reference per file, not per run). Every run keeps the last-token stacks;
+    the full passes are stored once, in ``run_id``, which the later runs name."""
 
     states: list[dict[Key, torch.Tensor]] | None = None
+    run_id: str | None = None
 
 
 def capture(
@@ -232,6 +237,8 @@ def capture_run(
     n_max = len(prompt_ids) + gen.max_new_tokens - 1
     eos = _eos_ids(model, tok)
     generator = sampling.make_generator(gen.seed)
+    log = PassLog()
+    logits_dtype = store_dtype if "logits" in sources else None
 
     run_id = store.new_run_id(scenario.name)
     shared_refs = references.states if references is not None else None
@@ -283,9 +290,13 @@ def capture_run(
                 bar.update()
                 if step == 0:
                     # Snapshots reuse this prefill's KV cache before decoding extends it.
-                    snap_states = prefixes.last_token_states(
-                        model, rec, snapshot_ids, [prefixes.Base(prompt_ids, cache)], device, bar.update
-                    )
+                    main = prefixes.Base(prompt_ids, cache)
+                    snap_states = []
+                    for k, snap in enumerate(snapshot_ids):
+                        done = prefixes.full_pass(model, rec, snap, [main], device, logits_dtype)
+                        log.add("snapshot", k, snap, done)
+                        snap_states.append(done.last)
+                        bar.update()
                 if choice.token_id in eos or step == gen.max_new_tokens - 1:
                     break
                 ids = [choice.token_id]
@@ -296,11 +307,16 @@ def capture_run(
             reply_ids = _reply_snapshot_ids(scenario, loaded, messages, text, plan.limit)
             if reply_ids is not None:
                 fed = (prompt_ids + generated)[:position]
-                snap_states += prefixes.last_token_states(
-                    model, rec, [reply_ids], [prefixes.Base(fed, cache)], device, bar.update
-                )
+                done = prefixes.full_pass(model, rec, reply_ids, [prefixes.Base(fed, cache)], device, logits_dtype)
+                log.add("snapshot", len(messages), reply_ids, done)
+                snap_states.append(done.last)
+                bar.update()
             if shared_refs is None:
-                ref_states = _reference_states(model, rec, prompt_ids, cache, ref_ids, device, bar.update)
+                labels = [r.label for r in scenario.reference_states]
+                ref_states = _reference_passes(
+                    model, rec, prompt_ids, cache, dict(zip(labels, ref_ids, strict=True)), device, log,
+                    logits_dtype, bar.update,
+                )  # fmt: skip
             else:
                 ref_states = shared_refs
         assert writer is not None
@@ -316,14 +332,20 @@ def capture_run(
             )
         _write_stacked(group, naming.SNAPSHOTS_GROUP, snap_states, layers, cap.store_dtype, store_dtype)
         _write_stacked(group, naming.REFERENCES_GROUP, ref_states, layers, cap.store_dtype, store_dtype)
+        pass_records = log.write(
+            group, lambda own, rows, width: _plans(own, sources, layers, rows, cap.store_dtype, attn_cols=width)
+        )
         meta = _run_meta(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )
         meta["scenario_run"] = scenario_run or run_id
         meta["prompt_index"] = scenario.prompt_index
+        meta["passes"] = pass_records
+        if shared_refs is not None and ref_ids:
+            meta["references_run"] = references.run_id  # type: ignore[union-attr]
         store.commit(run_id, catalog_entry(write_run_meta(group, meta), run_id))
         if references is not None and references.states is None:
-            references.states = ref_states  # only once committed: a failed run's are not kept
+            references.states, references.run_id = ref_states, run_id  # only once committed
     except BaseException as e:
         if writer is not None:
             writer.abort()
@@ -337,17 +359,21 @@ def capture_run(
     return CaptureResult(run_id, store.location, len(steps), position, text, time.perf_counter() - t0)
 
 
-def _reference_states(
-    model: Any, rec: Recorder, prompt_ids: list[int], cache: Any, ref_ids: list[list[int]],
-    device: torch.device, on_done: Any,
+def _reference_passes(
+    model: Any, rec: Recorder, prompt_ids: list[int], cache: Any, refs: dict[str, list[int]],
+    device: torch.device, log: PassLog, logits_dtype: torch.dtype | None, on_done: Any,
 ) -> list[dict[Key, torch.Tensor]]:  # fmt: skip
-    """Last-token states of the references, reusing the prompt's cache and their own
-    shared prefix."""
-    ref_bases = [prefixes.Base(prompt_ids, cache)]
-    shared = prefixes.shared_prefix(ref_ids)
-    if len(ref_ids) > 1 and len(shared) > 1:
-        ref_bases.append(prefixes.prefill_base(model, shared, device))
-    return prefixes.last_token_states(model, rec, ref_ids, ref_bases, device, on_done)
+    """Full passes of the references into ``log``, each seeded by the prompt's cache or
+    an earlier reference's (they share their system preamble); returns their last-token
+    states."""
+    bases = [prefixes.Base(prompt_ids, cache)]
+    states = []
+    for label, ids in refs.items():
+        done = prefixes.full_pass(model, rec, ids, bases, device, logits_dtype)
+        bases.append(log.add("reference", label, ids, done))
+        states.append(done.last)
+        on_done()
+    return states
 
 
 def _available_sources(wanted: tuple[str, ...], sites: ModelSites) -> list[str]:
@@ -367,9 +393,11 @@ def _eos_ids(model: Any, tok: Any) -> set[int]:
 
 
 def _plans(
-    tensors: dict[Key, torch.Tensor], sources: set[str], layers: list[int], n_max: int, store_dtype: str
+    tensors: dict[Key, Any], sources: set[str], layers: list[int], n_max: int, store_dtype: str,
+    attn_cols: int | None = None,
 ) -> list[ArrayPlan]:
-    """Array plans from the first pass's tensors (their widths are the truth)."""
+    """Array plans from the first pass's tensors (their widths are the truth). With
+    ``attn_cols``, attention rows are pass rows of that many columns (store/passes.py)."""
     dtype = layout.physical_dtype(store_dtype)
     attrs: dict[str, Any] = {"actstore_dtype": store_dtype}
     plans = []
@@ -385,7 +413,7 @@ def _plans(
         keys = tuple((source, layer) for layer in layers)
         first = tensors[keys[0]]
         if source == "attn_weights":
-            spec = layout.attn_spec(len(layers), first.shape[0], n_max, dtype)
+            spec = layout.attn_spec(len(layers), first.shape[0], n_max, dtype, cols=attn_cols)
         else:
             spec = layout.vector_spec(source, len(layers), n_max, first.shape[-1], dtype)
         plans.append(ArrayPlan(source, spec, keys, {**attrs, "layers": layers}))

@@ -141,15 +141,18 @@ def vector_spec(name: str, n_layers: int | None, n_positions: int, width: int, d
     )
 
 
-def attn_spec(n_layers: int, n_heads: int, n_positions: int, dtype: np.dtype) -> ArraySpec:
-    block = min(attn_block(n_layers, n_heads, dtype.itemsize), _round_up(n_positions, ATTN_TILE))
+def attn_spec(n_layers: int, n_heads: int, n_positions: int, dtype: np.dtype, cols: int | None = None) -> ArraySpec:
+    """A run's square (L, heads, T, T) array, or with ``cols`` the (L, heads, rows, cols)
+    array of the passes' own rows, whose columns are positions in each pass."""
+    side = max(n_positions, cols or 0)
+    block = min(attn_block(n_layers, n_heads, dtype.itemsize), _round_up(side, ATTN_TILE))
     return ArraySpec(
         "attn_weights",
-        (n_layers, n_heads, n_positions, n_positions),
+        (n_layers, n_heads, n_positions, cols or n_positions),
         (1, n_heads, ATTN_TILE, ATTN_TILE),
         (n_layers, n_heads, block, block),
         dtype,
-        (2, 3),
+        (2, 3) if cols is None else (2,),
     )
 
 

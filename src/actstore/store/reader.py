@@ -21,6 +21,7 @@ import zarr
 from actstore import naming
 from actstore.errors import DamagedRunError, SelectionError
 from actstore.store import integrity, layout
+from actstore.store import passes as pass_views
 
 
 class RunReader:
@@ -30,10 +31,11 @@ class RunReader:
     >>> run.array("hidden_out")[:, run.final_position].compute()     # doctest: +SKIP
     """
 
-    def __init__(self, run_id: str, group: zarr.Group, entry: dict[str, Any]):
+    def __init__(self, run_id: str, group: zarr.Group, entry: dict[str, Any], store: Any = None):
         self.id = run_id
         self.group = group
         self.entry = entry
+        self.store = store  # the ActStore it came from: runs of one file share reference passes
         with integrity.naming_damage(run_id, "run metadata (zarr.json)"):
             meta = self.meta
             for key in ("layers", "prompt_len", "n_positions", "sources", "store_dtype"):
@@ -160,19 +162,62 @@ class RunReader:
             raise SelectionError(
                 f"run {self.id} did not capture {source!r}; it has: {', '.join(self.sources)}"
             )
+        return self._source(source)
+
+    def _source(self, source: str, prefix: str = "") -> da.Array:
+        """A source's array under ``prefix`` (the run's positions, or with ``passes/``
+        the own rows of its full passes), derived sources served as if stored."""
         if source in ("hidden_in", "hidden_out"):
-            res = self._dask(f"{naming.ACTS_GROUP}/{naming.RESIDUAL_ARRAY}")
+            res = self._dask(f"{prefix}{naming.ACTS_GROUP}/{naming.RESIDUAL_ARRAY}")
             bounds: list[int] = self.meta["residual_boundaries"]
             shift = 0 if source == "hidden_in" else 1
             idx = [bounds.index(layer + shift) for layer in self.layers]
             if idx == list(range(idx[0], idx[0] + len(idx))):
                 return res[idx[0] : idx[0] + len(idx)]
             return res[idx]
-        if source == "mlp_down_in" and naming.act_path(source) not in self.group:
+        if source == "mlp_down_in" and prefix + naming.act_path(source) not in self.group:
             return layout.derive_down_in(
-                self.array("mlp_act"), self.array("mlp_up"), self.meta["gated_mlp"], self.meta["store_dtype"]
-            )
-        return self._dask(naming.act_path(source))
+                self._source("mlp_act", prefix), self._source("mlp_up", prefix),
+                self.meta["gated_mlp"], self.meta["store_dtype"],
+            )  # fmt: skip
+        return self._dask(prefix + naming.act_path(source))
+
+    # ---- full passes of snapshots and references (see store.passes) ----------------
+    @cached_property
+    def passes(self) -> list[pass_views.PassInfo]:
+        """Every full snapshot and reference pass this run serves, in stored order."""
+        return pass_views.pass_infos(self)
+
+    def pass_info(self, kind: str, key: int | str) -> pass_views.PassInfo:
+        """The pass of ``snapshot`` K (an index, or ``"generated"``) or ``reference``
+        LABEL."""
+        return pass_views.find(self._pass_owner(kind), kind, key)
+
+    def pass_array(self, kind: str, key: int | str, source: str) -> da.Array:
+        """Lazy array of one full pass, shaped like a step array over its own positions:
+        (L, T, W), (L, heads, T, T) or (T, W). Positions it shares with the run (or an
+        earlier pass) are read from there; only the rest is stored for it."""
+        owner = self._pass_owner(kind)
+        return pass_views.full_array(owner, pass_views.find(owner, kind, key), source)
+
+    def pass_tokens(self, kind: str, key: int | str) -> np.ndarray:
+        """Token ids of one full pass."""
+        owner = self._pass_owner(kind)
+        return pass_views.full_tokens(owner, pass_views.find(owner, kind, key))
+
+    def _pass_owner(self, kind: str) -> RunReader:
+        """The run holding this run's passes of ``kind``: itself, or for the reference
+        passes of a later run of a multi-prompt file, the file's first run."""
+        other = self.meta.get("references_run")
+        if kind != "reference" or not other or other == self.id:
+            return self
+        if self.store is None:
+            raise SelectionError(f"run {self.id}'s reference passes are in run {other}: open it from its store")
+        return self._references_run
+
+    @cached_property
+    def _references_run(self) -> RunReader:
+        return self.store.run(self.meta["references_run"])  # type: ignore[union-attr]
 
     def snapshots(self, source: str) -> da.Array:
         """(messages, L, H) last-token vectors of each conversation prefix."""

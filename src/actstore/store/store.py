@@ -388,7 +388,7 @@ class ActStore:
             try:
                 if isinstance(opened, BaseException):
                     raise DamagedRunError(entry["id"], f"its group does not open ({_first_line(opened)})")
-                out.append(RunReader(entry["id"], opened, entry))
+                out.append(RunReader(entry["id"], opened, entry, store=self))
             except DamagedRunError as e:
                 if not skip_damaged:
                     raise

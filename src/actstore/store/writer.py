@@ -34,8 +34,10 @@ _STOP = object()
 WRITE_EMPTY_CHUNKS = True
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     """Host copy of a tensor already in its store dtype (bfloat16 kept as uint16 bits)."""
+    if isinstance(t, np.ndarray):
+        return t
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).cpu().numpy().view(np.uint16)
@@ -93,12 +95,15 @@ class _VectorBlocks:
 
 
 class _AttentionBlocks:
-    """Fills row blocks of the (L, heads, T, T) attention array. Only columns up to the
-    block's last row are written: tiles above the causal diagonal stay unstored."""
+    """Fills row blocks of an attention array. A run's (L, heads, T, T) array is square:
+    only columns up to the block's last row are written, so tiles above the causal
+    diagonal stay unstored. A pass array (L, heads, rows, W) holds rows of several
+    passes of different lengths: every column is written, zeros compress to nothing."""
 
     def __init__(self, arr: zarr.Array, plan: ArrayPlan):
         self.arr, self.plan = arr, plan
         L, H, _, t_max = plan.spec.shape
+        self.square = len(plan.spec.position_axes) == 2
         self.block = plan.spec.block
         self.start = 0
         self.buf = np.zeros((L, H, self.block, t_max), dtype=plan.spec.dtype)
@@ -117,7 +122,8 @@ class _AttentionBlocks:
 
     def _flush(self, count: int) -> None:
         s, e = self.start, self.start + count
-        self.arr[:, :, s:e, :e] = self.buf[:, :, :count, :e]
+        cols = e if self.square else self.buf.shape[-1]
+        self.arr[:, :, s:e, :cols] = self.buf[:, :, :count, :cols]
         self.start = e
         self.buf[...] = 0
 
@@ -129,12 +135,12 @@ class _AttentionBlocks:
 class RunWriter:
     """Writes the step arrays of one run group from a background thread."""
 
-    def __init__(self, group: zarr.Group, plans: list[ArrayPlan], max_pending: int = 4):
+    def __init__(self, group: zarr.Group, plans: list[ArrayPlan], max_pending: int = 4, prefix: str = ""):
         self.group = group
         self.plans = plans
         self._blocks: dict[str, _VectorBlocks | _AttentionBlocks] = {}
         for plan in plans:
-            arr = _create(group, naming.ACTS_GROUP + "/" + plan.spec.name, plan.spec, plan.attrs)
+            arr = _create(group, prefix + naming.ACTS_GROUP + "/" + plan.spec.name, plan.spec, plan.attrs)
             cls = _AttentionBlocks if plan.source == "attn_weights" else _VectorBlocks
             self._blocks[plan.source] = cls(arr, plan)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
@@ -142,10 +148,12 @@ class RunWriter:
         self._thread = threading.Thread(target=self._run, name="actstore-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, position: int, tensors: dict[Any, torch.Tensor]) -> None:
-        """Queue one forward pass's tensors; ``position`` is its first position."""
+    def submit(self, position: int, tensors: dict[Any, Any], kv_end: int | None = None) -> None:
+        """Queue one forward pass's tensors (torch, or NumPy already on the host);
+        ``position`` is its first row. ``kv_end``: attention columns the pass saw
+        (default: its rows are positions, ``position + rows``)."""
         self._raise_if_failed()
-        self._queue.put((position, tensors))
+        self._queue.put((position, tensors, kv_end))
 
     def _run(self) -> None:
         while True:
@@ -155,11 +163,11 @@ class RunWriter:
             if self._error is not None:
                 continue  # drain so submit() never blocks forever after a failure
             try:
-                position, tensors = item
+                position, tensors, kv_end = item
                 for plan in self.plans:
                     parts = [to_numpy(tensors[k]) for k in plan.keys]
                     if plan.source == "attn_weights":
-                        parts = [_right_align(p, position + p.shape[-2]) for p in parts]
+                        parts = [_right_align(p, kv_end or position + p.shape[-2]) for p in parts]
                     data = np.stack(parts) if len(plan.spec.shape) >= 3 else parts[0]
                     self._blocks[plan.source].add(position, data)
             except BaseException as e:  # noqa: BLE001 - re-raised in the capture thread

@@ -96,6 +96,13 @@ def test_snapshot_generated_is_a_state_like_its_row(store: Any) -> None:
                                     "--format", "csv", "--store", store.location])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "snapshot:generated" in res.output
+    # inspect lists each snapshot's full pass: its tokens and the rows stored for it
+    res = CliRunner().invoke(main, ["inspect", run.id, "--store", store.location])
+    assert res.exit_code == 0, res.output
+    gen = run.pass_info("snapshot", "generated")
+    line = next(x for x in res.stdout.splitlines() if x.endswith("(generated)"))
+    assert line.split()[:4] == [str(M), "assistant", str(gen.length), str(gen.rows)]
+    assert gen.length == len(run.pass_tokens("snapshot", "generated")) and 0 < gen.rows < gen.length
 
 
 def test_snapshot_generated_on_a_run_without_it_is_one_line(store: Any) -> None:

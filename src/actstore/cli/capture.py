@@ -39,8 +39,14 @@ def capture(
 ) -> None:  # fmt: skip
     """Run the model on a scenario file (or every scenario in a folder) and store the runs.
 
-    A file whose prompt is a list gives one run per prompt, in order, sharing one
-    scenario-run id (see `actstore ls`) and one capture of the references.
+    A file whose prompt is a list gives one run per prompt (one per message prefix
+    where a prompt has run_at_each_message), in order, sharing one scenario-run id
+    (see `actstore ls`) and one capture of the references.
+
+    Each run keeps a full pass of every conversation snapshot (each message prefix,
+    then the conversation with the generated reply) and every reference: every captured
+    source at every position, stored as views, only the positions not shared with the
+    run (see README, "Full snapshots and references").
 
     With --scheduler, each scenario is one task on the cluster's workers, which write into
     the store directly: give a store they can all reach (an s3:// URL or a shared path)."""

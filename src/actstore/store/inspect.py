@@ -32,12 +32,22 @@ def describe_run(run: RunReader) -> str:
         derived = source in ("hidden_in", "hidden_out", "mlp_down_in")
         note = "  (derived)" if source == "mlp_down_in" else "  (residual boundaries)" if derived else ""
         lines.append(f"  {source:<14} {str(tuple(x.shape)):<26} {x.dtype}{note}")
+    own = {p.key: p for p in run.passes if p.kind == "snapshot"}
     if run.snapshot_index:
-        lines += ["", f"conversation snapshots ({len(run.snapshot_index)}):"]
+        lines += ["", f"conversation snapshots ({len(run.snapshot_index)}; full pass: tokens, own rows stored):"]
         for s in run.snapshot_index:
-            lines.append(f"  {s['index']:>3} {s['role']:<9} {s['content_preview'][:60]!r}")
+            p = own.get(s["index"])
+            full = f"{p.length:>5} {p.rows:>4}  " if p else ""
+            gen = " (generated)" if s.get("generated") else ""
+            lines.append(f"  {s['index']:>3} {s['role']:<9} {full}{s['content_preview'][:60]!r}{gen}")
     if run.reference_labels:
         lines += ["", f"references: {', '.join(run.reference_labels)}"]
+        refs = [p for p in run.passes if p.kind == "reference"]
+        if refs:
+            stored = ", ".join(f"{p.key} {p.length}/{p.rows}" for p in refs)
+            lines.append(f"  full passes (tokens/own rows): {stored}")
+        elif m.get("references_run"):
+            lines.append(f"  full passes stored in run {m['references_run']}")
     lines += ["", "first steps:"]
     for st in run.steps[:5]:
         top = ", ".join(f"{t['token']!r} {t['logprob']:.2f}" for t in st["top_k"][:3])

@@ -38,23 +38,26 @@ class PassLog:
     def add(self, kind: str, key: int | str, seq: list[int], result: Pass) -> Base:
         """Record one pass; returns it as a base later passes can extend."""
         index = len(self.infos)
-        rows = len(seq) - result.shared
+        shared = len(seq) if result.covered else result.shared
+        rows = len(seq) - shared
         base = result.base.index if result.base is not None else None
-        self.infos.append(PassInfo(kind, key, len(seq), base, result.shared, self.rows, rows))
-        self._own.append({k: to_numpy(v) for k, v in result.own.items()})
-        self._tokens.extend(seq[result.shared :])
+        self.infos.append(PassInfo(kind, key, len(seq), base, shared, self.rows, rows))
+        self._own.append({k: to_numpy(v) for k, v in result.own.items()} if rows else {})
+        self._tokens.extend(seq[shared:])
         self.rows += rows
         return Base(seq, result.cache, index)
 
     def write(self, group: zarr.Group, planner: Planner) -> list[dict[str, Any]]:
         """Write the passes' arrays and tokens; returns the records for the run meta."""
-        if not self.infos:
-            return []
+        if not self.rows:
+            return [info.as_dict() for info in self.infos]
         width = max(info.length for info in self.infos)
-        writer = RunWriter(group, planner(self._own[0], self.rows, width), prefix=passes.PREFIX)
+        first = next(own for own in self._own if own)
+        writer = RunWriter(group, planner(first, self.rows, width), prefix=passes.PREFIX)
         try:
             for info, own in zip(self.infos, self._own, strict=True):
-                writer.submit(info.start, own, kv_end=info.length)
+                if info.rows:
+                    writer.submit(info.start, own, kv_end=info.length)
             writer.finish(self.rows)
         except BaseException:
             writer.abort()

@@ -47,6 +47,7 @@ class Pass:
     base: Base | None
     shared: int
     cache: Any
+    covered: bool = False  # every token is in the base: nothing of its own to store
 
 
 def sliced_cache(cache: Any, n: int) -> DynamicCache | None:
@@ -104,15 +105,18 @@ def full_pass(
 ) -> Pass:
     """Run ``seq`` from the base sharing most of its prefix, capturing every position
     after the shared part (and always the last token, so the hooks see it). With
-    ``logits_dtype`` the own positions' logits are kept too, in that dtype."""
-    best_n, best_base = 0, None
+    ``logits_dtype`` the own positions' logits are kept too, in that dtype. A sequence
+    the base holds whole (a prefix ending where the prompt's next turn is the
+    assistant's) is ``covered``: its positions are all the base's."""
+    best_n, best_base, covered = 0, None, False
     for base in bases:
-        n = min(common_prefix(seq, base.tokens), len(seq) - 1)
+        common = common_prefix(seq, base.tokens)
+        n = min(common, len(seq) - 1)
         if n > best_n:
-            best_n, best_base = n, base
+            best_n, best_base, covered = n, base, common == len(seq)
     cache = sliced_cache(best_base.cache, best_n) if best_base is not None else None
     if cache is None:
-        best_n, best_base = 0, None
+        best_n, best_base, covered = 0, None, False
     recorder.mode = "full"
     try:
         out = forward(model, torch.tensor([seq[best_n:]], device=device), cache=cache,
@@ -122,4 +126,4 @@ def full_pass(
     own, last = recorder.take(), recorder.take_last()
     if logits_dtype is not None:
         own[("logits", None)] = out.logits[0].to(logits_dtype)
-    return Pass(own, last, best_base, best_n, cache_of(out))
+    return Pass(own, last, best_base, best_n, cache_of(out), covered)

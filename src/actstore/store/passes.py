@@ -5,8 +5,7 @@ Its first tokens are the main prompt's first tokens, and with causal attention t
 activations are the main prefill's, so a pass stores only its *own* rows: the
 positions from the first token it does not share with its base (the generation-prompt
 suffix, usually three tokens). A reference stores what it does not share with the run
-or with an earlier reference (references share their system preamble). The last own
-row is always stored: it is the state the last-token stacks hold.
+or with an earlier reference (references share their system preamble).
 
 Layout, inside the run group::
 
@@ -19,7 +18,8 @@ Layout, inside the run group::
 
 Reading a pass concatenates its base's first ``shared`` positions (recursively) with
 its own rows; attention rows of the shared part are the base's, zero-padded on the
-right (causal: a row never sees later columns).
+right (causal: a row never sees later columns). A pass the base holds whole (a prefix
+that ends where the prompt's next turn is the assistant's) stores no rows at all.
 """
 
 from __future__ import annotations
@@ -91,17 +91,19 @@ def find(run: Any, kind: str, key: int | str) -> PassInfo:
 def full_array(run: Any, info: PassInfo, source: str) -> da.Array:
     """One pass's (L, T, W), (L, heads, T, T) or (T, W) array."""
     base = run.array(source)  # checks the source; the run's own positions
+    if info.base is not None:
+        base = full_array(run, run.passes[info.base], source)
+    n = info.shared
+    if info.rows == 0:  # every position is the base's
+        return base[:, :, :n, :n] if source == "attn_weights" else base[:, :n] if base.ndim == 3 else base[:n]
     own = run._source(source, PREFIX)
     s, e = info.start, info.start + info.rows
     if source == "attn_weights":
         mine = own[:, :, s:e, : info.length]
     else:
         mine = own[:, s:e] if own.ndim == 3 else own[s:e]
-    if info.shared == 0:
+    if n == 0:
         return mine
-    if info.base is not None:
-        base = full_array(run, run.passes[info.base], source)
-    n = info.shared
     if source == "attn_weights":
         head = base[:, :, :n, :n]
         pad = da.zeros((*head.shape[:3], info.length - n), dtype=head.dtype, chunks=head.chunksize[:3] + (-1,))
@@ -113,7 +115,7 @@ def full_array(run: Any, info: PassInfo, source: str) -> da.Array:
 
 def full_tokens(run: Any, info: PassInfo) -> np.ndarray:
     """Token ids of one pass."""
-    own = np.asarray(run.open_array(TOKENS)[info.start : info.start + info.rows])
+    own = np.asarray(run.open_array(TOKENS)[info.start : info.start + info.rows]) if info.rows else np.zeros(0, np.int64)
     if info.shared == 0:
         return own
     base = run.tokens() if info.base is None else full_tokens(run, run.passes[info.base])

@@ -9,12 +9,15 @@ arithmetic as Activation Lab's, compared to 1e-6 relative.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from actstore.cli import main
 from actstore.errors import SelectionError
 from actstore.query import (
     attention_entropy,
@@ -188,3 +191,50 @@ def test_errors(tiny: Any, synth_store: Any) -> None:
         convergence(sel, layers=[1])
     with pytest.raises(SelectionError, match="heads 0..3"):
         qk_scores(sel, 0, head=4)
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+def _cli(store: Any, *args: str) -> Any:
+    return CliRunner().invoke(main, ["query", *args, "--store", store.location])
+
+
+def test_cli_depth_and_next_token_equal_python(tiny: Any) -> None:
+    (sel,) = resolve(tiny.store, ["snapshot:3"])
+    conv = convergence(sel, "attn_out")
+    cases = {
+        ("depth", "snapshot:3", "--what", "convergence", "--source", "attn_out"): conv,
+        ("depth", "snapshot:3", "--what", "effective-depth", "--source", "attn_out", "--threshold", "0.2"):
+            effective_depth(conv, 0.2),
+        ("depth", "snapshot:3", "--what", "head-entropy", "--layers", "1-2"): attention_entropy(sel, [1, 2], True),
+        ("depth", "snapshot:3", "--what", "entropy"): attention_entropy(sel),
+        ("depth", "snapshot:3", "--what", "scores", "--layer", "2", "--head", "1"): qk_scores(sel, 2, 1),
+        ("depth", "snapshot:3", "--what", "qkv-last", "--layers", "0"): qkv_last(sel, [0]),
+        ("next-token", "--steps", "0,2"): next_token(tiny.run, [0, 2]),
+    }  # fmt: skip
+    for args, expected in cases.items():
+        res = _cli(tiny.store, *args, "--format", "csv")
+        assert res.exit_code == 0, (args, res.output)
+        got = pd.read_csv(io.StringIO(res.stdout))
+        assert list(got.columns) == list(expected.columns) and len(got) == len(expected), args
+        for col in expected.select_dtypes("number").columns:
+            # CSV writes a float32 column (qkv_last) with float32's shortest repr: compare as such
+            dtype = np.float32 if expected[col].dtype == np.float32 else float
+            np.testing.assert_allclose(got[col].astype(dtype), expected[col].astype(dtype), rtol=1e-12,
+                                       err_msg=f"{args} {col}")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["depth", "final", "--runs", "all"], "takes 1 state(s), got 3"),
+        (["depth", "pos:3"], "not a forward pass"),
+        (["depth", "nope@final"], "nope"),
+        (["depth", "final", "--what", "scores"], "--layer"),
+        (["next-token"], "did not capture logits"),
+    ],
+)
+def test_cli_depth_bad_input_is_one_line(synth_store: Any, args: list[str], needle: str) -> None:
+    res = _cli(synth_store, *args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr

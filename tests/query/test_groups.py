@@ -11,11 +11,16 @@ are compared only away from zero).
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from actstore.cli import main
+from actstore.cli.query import GROUP_WHAT
 from actstore.errors import SelectionError
 from actstore.query import groups, resolve
 from actstore.query.groups import average_linkage, leaf_order
@@ -187,3 +192,54 @@ def test_group_needs_two_distinct_states(synth_store: Any) -> None:
         groups.group_vectors(resolve(synth_store, ["final"]))
     with pytest.raises(SelectionError, match="repeated"):
         groups.group_vectors(resolve(synth_store, ["final", "final", "initial"]))
+
+
+# ---- the CLI -----------------------------------------------------------------------------
+def _cli(store: Any, *args: str) -> Any:
+    return CliRunner().invoke(main, ["query", *args, "--store", store.location])
+
+
+def test_cli_names_every_analysis() -> None:
+    assert GROUP_WHAT == groups.ANALYSES
+
+
+@pytest.mark.parametrize("what", ["pairwise", "linkage", "pca", "spectrum"])
+def test_cli_group_equals_python(synth_store: Any, group: Any, what: str) -> None:
+    g, _, items = group
+    res = _cli(synth_store, "group", *items, "--what", what, "--source", "hidden_out", "--source", "attn_out",
+               "--format", "csv")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got = pd.read_csv(io.StringIO(res.stdout))
+    expected = groups.group_table(g, what)
+    assert list(got.columns) == list(expected.columns) and len(got) == len(expected)
+    for col in expected.select_dtypes("number").columns:
+        np.testing.assert_allclose(got[col], expected[col].astype(float), rtol=1e-12, atol=1e-15, err_msg=col)
+
+
+def test_cli_group_bare_states_take_each_run(synth_store: Any) -> None:
+    res = _cli(synth_store, "group", "final", "--runs", "all", "--what", "divergence", "--layers", "2",
+               "--format", "json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    runs = synth_store.runs(["all"])
+    v = np.stack([raw_state(r, "final", "hidden_out")[2] for r in runs])
+    got = pd.read_json(io.StringIO(res.stdout))
+    exp = 1 - np.mean([np_cos(v[i], v[j]) for i in range(3) for j in range(i + 1, 3)])
+    # JSON output keeps 10 significant digits (pandas' to_json default)
+    assert got[got["source"] == "hidden_out"]["divergence"].iloc[0] == pytest.approx(exp, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["group", "final"], "two or more"),
+        (["group"], "two or more"),
+        (["group", "final", "final"], "repeated"),
+        (["group", "final", "reference:nope"], "no reference 'nope'"),
+        (["group", "final", "initial", "--layers", "9"], "not captured"),
+    ],
+)
+def test_cli_group_bad_input_is_one_line(synth_store: Any, args: list[str], needle: str) -> None:
+    res = _cli(synth_store, *args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr

@@ -8,12 +8,15 @@ products of larger values). CSV output round-trips float64 to within 1e-12 relat
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from actstore.cli import main
 from actstore.errors import SelectionError
 from actstore.query import full_pair, pair_maps, pair_metrics, resolve
 from actstore.query.pairs import RATIO_CLIP, RATIO_EPS
@@ -31,6 +34,22 @@ from .helpers import (
 )
 
 TOL = 1e-12
+
+
+def _cli(store: Any, *args: str) -> Any:
+    return CliRunner().invoke(main, ["query", *args, "--store", store.location])
+
+
+def _csv(out: str) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(out))
+
+
+def _one_line_error(res: Any, *needles: str) -> None:
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
 
 
 # ---- one vector per layer ---------------------------------------------------------------
@@ -190,3 +209,60 @@ def test_qkv_maps(tiny: Any) -> None:
     df = pair_maps(a, b, "qkv")
     _check_maps(df, _expected_maps(np_qkv_last(*qa), np_qkv_last(*qb)), 1e-6)  # float32 arithmetic
     assert df["row"].unique().tolist() == run.layers
+
+
+# ---- the CLI -----------------------------------------------------------------------------
+def test_cli_pair_equals_python(synth_store: Any) -> None:
+    r0, r1, _ = synth_store.runs(["all"])
+    items = [f"{r0.id}@initial", f"{r1.id}@reference:joy"]
+    a, b = resolve(synth_store, items)
+    res = pair_metrics(a, b, layers=[1, 2], frac=0.2)
+    for what, expected in (("vectors", res.per_layer), ("summary", res.summary)):
+        out = _cli(synth_store, "pair", *items, "--what", what, "--layers", "1-2", "--frac", "0.2", "--format", "csv")
+        assert out.exit_code == 0, out.output
+        got = _csv(out.stdout)
+        assert list(got.columns) == list(expected.columns)
+        for col in expected.select_dtypes("number").columns:
+            np.testing.assert_allclose(got[col], expected[col].astype(float), rtol=1e-12, err_msg=col)
+
+
+def test_cli_pair_passes_and_maps_equal_python(tiny: Any) -> None:
+    a, b = resolve(tiny.store, ["step:0", "snapshot:3"])
+    cases = {
+        ("--what", "passes", "--source", "attn_out"): full_pair(a, b, ["attn_out"]),
+        ("--what", "attention", "--layer", "0", "--head", "1"): pair_maps(a, b, "attention", 0, 1),
+    }
+    for args, expected in cases.items():
+        out = _cli(tiny.store, "pair", "step:0", "snapshot:3", *args, "--format", "csv")
+        assert out.exit_code == 0, out.output
+        got = _csv(out.stdout)
+        assert len(got) == len(expected)
+        for col in ("mean_cosine", "min_cosine", "jaccard", "a", "ratio"):
+            if col in expected:
+                np.testing.assert_allclose(got[col], expected[col], rtol=1e-12, err_msg=col)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["pair", "final"], ("Missing argument",)),  # click's own usage error
+        (["pair", "nope@final", "final"], ("nope",)),
+        (["pair", "x@", "final"], ("no state after '@'",)),
+        (["pair", "@final", "final"], ("no run before '@'",)),
+        (["pair", "a@b@final", "final"], ("more than one '@'",)),
+        (["pair", "final", "step:x"], ("not a whole number",)),
+        (["pair", "final", "initial", "--runs", "all"], ("takes 2 state(s), got 6",)),
+        (["pair", "final", "initial", "--what", "attention", "--layer", "0"], ("attn_weights",)),
+        (["pair", "final", "initial", "--source", "embeddings"], ("not a per-layer vector source",)),
+    ],
+)
+def test_cli_pair_bad_input_is_one_line(synth_store: Any, args: list[str], needles: tuple[str, ...]) -> None:
+    res = _cli(synth_store, *args)
+    if needles == ("Missing argument",):
+        assert res.exit_code == 2 and "Missing argument" in res.output
+        return
+    _one_line_error(res, *needles)
+
+
+def test_cli_maps_need_a_layer(tiny: Any) -> None:
+    _one_line_error(_cli(tiny.store, "pair", "step:0", "snapshot:3", "--what", "scores"), "--layer")

@@ -36,6 +36,8 @@ LAYER_COMMANDS: dict[str, tuple[list[str], str]] = {
     "decomposition": (["query", "decomposition"], "norm_hidden_out"),
     "discrimination": (["query", "discrimination"], "separation"),
     "tables": (["query", "tables", "--table", "intra_run_drift"], "mean"),
+    "pair": (["query", "pair", "initial", "final"], "cosine"),
+    "group": (["query", "group", "initial", "final", "reference:joy"], "cos_to_centroid"),
 }
 
 

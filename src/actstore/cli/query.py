@@ -6,6 +6,9 @@
     actstore query cross-layer --matrix
     actstore query trajectory --layer 20 --neuron 7
     actstore query tables --run emotions
+    actstore query pair snapshot:3 <run id>@reference:joy --what passes   # any states of any runs
+    actstore query group final --runs all --what linkage
+    actstore query depth step:0 --what convergence
 
 Each command parses its options, calls one function of ``actstore.query`` and prints
 the DataFrame it returns as a table, CSV or JSON (``common.render_frame``). Library errors
@@ -261,6 +264,148 @@ def logit_lens_cmd(run_sel: str, steps: str, position: int, top_k: int, device: 
         top=[" ".join(f"{t['token']!r}:{t['logprob']:.2f}" for t in tops[:5]) for tops in df["top"]]
     )
     click.echo(render_frame(shown if fmt != "json" else df, fmt))
+
+
+# ---- the lab: any states of any runs ---------------------------------------------------
+STATES_HELP = (
+    "a bare STATE is that state of each run named here (ids, id prefixes, scenario-run ids, "
+    "scenario names, latest or all; repeatable); RUN@STATE names its run itself"
+)
+# groups.ANALYSES, spelled out so the CLI loads without pandas (a test checks they agree)
+GROUP_WHAT = ("centroid", "divergence", "pairwise", "linkage", "leaves", "pca", "pca-variance", "spectrum", "cka")
+PAIR_WHAT = ("vectors", "summary", "passes", "attention", "scores", "qkv")
+DEPTH_WHAT = ("convergence", "effective-depth", "entropy", "head-entropy", "scores", "qkv-last")
+
+
+def _states_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return _opt("--runs", "runs", multiple=True, default=("latest",), help=STATES_HELP)(fn)
+
+
+def _jaccard_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = _opt("--magnitude", is_flag=True, help="jaccard ranks by |value| (Activation Lab's ranking)")(fn)
+    return _opt("--frac", type=click.FloatRange(0, 1, min_open=True), default=0.01, help="top fraction for jaccard")(fn)
+
+
+def _resolve(store_location: str | None, storage_options: tuple[str, ...], items: tuple[str, ...],
+             runs: tuple[str, ...]) -> list[Any]:  # fmt: skip
+    from actstore.query.selection import parse_item, resolve
+
+    for item in items:
+        parse_item(item)  # a bad item is reported before the store is opened
+    return resolve(open_store(store_location, storage_options), items, runs)
+
+
+@query.command("pair")
+@click.argument("state_a")
+@click.argument("state_b")
+@_states_option
+@_opt("--what", type=click.Choice(PAIR_WHAT), default="vectors",
+      help="vectors: per-layer metrics of the two states; summary: per source; passes: their full passes "
+           "token by token; attention, scores, qkv: the two maps and their differences")  # fmt: skip
+@_opt("--source", "sources", multiple=True,
+      help="source(s) (repeatable; default: every residual-stream source both runs captured)")  # fmt: skip
+@_opt("--layer", type=int, default=None, help="the layer of an attention or scores map")
+@_opt("--head", type=int, default=None, help="one head of an attention or scores map (default: mean over heads)")
+@_jaccard_options
+@_common
+@_fail_cleanly
+def pair_cmd(state_a: str, state_b: str, runs: tuple[str, ...], what: str, sources: tuple[str, ...],
+             layer: int | None, head: int | None, frac: float, magnitude: bool, layers: str, fmt: str,
+             store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Compare two states of any runs (STATE or RUN@STATE): metrics per layer, full passes, or maps."""
+    from actstore.query import pairs
+    from actstore.query.selection import expect
+
+    a, b = expect(_resolve(store_location, storage_options, (state_a, state_b), runs), 2, "pair")
+    chosen = fit_layers(layers, [a.run, b.run])
+    srcs = list(sources) or None
+    if what in ("vectors", "summary"):
+        res = pairs.pair_metrics(a, b, srcs, chosen, frac, magnitude)
+        df = res.per_layer if what == "vectors" else res.summary
+    elif what == "passes":
+        df = pairs.full_pair(a, b, srcs, chosen, frac, magnitude)
+    else:
+        df = pairs.pair_maps(a, b, what, layer, head, chosen)
+    click.echo(render_frame(df, fmt))
+
+
+@query.command("group")
+@click.argument("states", nargs=-1)
+@_states_option
+@_opt("--what", type=click.Choice(GROUP_WHAT), default="centroid",
+      help="centroid: cosine to the group mean; divergence: 1 - mean pair cosine; pairwise: cosine and "
+           "jaccard matrices; linkage, leaves: average-linkage dendrogram; pca, pca-variance: one PCA over "
+           "every state at every layer; spectrum: singular values per layer; cka: linear CKA of layer stacks")  # fmt: skip
+@_opt("--source", "sources", multiple=True,
+      help="source(s) (repeatable; default: every residual-stream source all runs captured)")  # fmt: skip
+@_opt("--components", type=click.IntRange(1), default=2, help="PCA components")
+@_jaccard_options
+@_common
+@_fail_cleanly
+def group_cmd(states: tuple[str, ...], runs: tuple[str, ...], what: str, sources: tuple[str, ...],
+              components: int, frac: float, magnitude: bool, layers: str, fmt: str,
+              store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Compare two or more states of any runs as a group (STATE or RUN@STATE each)."""
+    from actstore.query import groups
+
+    selected = _resolve(store_location, storage_options, states, runs)
+    g = groups.group_vectors(selected, list(sources) or None, fit_layers(layers, [s.run for s in selected]))
+    click.echo(render_frame(groups.group_table(g, what, frac, magnitude, components), fmt))
+
+
+@query.command("depth")
+@click.argument("state")
+@_states_option
+@_opt("--what", type=click.Choice(DEPTH_WHAT), default="convergence",
+      help="convergence: adjacent-layer cosine and relative update; effective-depth: first layer after "
+           "which it stays >= --threshold; entropy, head-entropy: attention entropy per layer (and head); "
+           "scores: raw q.k/sqrt(d) of --layer; qkv-last: Activation Lab's (q.k/sqrt(m)) v per layer")  # fmt: skip
+@_opt("--source", default="hidden_out", help="the stream convergence follows")
+@_opt("--layer", type=int, default=None, help="the layer of a scores map")
+@_opt("--head", type=int, default=None, help="one head of a scores map (default: mean over heads)")
+@_opt("--threshold", type=float, default=0.99, help="adjacent cosine that counts as converged")
+@_common
+@_fail_cleanly
+def depth_cmd(state: str, runs: tuple[str, ...], what: str, source: str, layer: int | None, head: int | None,
+              threshold: float, layers: str, fmt: str, store_location: str | None,
+              storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """One state's full pass through depth: convergence, attention entropy, q.k scores, qkv_last."""
+    from actstore.query import depth
+    from actstore.query.selection import expect
+
+    (sel,) = expect(_resolve(store_location, storage_options, (state,), runs), 1, "depth")
+    chosen = fit_layers(layers, [sel.run])
+    if what == "convergence":
+        df = depth.convergence(sel, source, chosen)
+    elif what == "effective-depth":
+        df = depth.effective_depth(depth.convergence(sel, source, chosen), threshold)
+    elif what in ("entropy", "head-entropy"):
+        df = depth.attention_entropy(sel, chosen, per_head=what == "head-entropy")
+    elif what == "scores":
+        if layer is None:
+            from actstore.errors import SelectionError
+
+            raise SelectionError("--what scores is a map of one layer: give --layer")
+        df = depth.qk_scores(sel, layer, head)
+    else:
+        df = depth.qkv_last(sel, chosen)
+    click.echo(render_frame(df, fmt))
+
+
+@query.command("next-token")
+@_opt("--runs", "runs", multiple=True, default=("latest",),
+      help="run ids, id prefixes, scenario-run ids, scenario names, latest or all (repeatable)")  # fmt: skip
+@_opt("--steps", default="all", help="all or a list like 0,5,-1")
+@_opt("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@store_options
+@_fail_cleanly
+def next_token_cmd(runs: tuple[str, ...], steps: str, fmt: str, store_location: str | None,
+                   storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Next-token entropy, effective vocabulary exp(entropy) and top-1 probability per step, from stored logits."""
+    from actstore.query.depth import next_token
+
+    readers = open_store(store_location, storage_options).runs(runs)
+    click.echo(render_frame(next_token(readers, parse_steps(steps)), fmt))
 
 
 def register(main: click.Group) -> None:

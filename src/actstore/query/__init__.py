@@ -16,6 +16,18 @@ Modules, in data-flow order:
   seed's summary columns, as long DataFrames;
 * ``analyses``: cross-layer cosine, neuron trajectory, residual decomposition, layer
   discrimination; ``logit_lens``; ``tables``: the emotion experiment's four tables.
+
+The lab (any states of any runs, Activation Lab's analyses; ``actstore query pair``,
+``group``, ``depth`` and ``next-token`` print them):
+
+* ``selection``: ``RUN@STATE`` items resolved to (run, state, label), and a state's
+  full pass (a step's positions, a snapshot's or reference's full pass);
+* ``pairs``: two states: per-layer metrics, full passes token by token, attention,
+  score and qkv maps with their differences;
+* ``groups``: two or more states: centroid, divergence, cosine/Jaccard matrices,
+  dendrogram, PCA through depth, spectra, CKA;
+* ``depth``: one full pass: residual convergence and effective depth, attention
+  entropy, q.k scores, qkv_last; per run, the next-token distribution of each step.
 """
 
 from __future__ import annotations
@@ -36,9 +48,29 @@ from actstore.query.compare import (
     summarize,
 )
 from actstore.query.damaged import skipping_damaged
+from actstore.query.depth import (
+    attention_entropy,
+    convergence,
+    effective_depth,
+    next_token,
+    qk_scores,
+    qkv_last,
+)
+from actstore.query.groups import (
+    centroid_cosine,
+    cka,
+    dendrogram,
+    divergence,
+    group_vectors,
+    pairwise,
+    pca,
+    spectrum,
+)
 from actstore.query.logit_lens import logit_lens, write_logit_lens_json
 from actstore.query.metrics import cosine, jaccard, mae, norm, top_mask
+from actstore.query.pairs import full_pair, pair_maps, pair_metrics
 from actstore.query.plan import Plan, compute_plans
+from actstore.query.selection import Selected, full_pass, resolve
 from actstore.query.states import (
     State,
     as_xarray,
@@ -58,4 +90,8 @@ __all__ = [
     "mae", "neuron_trajectory", "norm", "paper_tables", "parse_state", "parse_state_pair",
     "reference_stack", "residual_decomposition", "role_averages", "select", "snapshot_stack",
     "snapshots_vs_references", "state_vectors", "summarize", "top_mask", "write_logit_lens_json",
+    # the lab
+    "Selected", "attention_entropy", "centroid_cosine", "cka", "convergence", "dendrogram", "divergence",
+    "effective_depth", "full_pair", "full_pass", "group_vectors", "next_token", "pair_maps", "pair_metrics",
+    "pairwise", "pca", "qk_scores", "qkv_last", "resolve", "spectrum",
 ]  # fmt: skip

@@ -24,6 +24,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 
 ArrayLike = Any  # np.ndarray or dask.array.Array
 
@@ -218,3 +219,18 @@ def all_metrics(
     """``{"cosine": ..., "mae": ..., "jaccard": ...}`` of the same pair (one kernel)."""
     stacked = metrics_stack(a, b, frac, magnitude)
     return {m: stacked[i] for i, m in enumerate(METRICS)}
+
+
+def token_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+    """Per row of a (rows, tokens) array holding NaN where a value is undefined: the mean
+    and the minimum over the defined tokens, the token of the minimum (first on ties)
+    and how many tokens are undefined. A row with none defined: NaN, NaN, <NA>."""
+    ok = ~np.isnan(x)
+    n = ok.sum(axis=1)
+    some = n > 0
+    mean = np.where(some, np.where(ok, x, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
+    filled = np.where(ok, x, np.inf)
+    at = pd.array(filled.argmin(axis=1) if x.shape[1] else np.zeros(len(x), np.int64), dtype="Int64")
+    at[~some] = pd.NA
+    low = np.where(some, filled.min(axis=1, initial=np.inf), np.nan)
+    return mean, low, at, x.shape[1] - n

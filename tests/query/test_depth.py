@@ -1,0 +1,240 @@
+"""query.depth: one full pass through depth, and each step's next-token distribution,
+against plain NumPy on arrays read with zarr (tiny llama run, float32 store).
+
+Tolerances: float64 on both sides from the same float32 values, so only summation
+order differs: 1e-12 absolute for cosines, ratios and entropies of order 1-10 (1e-10
+for q.k scores and log-sum-exp over the 49,152-token vocabulary); qkv_last is float32
+arithmetic as Activation Lab's, compared to 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from actstore.cli import main
+from actstore.errors import SelectionError
+from actstore.query import (
+    attention_entropy,
+    convergence,
+    effective_depth,
+    next_token,
+    qk_scores,
+    qkv_last,
+    resolve,
+)
+from actstore.query.depth import qk_score_array
+
+from .helpers import np_qkv_last, np_scores, raw, raw_pass, raw_state
+
+TOL = 1e-12
+
+
+def _arch(run: Any) -> tuple[int, int, int]:
+    a = run.meta["model"]["arch"]
+    return a["num_attention_heads"], a["num_key_value_heads"], a["head_dim"]
+
+
+def _cos_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+
+
+# ---- convergence ------------------------------------------------------------------------
+@pytest.mark.parametrize(("state", "layers"), [("step:0", None), ("reference:joy", [0, 2]), ("step:-1", None)])
+def test_convergence(tiny: Any, state: str, layers: list[int] | None) -> None:
+    run = tiny.run
+    (sel,) = resolve(tiny.store, [state])
+    h = raw_pass(run, "reference", "joy", "hidden_out") if state.startswith("reference") else (
+        raw(run, "hidden_out")[:, : run.prompt_len] if state == "step:0" else raw(run, "hidden_out")[:, -1:]
+    )  # fmt: skip
+    lay = layers or run.layers
+    h = h[lay]
+    df = convergence(sel, "hidden_out", layers)
+    assert df["layer"].tolist() == lay[:-1] and df["next_layer"].tolist() == lay[1:]
+    cos = np.stack([_cos_rows(h[i], h[i + 1]) for i in range(len(lay) - 1)])
+    upd = np.stack([np.linalg.norm(h[i + 1] - h[i], axis=-1) / np.linalg.norm(h[i], axis=-1) for i in range(len(lay) - 1)])
+    np.testing.assert_allclose(df["cos_last"], cos[:, -1], atol=TOL)
+    np.testing.assert_allclose(df["cos_mean"], cos.mean(axis=1), atol=TOL)
+    np.testing.assert_allclose(df["update_last"], upd[:, -1], atol=TOL)
+    np.testing.assert_allclose(df["update_mean"], upd.mean(axis=1), atol=TOL)
+    assert (df["tokens"] == h.shape[1]).all()
+    if h.shape[1] > 1:  # last token and mean differ: a swapped column or axis shows
+        assert not np.allclose(df["update_last"], df["update_mean"])
+
+
+def test_effective_depth_is_the_start_of_the_settled_tail() -> None:
+    conv = pd.DataFrame({
+        "run": "r", "state": "s", "source": "hidden_out", "layer": [0, 1, 2, 3],
+        "cos_last": [0.995, 0.98, 0.995, 0.999],  # first >= 0.99 is layer 0, but it does not stay
+        "cos_mean": [0.999, 0.999, 0.999, 0.98],  # the last pair is below: never settled
+    })  # fmt: skip
+    row = effective_depth(conv).iloc[0]
+    assert row["effective_depth_last"] == 2 and pd.isna(row["effective_depth_mean"])
+    assert effective_depth(conv, threshold=0.97).iloc[0]["effective_depth_mean"] == 0
+
+
+def test_effective_depth_on_a_run(tiny: Any) -> None:
+    (sel,) = resolve(tiny.store, ["step:0"])
+    conv = convergence(sel)
+    # a threshold between the two adjacent cosines: the answer depends on which is which
+    lo, hi = sorted(conv["cos_mean"])
+    row = effective_depth(conv, threshold=(lo + hi) / 2).iloc[0]
+    expected = conv["layer"].iloc[1] if conv["cos_mean"].iloc[1] == hi else None
+    assert (pd.isna(row["effective_depth_mean"]) and expected is None) or row["effective_depth_mean"] == expected
+
+
+# ---- attention entropy ---------------------------------------------------------------
+def _entropy(w: np.ndarray) -> np.ndarray:
+    """(L, H) mean over query rows of -sum p ln p."""
+    logp = np.log(w, where=w > 0, out=np.zeros_like(w))
+    return (-(w * logp).sum(axis=-1)).mean(axis=-1)
+
+
+@pytest.mark.parametrize("state", ["step:0", "step:3", "snapshot:2"])
+def test_attention_entropy(tiny: Any, state: str) -> None:
+    run = tiny.run
+    (sel,) = resolve(tiny.store, [state])
+    w = raw(run, "attn_weights")
+    if state == "step:0":
+        w = w[:, :, : run.prompt_len, : run.prompt_len]
+    elif state == "step:3":
+        p = run.prompt_len + 2  # decode step 3 fed position prompt_len + 2
+        w = w[:, :, p : p + 1, : p + 1]
+    else:
+        w = raw_pass(run, "snapshot", 2, "attn_weights")
+    exp = _entropy(w)
+    per_head = attention_entropy(sel, per_head=True)
+    np.testing.assert_allclose(per_head["entropy"].to_numpy().reshape(exp.shape), exp, atol=TOL)
+    assert per_head["head"].tolist()[:4] == [0, 1, 2, 3] and (per_head["keys"] == w.shape[-1]).all()
+    per_layer = attention_entropy(sel, layers=[2, 0])
+    np.testing.assert_allclose(per_layer["entropy"], exp[[2, 0]].mean(axis=1), atol=TOL)
+    assert (per_layer["queries"] == w.shape[2]).all()
+
+
+# ---- q.k scores and qkv_last --------------------------------------------------------------
+def test_qk_scores_per_head_with_grouped_keys(tiny: Any) -> None:
+    run = tiny.run
+    heads, kv, dim = _arch(run)
+    (sel,) = resolve(tiny.store, ["step:0"])
+    q, k = raw(run, "q")[1, : run.prompt_len], raw(run, "k")[1, : run.prompt_len]
+    exp = np_scores(q, k, heads, kv, dim)
+    got = qk_score_array(sel, 1)
+    np.testing.assert_allclose(got, exp, atol=1e-10)
+    # a wrong key-head mapping (h % kv instead of h // (heads / kv)) gives other numbers
+    wrong = np.stack([exp[(h % kv) * (heads // kv)] for h in range(heads)])
+    assert not np.allclose(got, wrong)
+    df = qk_scores(sel, 1, head=3)
+    np.testing.assert_allclose(df["score"].to_numpy().reshape(exp.shape[1:]), exp[3], atol=1e-10)
+    mean = qk_scores(sel, 1)
+    np.testing.assert_allclose(mean["score"].to_numpy().reshape(exp.shape[1:]), exp.mean(axis=0), atol=1e-10)
+    assert (mean["head"] == -1).all()
+
+
+def test_qk_scores_of_a_decode_step_cover_every_earlier_key(tiny: Any) -> None:
+    run = tiny.run
+    heads, kv, dim = _arch(run)
+    (sel,) = resolve(tiny.store, ["step:2"])
+    p = run.prompt_len + 1
+    exp = np_scores(raw(run, "q")[0, p : p + 1], raw(run, "k")[0, : p + 1], heads, kv, dim)
+    got = qk_score_array(sel, 0)
+    assert got.shape == (heads, 1, p + 1)
+    np.testing.assert_allclose(got, exp, atol=1e-10)
+
+
+@pytest.mark.parametrize("state", ["final", "initial", "reference:joy", "snapshot:generated"])
+def test_qkv_last(tiny: Any, state: str) -> None:
+    run = tiny.run
+    (sel,) = resolve(tiny.store, [state])
+    if state in ("final", "initial"):
+        qkv = [raw_state(run, state, s) for s in ("q", "k", "v")]
+    else:
+        kind, _, key = state.partition(":")
+        qkv = [raw_pass(run, kind, key, s)[:, -1] for s in ("q", "k", "v")]
+    exp = np_qkv_last(*qkv)
+    df = qkv_last(sel)
+    np.testing.assert_allclose(df["value"].to_numpy().reshape(exp.shape), exp, rtol=1e-6, atol=1e-12)
+    assert df["layer"].tolist()[:: exp.shape[1]] == run.layers
+
+
+# ---- next token -----------------------------------------------------------------------
+def test_next_token(tiny: Any) -> None:
+    run = tiny.run
+    logits = raw(run, "logits")
+    last = [run.prompt_len - 1] + list(range(run.prompt_len, run.n_positions))
+    z = logits[last] - logits[last].max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    ent = -(p * np.log(p)).sum(axis=1)
+    df = next_token(run)
+    assert df["step"].tolist() == list(range(run.n_steps)) and df["position"].tolist() == last
+    np.testing.assert_allclose(df["entropy"], ent, atol=1e-10)
+    np.testing.assert_allclose(df["effective_vocab"], np.exp(ent), rtol=1e-10)
+    np.testing.assert_allclose(df["top1_prob"], p.max(axis=1), atol=TOL)
+    assert df["top1_token"].tolist() == p.argmax(axis=1).tolist()
+    some = next_token(run, steps=[-1, 0])
+    assert some["step"].tolist() == [run.n_steps - 1, 0]
+    np.testing.assert_allclose(some["entropy"], ent[[-1, 0]], atol=1e-10)
+
+
+def test_errors(tiny: Any, synth_store: Any) -> None:
+    with pytest.raises(SelectionError, match="did not capture logits"):
+        next_token(synth_store.runs(["latest"]))
+    (pos,) = resolve(tiny.store, ["pos:3"])
+    with pytest.raises(SelectionError, match="not a forward pass"):
+        convergence(pos)
+    (sel,) = resolve(tiny.store, ["final"])
+    with pytest.raises(SelectionError, match="two or more"):
+        convergence(sel, layers=[1])
+    with pytest.raises(SelectionError, match="heads 0..3"):
+        qk_scores(sel, 0, head=4)
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+def _cli(store: Any, *args: str) -> Any:
+    return CliRunner().invoke(main, ["query", *args, "--store", store.location])
+
+
+def test_cli_depth_and_next_token_equal_python(tiny: Any) -> None:
+    (sel,) = resolve(tiny.store, ["snapshot:3"])
+    conv = convergence(sel, "attn_out")
+    cases = {
+        ("depth", "snapshot:3", "--what", "convergence", "--source", "attn_out"): conv,
+        ("depth", "snapshot:3", "--what", "effective-depth", "--source", "attn_out", "--threshold", "0.2"):
+            effective_depth(conv, 0.2),
+        ("depth", "snapshot:3", "--what", "head-entropy", "--layers", "1-2"): attention_entropy(sel, [1, 2], True),
+        ("depth", "snapshot:3", "--what", "entropy"): attention_entropy(sel),
+        ("depth", "snapshot:3", "--what", "scores", "--layer", "2", "--head", "1"): qk_scores(sel, 2, 1),
+        ("depth", "snapshot:3", "--what", "qkv-last", "--layers", "0"): qkv_last(sel, [0]),
+        ("next-token", "--steps", "0,2"): next_token(tiny.run, [0, 2]),
+    }  # fmt: skip
+    for args, expected in cases.items():
+        res = _cli(tiny.store, *args, "--format", "csv")
+        assert res.exit_code == 0, (args, res.output)
+        got = pd.read_csv(io.StringIO(res.stdout))
+        assert list(got.columns) == list(expected.columns) and len(got) == len(expected), args
+        for col in expected.select_dtypes("number").columns:
+            # CSV writes a float32 column (qkv_last) with float32's shortest repr: compare as such
+            dtype = np.float32 if expected[col].dtype == np.float32 else float
+            np.testing.assert_allclose(got[col].astype(dtype), expected[col].astype(dtype), rtol=1e-12,
+                                       err_msg=f"{args} {col}")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["depth", "final", "--runs", "all"], "takes 1 state(s), got 3"),
+        (["depth", "pos:3"], "not a forward pass"),
+        (["depth", "nope@final"], "nope"),
+        (["depth", "final", "--what", "scores"], "--layer"),
+        (["next-token"], "did not capture logits"),
+    ],
+)
+def test_cli_depth_bad_input_is_one_line(synth_store: Any, args: list[str], needle: str) -> None:
+    res = _cli(synth_store, *args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr

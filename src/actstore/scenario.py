@@ -197,6 +197,7 @@ class Scenario(_Strict):
 
     _source_path: Path | None = PrivateAttr(default=None)
     _prompt_index: int | None = PrivateAttr(default=None)  # set on the runs of a prompt list
+    _message_prefix: tuple[int, int] | None = PrivateAttr(default=None)  # (k, m) of run_at_each_message
     _unknown: tuple[str, ...] = PrivateAttr(default=())  # strict-mode errors of ignored keys
 
     @field_validator("name")
@@ -261,6 +262,12 @@ class Scenario(_Strict):
         return self._prompt_index
 
     @property
+    def message_prefix(self) -> tuple[int, int] | None:
+        """(k, m) when this run is message prefix k of m of a prompt with
+        run_at_each_message (Activation Lab's ``prompt_N_msgKofM``); None otherwise."""
+        return self._message_prefix
+
+    @property
     def prompt_field(self) -> str:
         """How messages name this run's prompt in the file: prompt, or prompt[i] in a list."""
         return "prompt" if self._prompt_index is None else f"prompt[{self._prompt_index}]"
@@ -283,7 +290,9 @@ class Scenario(_Strict):
         msgs = self.single_prompt.messages
         for k in range(1, len(msgs) + 1):
             prompt = PromptConfig(messages=list(msgs[:k]), run_at_each_message=False)
-            out.append(self._with_prompt(prompt, self._prompt_index))
+            sub = self._with_prompt(prompt, self._prompt_index)
+            sub._message_prefix = (k, len(msgs))
+            out.append(sub)
         return out
 
     def runs(self) -> list[Scenario]:

@@ -227,21 +227,39 @@ def test_cli_captures_activation_labs_multi_prompt_file(tmp_path: Any) -> None:
 def test_npz_export_and_import_keep_the_scenario_run(captured: Any, tmp_path: Any) -> None:
     import shutil
 
-    from actstore.store.npz_export import export_npz
-    from actstore.store.npz_import import import_npz
+    from actstore.store.npz import export_npz, import_npz_dirs, read_seed_dirs
+    from actstore.store.npz_lab import scenario_runs
 
     store, results, _ = captured
     run = store.run(results[1].run_id)
-    folder = export_npz(run, tmp_path / "exported", quiet=True)
+    everything = scenario_runs(run)  # what `actstore export npz RUN` writes: RUN's scenario run
+    assert [r.id for r in everything] == [r.run_id for r in results]
+    folder = export_npz(everything, tmp_path / "exported", quiet=True)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [
+        "prompt_0", "prompt_1_msg1of3", "prompt_1_msg2of3", "prompt_1_msg3of3", "prompt_2", "references",
+    ]  # fmt: skip
     other = ActStore.open(tmp_path / "other.zarr", create=True)
-    copy = other.run(import_npz(other, folder, quiet=True))
-    assert (copy.meta["scenario_run"], copy.meta["prompt_index"]) == (run.meta["scenario_run"], 1)
-    assert other.resolve(run.meta["scenario_run"]) == [copy.id]
-    # a directory without actstore's block (another tool's) is a scenario run of its own
+    ids = import_npz_dirs(other, read_seed_dirs(folder), quiet=True)
+    copies = [other.run(i) for i in ids]
+    assert [(c.meta["scenario_run"], c.meta["prompt_index"], c.meta["message_prefix"]) for c in copies] == [
+        (run.meta["scenario_run"], i, [k, 3] if i == 1 else None) for i, k in EXPECTED_RUNS
+    ]
+    assert other.resolve(run.meta["scenario_run"]) == ids
+    # the reference passes come back once, in the first run; the others name it
+    assert [c.meta.get("references_run") for c in copies] == [None, *[ids[0]] * (len(ids) - 1)]
+    # imported again into the same store: a scenario run of its own (no prompt directory twice)
+    again = import_npz_dirs(other, read_seed_dirs(folder), quiet=True)
+    assert {other.run(i).meta["scenario_run"] for i in again} == {again[0]}
+    # a directory without actstore's block (another tool's) is a scenario run of its own,
+    # its prompt directories' names giving each run's place
     plain = tmp_path / "plain"
     shutil.copytree(folder, plain)
-    run_json = json.loads((plain / "run.json").read_text())
-    del run_json["actstore"]
-    (plain / "run.json").write_text(json.dumps(run_json))
-    alone = other.run(import_npz(other, plain, quiet=True))
-    assert alone.meta["scenario_run"] == alone.id and alone.meta["prompt_index"] is None
+    for path in plain.glob("prompt_*/run.json"):
+        run_json = json.loads(path.read_text())
+        del run_json["actstore"]
+        path.write_text(json.dumps(run_json))
+    alone = [other.run(i) for i in import_npz_dirs(other, read_seed_dirs(plain), quiet=True)]
+    assert {r.meta["scenario_run"] for r in alone} == {alone[0].id}
+    assert [(r.meta["prompt_index"], r.meta["message_prefix"]) for r in alone] == [
+        (i, [k, 3] if i == 1 else None) for i, k in EXPECTED_RUNS
+    ]

@@ -54,7 +54,7 @@ def test_down_in_is_rounded_alike_on_every_path(tmp_path: Path) -> None:
     np.testing.assert_array_equal(last[0, 0].astype(np.float64), expected[1, -1])
 
     # NPZ: one file per forward pass; their rows, in step order, are every position.
-    out = export_npz(run, tmp_path / "export", quiet=True)
+    out = export_npz(run, tmp_path / "export", quiet=True) / "prompt_0"  # Activation Lab's layout
     steps = json.loads((out / "steps.json").read_text())["steps"]
     assert len(steps) == run.n_steps
     for i, layer in enumerate(run.layers):

@@ -384,7 +384,7 @@ def test_export_folder_has_umask_permissions(
     store, run_id = imported
     old = os.umask(umask)
     try:
-        out = export_npz(store.run(run_id), tmp_path / "exports" / run_id, quiet=True)
+        out = export_npz(store.run(run_id), tmp_path / "exports" / run_id, layout="readme", quiet=True)
     finally:
         os.umask(old)
     modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}

@@ -218,13 +218,13 @@ def _exports(world: World, tmp_path: Path, sig: int, seed: int, phases: tuple[st
     for i, phase in enumerate(phases):
         out = tmp_path / f"out{i}"
         out.mkdir()
-        target = out / world.source_id
+        target = out / world.exported.name  # Activation Lab's <scenario>_<time>: the same every time
 
-        def partial(out: Path = out) -> list[Path]:
-            return list(out.glob(f".{world.source_id}.partial-*"))
+        def partial(out: Path = out, name: str = target.name) -> list[Path]:
+            return list(out.glob(f".{name}.partial-*"))
 
         def written(partial: Callable[[], list[Path]] = partial) -> bool:
-            return any((p / "steps.json").exists() for p in partial())
+            return any((p / "prompt_0" / "run.json").exists() for p in partial())  # its last file
 
         proc = _spawn("export", "npz", world.source_id, "--out", str(out), "--store", str(world.store), "-q")
         ready = {"start": lambda: True, "write": lambda: bool(partial()), "end": written}[phase]
@@ -237,9 +237,9 @@ def _exports(world: World, tmp_path: Path, sig: int, seed: int, phases: tuple[st
         what = f"trial {i} ({phase}, {delay:.2f} s): {state}"
         _after_kill(world.store, sig, proc, {world.source_id}, numbers, what)
         if target.exists():  # only ever whole: the rename is the last step
-            steps = json.loads((target / "steps.json").read_text())["steps"]
-            assert len(list((target / "tensors").glob("*.npz"))) == len(steps) == SOURCE_STEPS, what
-            assert (target / "run.json").is_file(), what
+            steps = json.loads((target / "prompt_0" / "steps.json").read_text())["steps"]
+            assert len(list((target / "prompt_0" / "tensors").glob("*.npz"))) == len(steps) == SOURCE_STEPS, what
+            assert (target / "prompt_0" / "run.json").is_file() and (target / "scenario.json").is_file(), what
         if sig != signal.SIGKILL:
             assert partial() == [], (what, "an interrupt left the temp folder behind")
         # SIGKILL may leave a .partial- folder (nothing can remove it then); it hides nothing:

@@ -1,10 +1,12 @@
-"""NPZ export / import: the seed's run-directory layout, checked against the store.
+"""NPZ export / import, checked against the store.
 
-A tiny random llama is captured once per store dtype; its export is checked file by file
-against the seed README's layout and value by value against the Zarr arrays read
-directly (not through the reader), then imported and exported again, bit for bit. A
-hand-made seed directory (built with NumPy) covers what our own capture never writes:
-an mlp_down_in that is not act * up, and broken directories.
+A tiny random llama is captured once per store dtype; its README-layout export
+(``layout="readme"``) is checked file by file against the seed README's layout and value
+by value against the Zarr arrays read directly (not through the reader), then both
+layouts are imported and exported again, bit for bit. A hand-made README-layout seed
+directory (built with NumPy) covers what our own capture never writes: an mlp_down_in
+that is not act * up, and broken directories. Activation Lab's own layout (the default)
+is checked against its real files in test_npz_layout.py and test_seed_fixtures.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import zarr
 from click.testing import CliRunner
 
 from actstore import naming
-from actstore.errors import StoreError
+from actstore.errors import SelectionError, StoreError
 from actstore.store.npz import export_npz, import_npz
 from actstore.store.store import ActStore
 
@@ -77,7 +79,7 @@ def f16_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ActStore, str]:
 @pytest.fixture(scope="module")
 def f16_export(f16_run: tuple[ActStore, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     store, run_id = f16_run
-    return export_npz(store.run(run_id), tmp_path_factory.mktemp("export") / run_id, quiet=True)
+    return export_npz(store.run(run_id), tmp_path_factory.mktemp("export") / run_id, layout="readme", quiet=True)
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -208,10 +210,12 @@ def test_failed_export_leaves_nothing(
     assert [p.name for p in (tmp_path / "out").iterdir()] == [run_id]
 
 
-def _round_trip(store: ActStore, run_id: str, tmp: Path) -> tuple[Path, Path, str]:
-    first = export_npz(store.run(run_id), tmp / "a" / run_id, quiet=True)
-    new_id = import_npz(store, first, quiet=True)
-    second = export_npz(store.run(new_id), tmp / "b" / new_id, quiet=True)
+def _round_trip(store: ActStore, run_id: str, tmp: Path, layout: str) -> tuple[Path, Path, str]:
+    from actstore.store.npz import import_npz_dirs, read_seed_dirs
+
+    first = export_npz(store.run(run_id), tmp / "a" / run_id, layout=layout, quiet=True)
+    [new_id] = import_npz_dirs(store, read_seed_dirs(first), quiet=True)
+    second = export_npz(store.run(new_id), tmp / "b" / new_id, layout=layout, quiet=True)
     return first, second, new_id
 
 
@@ -224,44 +228,77 @@ def _assert_dirs_equal(first: Path, second: Path) -> None:
             assert list(x) == list(y), rel
             for k in x:
                 assert _same_bits(x[k], y[k]), f"{rel}: {k}"
-        elif rel == "run.json":
+        elif rel.endswith("run.json"):
             x, y = _json(path), _json(b[rel])
             assert {k: x[k] for k in RUN_KEYS} == {k: y[k] for k in RUN_KEYS}
-            assert x["generated_text"] == y["generated_text"]
-            x["actstore"].pop("run_id"), y["actstore"].pop("run_id")
+            assert x.get("generated_text") == y.get("generated_text")
+            for info in (x["actstore"], y["actstore"]):  # the run ids; the import's own scenario run
+                info.pop("run_id"), info.pop("scenario_run")
             assert x["actstore"] == y["actstore"]
         else:
             assert _json(path) == _json(b[rel]), rel
 
 
-@pytest.mark.parametrize("store_dtype,layers", [("float16", "all"), ("bfloat16", [1])])
+@pytest.mark.parametrize(
+    "store_dtype,layers,layout", [("float16", "all", "lab"), ("bfloat16", [1], "lab"), ("float16", "all", "readme")]
+)
 def test_round_trip_is_lossless(
-    tmp_path: Path, store_dtype: str, layers: Any, request: pytest.FixtureRequest
+    tmp_path: Path, store_dtype: str, layers: Any, layout: str, request: pytest.FixtureRequest
 ) -> None:
     # float16 reuses the module's capture (imports only add runs); bfloat16 captures a subset.
     store, run_id = (
         request.getfixturevalue("f16_run") if layers == "all" else _capture(tmp_path, store_dtype, layers)
     )
-    first, second, new_id = _round_trip(store, run_id, tmp_path)
+    first, second, new_id = _round_trip(store, run_id, tmp_path, layout)
     _assert_dirs_equal(first, second)
+    info = _json(next(first.rglob("run.json")))["actstore"]
     if store_dtype == "bfloat16":
-        assert _json(first / "run.json")["actstore"]["npz_dtype"] == "float32"
-    # The imported run is stored like the captured one: same arrays, attrs, bits.
+        assert info["npz_dtype"] == "float32"
+    # The imported run is stored like the captured one: same arrays, attrs, bits. Its full
+    # passes are whole (shared=0: as the files hold them), the captured run's are views
+    # over the run's positions (store/passes.py): the same values, stored differently.
+    # The readme layout holds last-token vectors only: no passes come back.
     root = zarr.open_group(store.location, mode="r")
     ga, gb = root[f"runs/{run_id}"], root[f"runs/{new_id}"]
     arrays_a = sorted(p for p, _ in ga.members(max_depth=None) if isinstance(_, zarr.Array))
     arrays_b = sorted(p for p, _ in gb.members(max_depth=None) if isinstance(_, zarr.Array))
-    assert arrays_a == arrays_b and "acts/mlp_down_in" not in arrays_b
-    for p in arrays_a:
+
+    def run_arrays(paths: list[str]) -> list[str]:
+        return [p for p in paths if not p.startswith("passes/")]
+
+    assert run_arrays(arrays_a) == run_arrays(arrays_b) and "acts/mlp_down_in" not in arrays_b
+    for p in run_arrays(arrays_a):
         assert dict(ga[p].attrs) == dict(gb[p].attrs), p
         assert ga[p].chunks == gb[p].chunks and ga[p].shards == gb[p].shards, p
         assert _same_bits(ga[p][...], gb[p][...]), p
+    a, b = store.run(run_id), store.run(new_id)
     ma, mb = dict(ga.attrs["run"]), dict(gb.attrs["run"])
-    assert mb.pop("imported_from") == str(first.absolute())
+    assert mb.pop("imported_from") == str((first if layout == "readme" else first / "prompt_0").absolute())
+    # A capture already in this store: the import is a scenario run of its own.
+    assert (ma.pop("scenario_run"), mb.pop("scenario_run")) == (run_id, new_id)
+    if layout == "lab":  # the directory's name and scenario.json, for the next export
+        assert mb.pop("scenario_dir") == {"name": first.name, "scenario": _json(first / "scenario.json")}
+    pa, pb = ma.pop("passes"), mb.pop("passes")
+    if layout == "readme":
+        assert pb == [] and not any(p.startswith("passes/") for p in arrays_b)
+        mb.pop("token_strings"), ma.pop("token_strings")  # spells the snapshot tokens, which it lacks
+    else:
+        assert [(p["kind"], p["key"], p["length"]) for p in pa] == [(p["kind"], p["key"], p["length"]) for p in pb]
+        assert all(p["shared"] == 0 for p in pb) and any(p["shared"] > 0 for p in pa)
+        for p in a.passes:
+            assert _same_bits(a.pass_tokens(p.kind, p.key), b.pass_tokens(p.kind, p.key))
+            # Activation Lab's files leave v out (its qkv_last, kept, came from it)
+            with pytest.raises(SelectionError, match="full passes hold no 'v'"):
+                b.pass_array(p.kind, p.key, "v")
+            assert b.pass_qkv_last(p.kind, p.key) is not None and a.pass_qkv_last(p.kind, p.key) is None
+            for source in (s for s in a.sources if s != "v"):
+                want, got = a.pass_array(p.kind, p.key, source).compute(), b.pass_array(p.kind, p.key, source).compute()
+                assert _same_bits(got, want), (p, source)
+        assert "passes/acts/mlp_down_in" not in arrays_b  # it derives, as in the capture
     assert ma == mb
     ea = next(e for e in store.catalog_entries() if e["id"] == run_id)
     eb = next(e for e in store.catalog_entries() if e["id"] == new_id)
-    assert {**ea, "id": None} == {**eb, "id": None}
+    assert {**ea, "id": None, "scenario_run": None} == {**eb, "id": None, "scenario_run": None}
 
 
 # ---------------------------------------------------------------------- hand-made seed dirs
@@ -369,13 +406,14 @@ def test_import_seed_dir_keeps_explicit_mlp_down_in(
     assert run.meta["gated_mlp"] is True and run.meta["store_dtype"] == store_dtype
     assert run.meta["residual_boundaries"] == [0, 1, 2] and g["acts/residual"].shape[0] == 3
     assert run.meta["model"]["arch"]["layers_path"] == "model.layers"  # seed keys kept
+    assert run.passes == []  # README-layout snapshots and references: last-token vectors only
     for s in range(3):
         arrays = _npz(d / naming.step_file(s))
         pos = run.step_positions(s)
         got = run.array("mlp_down_in")[:, pos.start : pos.stop].compute()
         for i, la in enumerate((0, 1)):
             assert _same_bits(got[i], arrays[naming.npz_key(la, "mlp_down_in")][0])
-    again = export_npz(run, tmp_path / "again", quiet=True)
+    again = export_npz(run, tmp_path / "again", layout="readme", quiet=True)
     for rel, path in _all_files(d).items():
         if rel.endswith(".npz"):
             x, y = _npz(path), _npz(again / rel)
@@ -470,6 +508,10 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     run_id = r.output.strip()
     r = cli.invoke(main, ["export", "npz", run_id, "--store", location, "--out", str(tmp_path / "out"), "-q"])
+    # Activation Lab's layout needs full passes; this README-layout import has vectors only.
+    assert r.exit_code == 2 and "export it with --layout readme" in r.stderr, r.output
+    r = cli.invoke(main, ["export", "npz", run_id, "--store", location, "--out", str(tmp_path / "out"), "-q",
+                          "--layout", "readme"])  # fmt: skip
     assert r.exit_code == 0, r.output
     out = Path(r.output.strip())
     assert out == tmp_path / "out" / run_id and (out / "steps.json").is_file()

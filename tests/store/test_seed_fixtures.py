@@ -1,9 +1,11 @@
 """``import npz`` on run directories Activation Lab itself wrote (shared/fixtures/seed-runs).
 
 Every imported array is compared with the NPZ it came from, read with plain NumPy: step
-tensors position by position for every source and layer, snapshots and references as
-the last position of their full prefill. The fixtures are float16 and so is the store,
-so every comparison is bit for bit. The fixtures are read-only: edits go to a copy.
+tensors position by position for every source and layer; snapshots and references as
+full passes (every member, every position, qkv_last and token ids included) and as the
+last position of their full prefill (the last-token stacks). The fixtures are float16
+and so is the store, so every comparison is bit for bit. The fixtures are read-only:
+edits go to a copy. Export back to these files: test_npz_layout.py.
 """
 
 from __future__ import annotations
@@ -85,6 +87,31 @@ def _check_rows(rows: Any, paths: list[Path], layers: list[int]) -> None:
                     assert _bits(got[m, li], want[0, -1]), f"{path.name} {source} layer {layer}"
 
 
+def _check_pass(run: Any, kind: str, key: Any, path: Path, tokens: list[int] | None) -> int:
+    """Every member of a full-prefill NPZ equals the run's full pass, every position;
+    qkv_last equals the one the import kept. Returns the members compared."""
+    layers = run.layers
+    with np.load(path) as npz:
+        assert "qkv_last" in npz.files and not any(k.endswith("/v") for k in npz.files)
+        for k in npz.files:
+            want = npz[k]
+            if k == "qkv_last":
+                got = run.pass_qkv_last(kind, key)
+            elif "/" not in k:  # embeddings, logits: (T, W)
+                got = run.pass_array(kind, key, k).compute()[None]
+            else:
+                layer, source = k.split("/")
+                li = layers.index(int(layer.removeprefix("layer_")))
+                got = run.pass_array(kind, key, source)[li].compute()[None]
+            assert _bits(got, want), f"{path.name} {k}"
+        length = npz["embeddings"].shape[1]
+    info = run.pass_info(kind, key)
+    assert (info.length, info.shared) == (length, 0)  # whole, as the file holds it
+    ids = run.pass_tokens(kind, key).tolist()
+    assert ids == (tokens if tokens is not None else [-1] * length)  # references: no tokens recorded
+    return len(npz.files)
+
+
 def _check_snapshots(run: Any, prompt_dir: Path) -> None:
     folder = prompt_dir / "conversation_snapshots"
     index = _json(folder / "index.json")["snapshots"]
@@ -94,12 +121,19 @@ def _check_snapshots(run: Any, prompt_dir: Path) -> None:
     assert [s.get("generated") for s in run.snapshot_index] == [e["generated"] for e in index]
     assert index[-1]["generated"] is True  # the fixture does hold the generated-reply snapshot
     _check_rows(run.snapshots, [folder / e["tensors_file"] for e in index], run.layers)
+    for e in index:
+        n = _check_pass(run, "snapshot", e["index"], folder / e["tensors_file"], e["input_token_ids"])
+        assert n == len(e["tensor_index"])
+    assert [(p.kind, p.key) for p in run.passes if p.kind == "snapshot"] == [("snapshot", e["index"]) for e in index]
+    np.testing.assert_array_equal(run.pass_tokens("snapshot", "generated"), index[-1]["input_token_ids"])
 
 
 def _check_references(run: Any, top: Path) -> None:
     labels = _json(top / "references/index.json")["labels"]
     assert run.reference_labels == labels
     _check_rows(run.references, [top / f"references/ref_{x}.npz" for x in labels], run.layers)
+    for label in labels:  # the full pass: this run's, or the first run's (references_run)
+        _check_pass(run, "reference", label, top / f"references/ref_{label}.npz", None)
 
 
 def test_single_fixture_imports_every_array(tmp_path: Path) -> None:
@@ -112,6 +146,11 @@ def test_single_fixture_imports_every_array(tmp_path: Path) -> None:
     _check_snapshots(run, SINGLE / "prompt_0")
     _check_references(run, SINGLE)
     assert run.meta["prompt_token_ids"] == _json(SINGLE / "prompt_0/run.json")["prompt_token_ids"]
+    assert run.meta["scenario_dir"] == {"name": SINGLE.name, "scenario": _json(SINGLE / "scenario.json")}
+    # steps keep Activation Lab's fields; seq_len is stored as tokens fed (the export writes its count back)
+    steps = _json(SINGLE / "prompt_0/steps.json")["steps"]
+    assert [s["seq_len"] for s in run.steps] == [34, 1] and [s["seq_len"] for s in steps] == [34, 36]
+    assert [s["logit_stats"] for s in run.steps] == [s["logit_stats"] for s in steps]
 
 
 def test_multi_fixture_is_one_run_per_prompt_in_order_with_shared_references(tmp_path: Path) -> None:
@@ -126,6 +165,14 @@ def test_multi_fixture_is_one_run_per_prompt_in_order_with_shared_references(tmp
         assert _check_steps(run, MULTI / name) == 2 * (1 + 2 * 11)  # no attention weights
         _check_snapshots(run, MULTI / name)
         _check_references(run, MULTI)  # the one references/ beside the prompt directories
+        place = {"prompt_0": (0, None), "prompt_1_msg1of2": (1, [1, 2]), "prompt_1_msg2of2": (1, [2, 2])}[name]
+        assert (run.meta["prompt_index"], run.meta["message_prefix"]) == place
+    # One scenario run; the reference passes stored once, in the first run
+    runs = [store.run(i) for i in ids]
+    assert {r.meta["scenario_run"] for r in runs} == {ids[0]}
+    assert [r.meta.get("references_run") for r in runs] == [None, ids[0], ids[0]]
+    assert [p.kind for p in runs[0].passes].count("reference") == 1
+    assert all(p.kind == "snapshot" for r in runs[1:] for p in r.passes)
 
 
 def test_a_single_prompt_directory_still_imports(tmp_path: Path) -> None:
@@ -193,3 +240,41 @@ def test_top_level_without_prompt_directories_is_refused(tmp_path: Path) -> None
         shutil.rmtree(p)
     with pytest.raises(StoreError, match=r"holds scenario\.json but no prompt_N/ directory"):
         read_seed_dirs(d)
+
+
+def _rewrite_npz(path: Path, fn: Any) -> None:
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    fn(arrays)
+    np.savez_compressed(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["extra_key", "short_member", "qkv_last_rows", "token_ids", "two_spellings"],
+)
+def test_full_pass_files_are_checked_before_anything_is_written(tmp_path: Path, case: str) -> None:
+    """A full snapshot or reference file is kept whole, so anything it holds that the
+    store could not give back, or that disagrees with its index, is refused up front."""
+    assert SINGLE is not None
+    d = _copy(tmp_path, SINGLE)
+    snap = d / "prompt_0/conversation_snapshots/snapshot_01_user.npz"
+    index = d / "prompt_0/conversation_snapshots/index.json"
+    if case == "extra_key":
+        _rewrite_npz(snap, lambda a: a.update(notes=np.zeros(3, np.float32)))
+        pattern = r"snapshot_01_user\.npz: keys \['notes'\] are neither activations nor qkv_last"
+    elif case == "short_member":
+        _rewrite_npz(d / "references/ref_joy.npz", lambda a: a.update({"layer_29/q": a["layer_29/q"][:, :-1]}))
+        pattern = r"ref_joy\.npz: layer_29/q has shape \[1, 32, 576\], expected \[1, 33, 576\]"
+    elif case == "qkv_last_rows":
+        _rewrite_npz(snap, lambda a: a.update(qkv_last=a["qkv_last"][:29]))
+        pattern = r"snapshot_01_user\.npz: qkv_last is float32 \[29, 192\]; expected float32 \[30, 192\]"
+    elif case == "token_ids":
+        _edit(index, lambda x: x["snapshots"][1].update(input_token_ids=x["snapshots"][1]["input_token_ids"][1:]))
+        pattern = r"index\.json: \[1\]\.input_token_ids must be 22 token ids, one per position of its file"
+    else:
+        _edit(index, lambda x: x["snapshots"][1]["input_tokens"].__setitem__(0, "<start>"))
+        pattern = r"\[1\]\.input_tokens spells token 1 '<start>', another snapshot '<\|im_start\|>'"
+    with pytest.raises(StoreError, match=pattern) as info:
+        read_seed_dirs(d)  # the CLI checks every directory this way before opening the store
+    assert "\n" not in str(info.value)

@@ -340,6 +340,12 @@ def capture_run(
         )
         meta["scenario_run"] = scenario_run or run_id
         meta["prompt_index"] = scenario.prompt_index
+        prefix = scenario.message_prefix
+        meta["message_prefix"] = list(prefix) if prefix is not None else None
+        # How the snapshots' tokens the prompt does not hold are spelled (the reply's, as
+        # re-rendered): an NPZ export writes every snapshot's tokens as text.
+        extra = sorted({t for ids in [*snapshot_ids, reply_ids or []] for t in ids} - set(prompt_ids))
+        meta["token_strings"] = dict(zip(map(str, extra), tok.convert_ids_to_tokens(extra), strict=True))
         meta["passes"] = pass_records
         if shared_refs is not None and ref_ids:
             meta["references_run"] = references.run_id  # type: ignore[union-attr]

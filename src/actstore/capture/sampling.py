@@ -19,6 +19,9 @@ class Choice:
     argmax_id: int
     argmax_logprob: float
     top_k: list[tuple[int, float]]  # (token id, logprob) of the k most likely tokens
+    # Activation Lab's distribution facts over the whole vocabulary: entropy (nats),
+    # effective_vocab (exp of it) and top1_prob.
+    logit_stats: dict[str, float] | None = None
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -68,7 +71,19 @@ def choose(
     if n_top > 0:
         vals, ids = torch.topk(logprobs, min(n_top, logprobs.numel()))
         top = [(int(i), float(v)) for i, v in zip(ids, vals, strict=True)]
-    return Choice(token, argmax, float(logprobs[argmax]), top)
+    return Choice(token, argmax, float(logprobs[argmax]), top, logit_stats(logprobs))
+
+
+def logit_stats(logprobs: torch.Tensor) -> dict[str, float]:
+    """Entropy, its exponent and the top probability of one position's log-probabilities,
+    computed as Activation Lab does (float32); a -inf log-probability adds nothing."""
+    probs = logprobs.exp()
+    entropy = float(-torch.where(probs > 0, probs * logprobs, 0.0).sum())
+    return {
+        "entropy": entropy,
+        "effective_vocab": float(torch.exp(torch.tensor(entropy))),
+        "top1_prob": float(probs.max()),
+    }
 
 
 def step_record(
@@ -87,5 +102,6 @@ def step_record(
         "logit_argmax_id": choice.argmax_id,
         "logit_argmax_logprob": choice.argmax_logprob,
         "top_k": [{"id": i, "token": tok(i), "logprob": lp} for i, lp in choice.top_k],
+        **({"logit_stats": choice.logit_stats} if choice.logit_stats is not None else {}),
         "positions": [positions.start, positions.stop],
     }

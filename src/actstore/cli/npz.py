@@ -27,21 +27,37 @@ def register(main: click.Group) -> None:
     @export_group.command("npz")
     @click.argument("run", default="latest")
     @click.option("--out", "out", default="exports", show_default=True, metavar="DIR",
-                  help="parent folder: the run directory is DIR/<run_id>")  # fmt: skip
+                  help="parent folder: lab writes DIR/<scenario>_<time>, readme DIR/<run_id>")  # fmt: skip
+    @click.option("--layout", type=click.Choice(["lab", "readme"]), default="lab", show_default=True,
+                  help="lab: what Activation Lab writes (every run of RUN's scenario run, full "
+                       "snapshot and reference passes); readme: the older layout its README "
+                       "describes (RUN alone, last-token snapshot and reference vectors)")  # fmt: skip
     @click.option("--overwrite", is_flag=True, help="replace an existing export of the run")
     @store_options
     @_quiet_option
     @_interruptible
     @_fail_cleanly
     def export_npz_cmd(
-        run: str, out: str, overwrite: bool, store_location: str | None,
+        run: str, out: str, layout: str, overwrite: bool, store_location: str | None,
         storage_options: tuple[str, ...], quiet: bool,
     ) -> None:  # fmt: skip
-        """Write RUN as the seed's run directory (run.json, steps.json, tensors/*.npz, ...)."""
+        """Write RUN as Activation Lab's run directory; prints its path.
+
+        lab (the default): the directory Activation Lab's `run` writes for one capture of a
+        scenario file, holding every run of RUN's scenario run (RUN may name one run, or
+        the scenario run): scenario.json, references/ref_<label>.npz, and per run a
+        prompt_<i>/ (or prompt_<i>_msg<k>of<m>/ for run_at_each_message) with run.json,
+        steps.json, tensors/step_NNN.npz and conversation_snapshots/, whose files hold the
+        full prefill of each prefix (every source but v at every position, attention
+        weights, and qkv_last). Runs captured before full passes were kept, or imported
+        from the readme layout, need --layout readme."""
         from actstore.store.npz import default_export_dir, export_npz
+        from actstore.store.npz_lab import scenario_runs
 
         reader = open_store(store_location, storage_options).run(run)
-        path = export_npz(reader, default_export_dir(out, reader), quiet=quiet, overwrite=overwrite)
+        runs = [reader] if layout == "readme" else scenario_runs(reader)
+        path = export_npz(runs, default_export_dir(out, runs, layout), layout=layout, quiet=quiet,
+                          overwrite=overwrite)  # fmt: skip
         click.echo(str(path))
 
     @import_group.command("npz")
@@ -53,11 +69,13 @@ def register(main: click.Group) -> None:
     def import_npz_cmd(
         run_dir: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool
     ) -> None:
-        """Read a seed run directory (ours or the original tool's) into the store as new runs.
+        """Read a run directory (ours or Activation Lab's) into the store as new runs.
 
-        DIR is a run directory (run.json, steps.json, ...) or Activation Lab's top-level
-        run directory (scenario.json, references/, one prompt_N*/ per prompt): one run per
-        prompt directory, in order, each with the shared references. Prints the run ids.
+        DIR is Activation Lab's top-level run directory (scenario.json, references/, one
+        prompt_N*/ per prompt): one run per prompt directory, in order, one scenario run,
+        each answering for the shared references; or one run directory (run.json,
+        steps.json, ...). Full snapshot and reference files are kept whole, bit for bit,
+        so an export writes them back. Prints the run ids.
         The whole directory is checked before the store is opened: names (scenario,
         labels, roles) follow the scenario rule; every file must lie inside DIR (no
         absolute path, no .., no symlink leading out); every NPZ member's header is read

@@ -1,18 +1,27 @@
-"""Write one committed run as the seed's run directory (see :mod:`actstore.store.npz`).
+"""Write committed runs as run directories (see :mod:`actstore.store.npz`).
+
+Two layouts. ``lab`` (the default) is what Activation Lab writes today: one directory per
+scenario run with scenario.json, references/ and one prompt directory per run, whose
+snapshot and reference files hold full passes (:mod:`actstore.store.npz_lab`). ``readme``
+is the older layout Activation Lab's README describes: one run, snapshots and
+references as last-token vectors (this module).
 
 Every source the run serves is exported, derived ones (hidden_in / hidden_out from the
 residual boundaries, mlp_down_in from act * up) included, exactly as the reader serves
 them. Tensors are read one forward pass at a time through the reader's lazy arrays, so
-memory is bounded by one step, and the directory appears only once it is complete.
+memory is bounded by one step (or one full pass), and the directory appears only once
+it is complete: it is written into a temporary sibling and renamed into place.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +45,25 @@ SEED_STEP_KEYS = (
 INFO_KEY = "actstore"
 
 
-def default_export_dir(out: str | os.PathLike[str], run: RunReader) -> Path:
-    """``<out>/<run_id>``: where ``actstore export npz RUN --out OUT`` writes."""
-    return _dest(Path(out), naming.check_run_id(run.id))
+LAYOUTS = ("lab", "readme")
+
+
+def default_export_dir(
+    out: str | os.PathLike[str], runs: RunReader | Sequence[RunReader], layout: str = "lab"
+) -> Path:
+    """Where ``actstore export npz RUN --out OUT`` writes: ``<out>/<scenario name>_<time>``
+    (``lab``: Activation Lab's name for a scenario run's directory), or ``<out>/<run_id>``
+    (``readme``)."""
+    runs = _as_list(runs)
+    if layout == "readme":
+        return _dest(Path(out), naming.check_run_id(runs[0].id))
+    from actstore.store import npz_lab
+
+    return _dest(Path(out), npz_lab.dir_name(runs))
+
+
+def _as_list(runs: RunReader | Sequence[RunReader]) -> list[RunReader]:
+    return [runs] if isinstance(runs, RunReader) else list(runs)
 
 
 def _dest(root: Path, rel: str) -> Path:
@@ -57,29 +82,52 @@ def _umask() -> int:
 
 
 def export_npz(
-    run: RunReader, out_dir: str | os.PathLike[str], *, quiet: bool = False, overwrite: bool = False
+    runs: RunReader | Sequence[RunReader],
+    out_dir: str | os.PathLike[str],
+    *,
+    layout: str = "lab",
+    quiet: bool = False,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``run`` as a seed run directory at ``out_dir`` (created; returned).
+    """Write runs as a run directory at ``out_dir`` (created; returned).
+
+    ``lab``: the runs of one scenario run (see :func:`actstore.store.npz_lab.scenario_runs`;
+    a single run is a scenario run of its own) as Activation Lab's directory. ``readme``:
+    one run as the README's run directory.
 
     The files go to a temporary sibling first and are renamed into place at the end, so
     an export killed half-way leaves no directory that looks complete.
     """
+    runs = _as_list(runs)
+    if layout not in LAYOUTS:
+        raise StoreError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if not runs or (layout == "readme" and len(runs) != 1):
+        raise StoreError(f"the {layout} layout exports {'one run' if layout == 'readme' else 'at least one run'}, "
+                         f"not {len(runs)}")  # fmt: skip
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (remove it, choose another --out, or overwrite)")
-    _check_names(run)  # before anything is created
+    for run in runs:
+        _check_names(run)  # before anything is created
+    if layout == "lab":
+        from actstore.store import npz_lab
+
+        npz_lab.check(runs)
+        write = functools.partial(npz_lab.write_dir, runs, quiet=quiet)
+    else:
+        write = functools.partial(_write_run_dir, runs[0], quiet=quiet)
     with output_folder(target.parent) as parent:  # a full disk: one line naming --out
-        _write_via_temp(run, target, parent, quiet=quiet)
+        _write_via_temp(write, target, parent)
     return target
 
 
-def _write_via_temp(run: RunReader, target: Path, parent: Path, *, quiet: bool) -> None:
+def _write_via_temp(write: Callable[[Path], None], target: Path, parent: Path) -> None:
     tmp: Path | None = None
     old: Path | None = None
     try:
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.partial-"))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the rename would keep that
-        _write_run_dir(run, tmp, quiet=quiet)
+        write(tmp)
         if target.exists():  # overwrite: move the old one aside first, drop it after
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
@@ -136,6 +184,7 @@ def step_tensors(run: RunReader, step: int) -> dict[str, np.ndarray]:
 
 
 def _write_run_dir(run: RunReader, root: Path, *, quiet: bool) -> None:
+    """The README layout: one run's directory."""
     meta = run.meta
     snapshots = run.snapshot_index
     labels = run.reference_labels
@@ -232,6 +281,7 @@ def _run_json(run: RunReader, meta: dict[str, Any], npz_dtype: str | None) -> di
         # which capture of a scenario file the run came from, so an import keeps it
         "scenario_run": meta.get("scenario_run"),
         "prompt_index": meta.get("prompt_index"),
+        "message_prefix": meta.get("message_prefix"),
     }
     return out
 

@@ -8,7 +8,9 @@ store could not give back bit for bit. Every error names the file, the key and w
 A run directory may be hostile: every file is read through :func:`inside` (a relative
 path of safe names that stays inside the directory once symlinks are resolved), and
 every NPZ member's ``.npy`` header is read (:func:`npz_members`) and checked against the
-shapes the run declares before any member is decompressed.
+shapes the run declares before any member is decompressed. Snapshot and reference files
+are either the README layout's 1-D residual vectors or Activation Lab's full prefill
+(:meth:`Schema.check_pass`: the step keys, v optional, at every position, and qkv_last).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +39,7 @@ MAX_JSON_BYTES = 256 << 20  # steps.json of a 10,000-step run with top-k 20 is ~
 BOMB_RATIO = 100
 BOMB_MIN_BYTES = 16 << 20  # below this any ratio is harmless
 NPZ_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+QKV_LAST = "qkv_last"  # Activation Lab's per-pass key beside the activations (see store.passes)
 
 
 def memory_budget() -> int:
@@ -349,36 +353,79 @@ class Schema:
                     f"{path}: {key}: dtype {m.dtype}, but this run's tensors are {self.npz_dtype}"
                 )
 
-    def check_vectors(self, path: Path, members: dict[str, Member], seq_len: object = None) -> None:
-        """Headers of a snapshot / reference NPZ: 1-D residual vectors of the run's width (the
-        README layout), or the full prefill (1, T, width) Activation Lab writes, of which the
-        import keeps the last position. ``seq_len`` (its index's, when given) must be T."""
-        lengths: set[int] = set()
-        for key, m in members.items():
-            try:
-                _, source = naming.parse_npz_key(key)
-            except ValueError:
-                continue  # other keys (the original tool's qkv_last...) are never read
-            full = len(m.shape) in (3, 4) and m.shape[0] == 1 and m.shape[-2 if len(m.shape) == 4 else 1] > 0
-            if source in naming.RESIDUAL_SOURCES and full:
-                full = len(m.shape) == 3 and m.shape[2] == self.hidden
-                lengths.add(m.shape[1])
-            if not (m.shape == (self.hidden,) or full) or m.dtype not in NPZ_DTYPES:
+    def check_pass(self, path: Path, members: dict[str, Member], seq_len: object = None,
+                   num_layers: object = None) -> int | None:  # fmt: skip
+        """Headers of a snapshot / reference NPZ. Activation Lab's files hold the full
+        prefill: every step key but v as (1, T, ...) (attention (1, heads, T, T)) and
+        ``qkv_last`` (num_layers, Dv) float32; returns T. The README layout's hold 1-D
+        residual vectors; returns None. ``seq_len`` (its index's, when given) must be T;
+        ``num_layers`` (run.json's, when given) is qkv_last's row count."""
+        acts = {k: m for k, m in members.items() if _is_key(k)}
+        if not any(len(m.shape) in (3, 4) for m in acts.values()):
+            self._check_vectors(path, acts)
+            return None
+        extra = sorted(set(members) - set(acts) - {QKV_LAST})
+        if extra:  # anything the import would not keep would be lost on export
+            raise StoreError(f"{path}: keys {extra} are neither activations nor qkv_last (nothing else is kept)")
+        want = set(self.keys())
+        no_v = {k for k in want if naming.parse_npz_key(k)[1] != "v"}
+        if set(acts) not in (want, no_v):
+            missing, more = sorted(no_v - set(acts)), sorted(set(acts) - want)
+            raise StoreError(
+                f"{path}: a full pass holds the step tensors' keys (v optional); "
+                + "; ".join(x for x in (missing and f"missing {missing}", more and f"not in the steps {more}") if x)
+            )
+        first = next(iter(acts.values())).shape
+        length = first[2] if len(first) == 4 else first[1]
+        for key, m in acts.items():
+            shape = self.pass_shape(naming.parse_npz_key(key)[1], length)
+            if m.shape != shape:
+                raise StoreError(f"{path}: {key} has shape {list(m.shape)}, expected {list(shape)}")
+            if m.dtype != self.npz_dtype:
+                raise StoreError(f"{path}: {key}: dtype {m.dtype}, but this run's tensors are {self.npz_dtype}")
+        if seq_len is not None and seq_len != length:
+            raise StoreError(
+                f"{path}: holds {length} tokens, but its index gives seq_len {seq_len!r} "
+                "(fix seq_len in index.json or replace the file)"
+            )
+        q = members.get(QKV_LAST)
+        if q is not None:
+            rows = num_layers if isinstance(num_layers, int) else None
+            ok = q.dtype == np.float32 and len(q.shape) == 2 and q.shape[0] > max(self.layers, default=-1)
+            ok = ok and (rows is None or q.shape[0] == rows) and q.shape[1] == self.widths.get("v", q.shape[1])
+            if not ok:
+                raise StoreError(
+                    f"{path}: qkv_last is {q.dtype} {list(q.shape)}; expected float32 "
+                    f"[{rows or 'num_layers'}, {self.widths.get('v', 'v width')}]"
+                )
+        return length
+
+    def _check_vectors(self, path: Path, acts: dict[str, Member]) -> None:
+        """README-layout vectors: 1-D residual vectors of the run's width."""
+        for key, m in acts.items():
+            if m.shape != (self.hidden,) or m.dtype not in NPZ_DTYPES:
                 raise StoreError(
                     f"{path}: {key} is {m.dtype} {list(m.shape)}; expected a float16/float32 vector "
                     f"of the run's hidden size [{self.hidden}] or a prefill [1, tokens, {self.hidden}]"
                 )
-        if len(lengths) > 1:
-            raise StoreError(f"{path}: residual sources cover different token counts {sorted(lengths)}")
-        if seq_len is not None and lengths and lengths != {seq_len}:
-            raise StoreError(
-                f"{path}: holds {lengths.pop()} tokens, but its index gives seq_len {seq_len!r} "
-                "(fix seq_len in index.json or replace the file)"
-            )
 
-    def memory_needed(self) -> int:
+    def pass_shape(self, source: str, length: int) -> tuple[int, ...]:
+        """A full pass's member shape: (1, T, W), attention (1, heads, T, T)."""
+        if source == "attn_weights":
+            return (1, self.widths[source], length, length)
+        return (1, length, self.widths[source])
+
+    def pass_bytes(self, length: int) -> int:
+        """Bytes of one full pass of ``length`` tokens, as the NPZ holds it."""
+        return sum(math.prod(self.pass_shape(naming.parse_npz_key(k)[1], length)) for k in self.keys()) * (
+            self.npz_dtype.itemsize
+        )
+
+    def memory_needed(self, pass_lengths: Sequence[int] = ()) -> int:
         """Bytes the import holds at once: the largest step (step 0) plus the writer's
-        position blocks (see writer._VectorBlocks / _AttentionBlocks)."""
+        position blocks (see writer._VectorBlocks / _AttentionBlocks); or, if more, while
+        the full passes of ``pass_lengths`` tokens are written (store/passes.py): the first
+        pass, the one being written and the passes writer's blocks."""
         step0 = (
             sum(math.prod(self.expected_shape(naming.parse_npz_key(k)[1], 0)) for k in self.keys())
             * self.npz_dtype.itemsize
@@ -386,19 +433,22 @@ class Schema:
         plans = self.plans(self.n_positions)
         if "mlp_down_in" in self.widths:  # _DownIn may store it explicitly
             plans.append(self.plan("mlp_down_in", self.n_positions))
-        buffers = 0
-        for plan in plans:
-            shape = list(plan.spec.shape)
-            shape[plan.spec.position_axes[0]] = plan.spec.block
-            buffers += math.prod(shape) * np.dtype(plan.spec.dtype).itemsize
-        return step0 + buffers
+        need = step0 + _buffers(plans)
+        if pass_lengths:
+            rows, width = sum(pass_lengths), max(pass_lengths)
+            plans = self.plans(rows, attn_cols=width)
+            if "mlp_down_in" in self.widths:
+                plans.append(self.plan("mlp_down_in", rows))
+            need = max(need, 2 * self.pass_bytes(width) + _buffers(plans))
+        return need
 
     def positions(self, step: int) -> range:
         start = 0 if step == 0 else self.prompt_len + step - 1
         return range(start, self.prompt_len if step == 0 else start + 1)
 
-    def plans(self, n_max: int) -> list[ArrayPlan]:
-        """Writer plans, as capture.runner._plans makes them (same keys, specs, attrs)."""
+    def plans(self, n_max: int, attn_cols: int | None = None, skip: tuple[str, ...] = ()) -> list[ArrayPlan]:
+        """Writer plans, as capture.runner._plans makes them (same keys, specs, attrs).
+        With ``attn_cols``: the passes' arrays (store/passes.py), less the ``skip`` sources."""
         dt = layout.physical_dtype(self.store_dtype)
         attrs: dict[str, Any] = {"actstore_dtype": self.store_dtype}
         plans = []
@@ -409,19 +459,19 @@ class Schema:
             )
             plans.append(ArrayPlan(naming.RESIDUAL_ARRAY, spec, keys, {**attrs, "boundaries": self.bounds}))
         for source in naming.LAYER_SOURCES:
-            if source not in self.widths or source in ("hidden_in", "hidden_out", "mlp_down_in"):
+            if source not in self.widths or source in ("hidden_in", "hidden_out", "mlp_down_in", *skip):
                 continue
-            plans.append(self.plan(source, n_max))
+            plans.append(self.plan(source, n_max, attn_cols))
         for source in naming.GLOBAL_SOURCES:
-            if source in self.widths:
+            if source in self.widths and source not in skip:
                 spec = layout.vector_spec(source, None, n_max, self.widths[source], dt)
                 plans.append(ArrayPlan(source, spec, ((source, None),), attrs))
         return plans
 
-    def plan(self, source: str, n_max: int) -> ArrayPlan:
+    def plan(self, source: str, n_max: int, attn_cols: int | None = None) -> ArrayPlan:
         dt = layout.physical_dtype(self.store_dtype)
         if source == "attn_weights":
-            spec = layout.attn_spec(len(self.layers), self.widths[source], n_max, dt)
+            spec = layout.attn_spec(len(self.layers), self.widths[source], n_max, dt, cols=attn_cols)
         else:
             spec = layout.vector_spec(source, len(self.layers), n_max, self.widths[source], dt)
         keys = tuple((source, layer) for layer in self.layers)
@@ -447,14 +497,22 @@ class Schema:
         extra = sorted(set(npz.files) - set(self.keys()))
         if extra:  # anything we would not write back would be lost
             raise StoreError(f"{path}: keys {extra} are not in step 0 (every step must hold the same keys)")
+        return self.tensors(path, npz, lambda source: self.expected_shape(source, step), self.sources)
+
+    def tensors(
+        self, path: Path, npz: Any, shape: Any, sources: list[str]
+    ) -> tuple[dict[Key, torch.Tensor], dict[Key, np.ndarray]]:
+        """Writer tensors of ``sources`` in one NPZ (``shape(source)`` each must have),
+        residual sources folded into boundaries, and the raw act / up / down_in arrays;
+        mlp_down_in is left to the caller (stored only when it cannot be derived)."""
         tensors: dict[Key, torch.Tensor] = {}
         raw: dict[Key, np.ndarray] = {}
         residual: dict[int, tuple[str, np.ndarray]] = {}
-        for source in self.sources:
+        for source in sources:
             for layer in self.layers if source in naming.LAYER_SOURCES else [None]:
                 key = naming.npz_key(layer, source)
                 arr = load_member(path, npz, key)
-                want = self.expected_shape(source, step)
+                want = shape(source)
                 if arr.shape != want:
                     raise StoreError(f"{path}: {key} has shape {list(arr.shape)}, expected {list(want)}")
                 if source in ("mlp_act", "mlp_up", "mlp_down_in"):
@@ -475,3 +533,21 @@ class Schema:
                 else:
                     tensors[(source, layer)] = as_tensor(data)
         return tensors, raw
+
+
+def _buffers(plans: list[ArrayPlan]) -> int:
+    """Bytes of the writer's position blocks for ``plans``."""
+    total = 0
+    for plan in plans:
+        shape = list(plan.spec.shape)
+        shape[plan.spec.position_axes[0]] = plan.spec.block
+        total += math.prod(shape) * np.dtype(plan.spec.dtype).itemsize
+    return total
+
+
+def _is_key(key: str) -> bool:
+    try:
+        naming.parse_npz_key(key)
+    except ValueError:
+        return False
+    return True

@@ -12,7 +12,12 @@ Layout, inside the run group::
     passes/acts/<array>     like the run's acts/, over the own rows of every pass in
                             order; attention is (L, heads, rows, W) with a row's
                             columns being the positions of its own pass
-    passes/tokens           (rows,) the own rows' token ids
+    passes/tokens           (rows,) the own rows' token ids (-1: not known, e.g. the
+                            references Activation Lab imports, whose tokens it never
+                            records)
+    passes/qkv_last         (passes, num_layers, Dv) float32, only in runs imported
+                            from Activation Lab's files: its per-pass ``qkv_last``, kept
+                            because those files leave out the v it was computed from
     run meta "passes"       one record per pass: kind, key, length, base, shared,
                             start, rows
 
@@ -35,6 +40,7 @@ from actstore.errors import DamagedRunError, SelectionError
 
 PREFIX = naming.PASSES_GROUP + "/"
 TOKENS = PREFIX + naming.TOKENS_ARRAY
+QKV_LAST = PREFIX + naming.QKV_LAST_ARRAY
 KINDS = ("snapshot", "reference")
 
 
@@ -96,7 +102,12 @@ def full_array(run: Any, info: PassInfo, source: str) -> da.Array:
     n = info.shared
     if info.rows == 0:  # every position is the base's
         return base[:, :, :n, :n] if source == "attn_weights" else base[:, :n] if base.ndim == 3 else base[:n]
-    own = run._source(source, PREFIX)
+    try:
+        own = run._source(source, PREFIX)
+    except KeyError:
+        raise SelectionError(
+            f"run {run.id}'s full passes hold no {source!r} (imported from files that leave it out)"
+        ) from None
     s, e = info.start, info.start + info.rows
     if source == "attn_weights":
         mine = own[:, :, s:e, : info.length]
@@ -120,3 +131,11 @@ def full_tokens(run: Any, info: PassInfo) -> np.ndarray:
         return own
     base = run.tokens() if info.base is None else full_tokens(run, run.passes[info.base])
     return np.concatenate([base[: info.shared], own])
+
+
+def stored_qkv_last(run: Any, info: PassInfo) -> np.ndarray | None:
+    """The (num_layers, Dv) ``qkv_last`` an import kept for this pass, or None (a captured
+    run's is computed from its q, k and v)."""
+    if QKV_LAST not in run.group:
+        return None
+    return np.asarray(run.open_array(QKV_LAST)[run.passes.index(info)])

@@ -205,6 +205,11 @@ class RunReader:
         owner = self._pass_owner(kind)
         return pass_views.full_tokens(owner, pass_views.find(owner, kind, key))
 
+    def pass_qkv_last(self, kind: str, key: int | str) -> np.ndarray | None:
+        """The ``qkv_last`` an Activation Lab import kept for one pass (None otherwise)."""
+        owner = self._pass_owner(kind)
+        return pass_views.stored_qkv_last(owner, pass_views.find(owner, kind, key))
+
     def _pass_owner(self, kind: str) -> RunReader:
         """The run holding this run's passes of ``kind``: itself, or for the reference
         passes of a later run of a multi-prompt file, the file's first run."""

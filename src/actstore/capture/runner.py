@@ -295,7 +295,7 @@ def capture_run(
                     for k, snap in enumerate(snapshot_ids):
                         done = prefixes.full_pass(model, rec, snap, [main], device, logits_dtype)
                         log.add("snapshot", k, snap, done)
-                        snap_states.append(done.last)
+                        snap_states.append(_covered_last(done, tensors, len(snap)))
                         bar.update()
                 if choice.token_id in eos or step == gen.max_new_tokens - 1:
                     break
@@ -363,6 +363,16 @@ def capture_run(
     finally:
         bar.close()
     return CaptureResult(run_id, store.location, len(steps), position, text, time.perf_counter() - t0)
+
+
+def _covered_last(done: prefixes.Pass, prefill: dict[Key, torch.Tensor], n: int) -> dict[Key, torch.Tensor]:
+    """A snapshot's last-token vectors. For one the prompt holds whole, its full pass is
+    the prefill's first ``n`` positions: take them from there (when the prefill kept
+    those sources), so the stack equals the full pass's last row bit for bit rather than
+    within a one-token pass's float rounding."""
+    if not done.covered or not set(done.last) <= set(prefill):
+        return done.last
+    return {key: prefill[key][n - 1].float() for key in done.last}
 
 
 def _reference_passes(

@@ -11,24 +11,24 @@ request, so a viewer over a large store stays as fast as its smallest question.
 from __future__ import annotations
 
 import math
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from actstore import naming
+from actstore.colours import DIVERGING_SCALE
 from actstore.errors import SelectionError
-from actstore.query.analyses import neuron_trajectory, position_tokens, residual_decomposition
+from actstore.query import slices
+from actstore.query.analyses import neuron_trajectory, residual_decomposition
 from actstore.query.states import select, state_position, step_index, vector_sources
-from actstore.report.figures import DIVERGING_SCALE
-from actstore.report.heatmaps import Slice, check_request, grid_shape, read_slice
-from actstore.report.tokens import display_token
+from actstore.query.tokens import display_position_tokens, display_token
 
 _DIGITS = 5  # significant digits sent to the browser: float16 values carry about 3.3
-# Largest heatmap sent as is: a browser draws ~1M cells smoothly; a 4k-token prefill's
-# attention (16M cells, ~160 MB of JSON) is sent as means of blocks instead.
-MAX_ROWS = MAX_COLS = 1024
+# Largest heatmap sent as is, per side (the page may ask for up to MAX_BINS): the chart is
+# ~600 px wide, and a 4k-token prefill's attention (16M cells, ~160 MB of JSON) arrives as
+# 512 x 512 means of 8 x 8 blocks, pooled while read (query.slices), ~2.5 MB of JSON.
+MAX_ROWS = MAX_COLS = slices.DEFAULT_BINS
+MAX_BINS = 2048
 
 
 def _num(x: Any) -> float | None:
@@ -74,7 +74,7 @@ def summary(run: Any) -> dict[str, Any]:
         if s in run.sources:
             sources.append(s)
             widths[s] = int(run.array(s).shape[-1])
-    tokens = [display_token(t) if t is not None else "" for t in position_tokens(run)]
+    tokens = display_position_tokens(run)
     steps = []
     for st in run.steps:
         pos = run.step_positions(int(st["step"]))
@@ -96,54 +96,40 @@ def summary(run: Any) -> dict[str, Any]:
 
 
 def heatmap(
-    run: Any, source: str, layer: int | None, step: int, head: int | None = None, reduce: str = "signed"
-) -> dict[str, Any]:
+    run: Any, source: str, layer: int | None, step: int, head: int | None = None, reduce: str = "signed",
+    bins: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """One layer x one step of a source, as ``actstore heatmap`` draws it: positions x
     channels (a decode step's single vector as a near-square grid), or for attention the
-    step's query rows x every key so far (mean over heads unless ``head``)."""
-    check_request(run, source, reduce=reduce)
+    step's query rows x every key so far (mean over heads unless ``head``). At most
+    ``bins`` (default ``MAX_ROWS`` x ``MAX_COLS``) cells per side: a larger slice arrives
+    as means of ``block`` = [rows, cols] blocks (``query.slices``)."""
+    if bins is not None and not 1 <= bins <= MAX_BINS:
+        raise SelectionError(f"bins must be 1..{MAX_BINS}, not {bins}")
+    if source != "attn_weights":
+        head = None  # heads are attention's only
+    img = slices.read_slice(run, source, layer, step, head, reduce, bins or MAX_ROWS, bins or MAX_COLS)
     step = step_index(run, step)
-    if source in naming.GLOBAL_SOURCES:
-        layer = None
-    elif layer is None:
-        raise SelectionError(f"{source} needs a layer")
-    else:
-        run.layer_index([layer])
-    data, xlabel, ylabel, reshaped = read_slice(run, source, Slice(layer, step, head, Path(), ""), reduce)
-    binned, fr, fc = block_means(data, MAX_ROWS, MAX_COLS)
+    layer = None if source in naming.GLOBAL_SOURCES else layer
+    fr, fc = img.block
     pos = run.step_positions(step)
-    tokens = [display_token(t) if t is not None else "" for t in position_tokens(run)]
+    tokens = display_position_tokens(run)
     rows = list(range(pos.start, pos.stop, fr))
     out: dict[str, Any] = {
         "source": source, "layer": layer, "step": step, "head": head, "reduce": reduce,
-        "z": _nums(binned), "xlabel": xlabel, "ylabel": ylabel, "reshaped": reshaped,
+        "z": _nums(img.data), "xlabel": img.xlabel, "ylabel": img.ylabel, "reshaped": img.reshaped,
         "rows": rows, "row_tokens": [tokens[p] for p in rows],
-        "cols": list(range(0, data.shape[1], fc)), "block": [fr, fc],
+        "cols": list(range(0, img.shape[1], fc)), "block": [fr, fc], "shape": list(img.shape),
     }  # fmt: skip
     # positive red, negative blue (Activation Lab's RdBu_r) when the sign is kept
     signed = reduce == "signed" and source != "attn_weights"
     out["colorscale"] = DIVERGING_SCALE if signed else "Viridis"
     out["zmid"] = 0 if signed else None
-    if reshaped:
-        out["grid"] = list(grid_shape(int(run.array(source).shape[-1])))
+    if img.reshaped:
+        out["grid"] = list(slices.grid_shape(int(run.array(source).shape[-1])))
     if source == "attn_weights":
         out["key_tokens"] = tokens[: pos.stop]
     return out
-
-
-def block_means(data: np.ndarray, max_rows: int, max_cols: int) -> tuple[np.ndarray, int, int]:
-    """``data`` as means of ``fr x fc`` blocks so it fits ``max_rows x max_cols``
-    (NaN padding ignored); ``(data, 1, 1)`` when it already fits."""
-    r, c = data.shape
-    fr, fc = max(1, math.ceil(r / max_rows)), max(1, math.ceil(c / max_cols))
-    if fr == fc == 1:
-        return data, 1, 1
-    padded = np.full((math.ceil(r / fr) * fr, math.ceil(c / fc) * fc), np.nan)
-    padded[:r, :c] = data
-    blocks = padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block stays NaN
-        return np.nanmean(blocks, axis=(1, 3)), fr, fc
 
 
 def top_neurons(run: Any, source: str, layer: int | None, step: int, k: int = 12) -> dict[str, Any]:

@@ -73,6 +73,10 @@ class Params:
                     raise SelectionError(f"{k}: expected a string, number or list of them")
         return cls(items)
 
+    def key(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The parameters as a hashable value (names sorted, each name's values in order)."""
+        return tuple((k, tuple(v)) for k, v in sorted(self._values.items()))
+
     def get(self, name: str, default: str | None = None) -> str | None:
         values = self._values.get(name)
         return values[-1] if values else default

@@ -18,7 +18,8 @@ Safety (the rules are :mod:`actstore.view.security`'s):
 * heavy routes run at most ``slots`` at a time in worker threads, each holding its slot
   until its answer is sent; up to ``queue`` more wait, and beyond that (or after
   ``QUEUE_WAIT_S``) a request is answered 503 with ``Retry-After``. So memory is bounded
-  by slots x what one answer needs (a heatmap: its bins, ``query.slices``);
+  by slots x what one answer needs (a heatmap: its bins, ``query.slices``; the lab's
+  analyses: ``api.MAX_REQUEST_BYTES``) plus the answer cache (``CACHE_BYTES``);
 * a request's head must arrive within ``header_timeout`` seconds (a silent or trickling
   connection is closed), idle keep-alive connections close after 5 s, at most
   ``MAX_CONNECTIONS`` are open, heads are at most 16 KiB (uvicorn's h11 limit) and a
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -65,6 +67,7 @@ QUEUE_WAIT_S = 30.0  # longest wait for a slot before a 503
 SEND_TIMEOUT_S = 60.0  # longest a client may take to read an answer that holds a slot
 BODY_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 1
+CACHE_BYTES = 64 * 2**20  # encoded answers kept (a 512 x 512 heatmap is ~2.5 MB)
 _PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
              "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
              "frame-ancestors 'none'; form-action 'none'")  # fmt: skip
@@ -95,7 +98,7 @@ def _static(name: str) -> bytes:
 
 
 # ---- error bodies without paths ---------------------------------------------------------
-_ABS_PATH = re.compile(r"(?<![\w/.:~-])(?:~|/)(?:[^\s/'\"]+/)+[^\s'\",;)]*")
+_ABS_PATH = re.compile(r"(?<![\w/.:~-])(?:~/[^\s'\",;)]+|/(?:[^\s/'\"]+/)+[^\s'\",;)]*)")
 
 
 @cache
@@ -114,8 +117,8 @@ def scrub(message: str, extra: tuple[str, ...] = ()) -> str:
     ``/static/`` routes)."""
     text = " ".join(str(message).split())
     for prefix in (*sorted(extra, key=len, reverse=True), *_private_prefixes()):
-        if prefix and prefix != "/":
-            text = text.replace(prefix, "<path>")
+        if prefix and prefix != "/":  # the prefix and the rest of the path after it
+            text = re.sub(re.escape(prefix) + r"[^\s'\",;)]*", "<path>", text)
 
     def hide(m: re.Match[str]) -> str:
         return m.group(0) if m.group(0).startswith(("/api/", "/static/")) else "<path>"
@@ -181,6 +184,50 @@ class Slots:
         self._sem.release()
 
 
+class AnswerCache:
+    """Encoded answers of GET routes, most recent kept, up to ``max_bytes`` in all (0:
+    no cache). The store's runs do not change once committed, so an answer stays right;
+    the page asks for the same heatmap again whenever a control goes back and forth.
+    One computation per key at a time: a request for a key being computed waits for it
+    instead of computing it again (so a burst of identical heavy requests costs one)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+        self._running: dict[Any, threading.Event] = {}
+        self.hits = self.misses = 0
+
+    def get_or_compute(self, key: Any, compute: Callable[[], tuple[int, bytes]]) -> tuple[int, bytes]:
+        if self.max_bytes <= 0:
+            return compute()
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return 200, self._items[key]
+                running = self._running.get(key)
+                if running is None:
+                    self._running[key] = threading.Event()
+                    self.misses += 1
+                    break
+            running.wait()  # then: cached, or it failed and this request computes it itself
+        try:
+            status, body = compute()
+            if status == 200 and len(body) <= self.max_bytes // 4:
+                with self._lock:
+                    self._items[key] = body
+                    self._size += len(body)
+                    while self._size > self.max_bytes:
+                        self._size -= len(self._items.popitem(last=False)[1])
+            return status, body
+        finally:
+            with self._lock:
+                self._running.pop(key).set()
+
+
 class _HeldResponse(Response):
     """A response that gives its slot back once sent (or once the client has had
     ``SEND_TIMEOUT_S`` to read it), so an answer waiting for a slow reader still counts."""
@@ -199,8 +246,8 @@ class _HeldResponse(Response):
 
 # ---- the application --------------------------------------------------------------------
 class _Handlers:
-    def __init__(self, view: ViewApp, policy: Policy, slots: Slots):
-        self.view, self.policy, self.slots = view, policy, slots
+    def __init__(self, view: ViewApp, policy: Policy, slots: Slots, cache: AnswerCache):
+        self.view, self.policy, self.slots, self.cache = view, policy, slots, cache
         loc = str(getattr(view.store, "location", "") or "")
         self.private = (loc,) if loc.startswith("/") else ()
 
@@ -269,7 +316,12 @@ class _Handlers:
         return _HeldResponse(body, status, headers, media_type="application/json", release=release)
 
     def _compute(self, route: str, params: Params, method: str) -> tuple[int, bytes]:
-        """(status, JSON body) of one answer, in a worker thread."""
+        """(status, JSON body) of one answer, in a worker thread (GET answers cached)."""
+        if method == "GET":
+            return self.cache.get_or_compute((route, params.key()), lambda: self._answer(route, params, method))
+        return self._answer(route, params, method)
+
+    def _answer(self, route: str, params: Params, method: str) -> tuple[int, bytes]:
         try:
             answer = self.view.answer(route, params)
             return 200, json.dumps(answer, allow_nan=False, separators=(",", ":")).encode()
@@ -314,9 +366,9 @@ def _noop() -> None:
     pass
 
 
-def build_app(view: ViewApp, policy: Policy, slots: Slots) -> ASGIApp:
+def build_app(view: ViewApp, policy: Policy, slots: Slots, cache: AnswerCache | None = None) -> ASGIApp:
     """The viewer as an ASGI application (guarded; see the module docstring)."""
-    h = _Handlers(view, policy, slots)
+    h = _Handlers(view, policy, slots, cache or AnswerCache(0))
     routes = [
         Route("/", h.page, methods=["GET"]),
         Route("/index.html", h.page, methods=["GET"]),
@@ -382,12 +434,12 @@ class ViewServer:
 
     ``host``: loopback by default; any other address makes the token required on every
     request. ``token``: the access token (default: random). ``slots``/``queue``: heavy
-    requests at once / waiting. Binding happens here, so a busy port fails at once
-    (``OSError``)."""
+    requests at once / waiting; ``cache_bytes``: answers kept (``AnswerCache``; 0: none).
+    Binding happens here, so a busy port fails at once (``OSError``)."""
 
     def __init__(
         self, app: ViewApp, host: str = "127.0.0.1", port: int = 8765, *, token: str | None = None,
-        slots: int | None = None, queue: int = 32, header_timeout: float = 10.0,
+        slots: int | None = None, queue: int = 32, header_timeout: float = 10.0, cache_bytes: int = CACHE_BYTES,
     ):  # fmt: skip
         import uvicorn
 
@@ -397,8 +449,9 @@ class ViewServer:
         self.port = int(self.sock.getsockname()[1])
         self.policy = Policy.for_bind(host, self.port, token)
         self.slots = Slots(slots or default_slots(), queue)
+        self.cache = AnswerCache(cache_bytes)
         config = uvicorn.Config(
-            build_app(app, self.policy, self.slots), http=_timed_protocol(header_timeout), loop="asyncio",
+            build_app(app, self.policy, self.slots, self.cache), http=_timed_protocol(header_timeout), loop="asyncio",
             lifespan="off", log_config=None, log_level="warning", access_log=False, server_header=False,
             timeout_keep_alive=5, limit_concurrency=MAX_CONNECTIONS, timeout_graceful_shutdown=2,
         )  # fmt: skip

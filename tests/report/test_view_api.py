@@ -147,6 +147,8 @@ def test_cli_view_errors_are_one_line_exit_2(two_run_store: ActStore) -> None:
 
     res = CliRunner().invoke(main, ["view", "no_such_run", "--store", str(two_run_store.location), "--no-browser"])
     assert res.exit_code == 2 and "no_such_run" in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["view", "--store", str(two_run_store.location), "--no-browser", "--token", "short"])
+    assert res.exit_code == 2 and "--token" in res.output and len(res.output.strip().splitlines()) == 1
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

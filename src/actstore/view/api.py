@@ -4,8 +4,13 @@
 >>> heatmap(run, "hidden_out", layer=10, step=0)["z"][0][:3]           # doctest: +SKIP
 
 Every function reads only what its answer needs (one layer x one step's positions for a
-heatmap, one neuron column for a trajectory); the server (``view.server``) calls them per
-request, so a viewer over a large store stays as fast as its smallest question.
+heatmap, binned while read by ``query.slices``; one neuron column for a trajectory); the
+server (``view.server``, through ``view.app``) calls them per request, so a viewer over
+a large store stays as fast as its smallest question. The lab's analyses (``pair``,
+``group``, ``depth``, ``next_token``) are thin: the ``query.pairs``, ``query.groups`` and
+``query.depth`` functions, their tables as JSON columns (:func:`frame`), their maps
+binned like heatmaps; a request whose arrays would exceed ``MAX_REQUEST_BYTES`` is
+refused with a one-line error naming the command-line query instead.
 """
 
 from __future__ import annotations

@@ -94,6 +94,16 @@ def views(run: Any) -> list[tuple[str, str, float]]:
     return out
 
 
+# Where the time of a view that misses its target goes (measured on the emotions run).
+CAUSES = {
+    "heatmap logits": "reads the whole prefill's logits (612 x 49152 float16, 57 MiB): Zarr's decode of "
+                      "them alone took ~140 ms on this machine, before pooling them into 512 x 512 bins",
+    "group of 20 snapshots + 9 references: pca": "`query.groups.pca` (the numeric core, called as is): one "
+                      "SVD per source of the 870 x 576 state-by-layer matrix with its left singular vectors; "
+                      "OpenBLAS's own threads made it 2.9 s on the 2 busy cores, hence one thread",
+}  # fmt: skip
+
+
 def ask(port: int, path: str) -> tuple[float, float, int]:
     """(server ms, round-trip ms, status)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -176,6 +186,10 @@ def main() -> None:
     for label, srv, total, first, target, met in rows:
         tgt = "—" if target != target else f"<= {target:.0f}"
         lines.append(f"| {label} | {srv:.1f} | {total:.1f} | {first:.1f} | {tgt} | {met} |")
+    missed = [label for label, *_, met in rows if met == "**no**"]
+    notes = [f"- {label}: {cause}." for label in missed for key, cause in CAUSES.items() if label.startswith(key)]
+    if notes:
+        lines += ["", "Targets missed, and why:", "", *notes]
     out = HERE / "results" / "view.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

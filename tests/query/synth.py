@@ -37,8 +37,11 @@ def write_synthetic_run(
     seed: int = 0,
     store_dtype: str = "float16",
     step_chunk: int | None = None,
+    attention_heads: int = 0,
 ) -> str:
-    """Write one committed run of random activations; returns its id."""
+    """Write one committed run of random activations; returns its id. With
+    ``attention_heads``, attention weights too: each query row a random distribution
+    over the keys up to its own position (causal), stored like a capture's."""
     rng = np.random.default_rng(seed)
     layers = list(range(n_layers))
     dtype = layout.physical_dtype(store_dtype)
@@ -58,8 +61,12 @@ def write_synthetic_run(
     for s in stored:
         spec = layout.vector_spec(s, n_layers, n_pos, width, dtype)
         plans.append(ArrayPlan(s, spec, tuple((s, la) for la in layers), {"actstore_dtype": store_dtype}))
+    attn_keys = tuple(("attn", la) for la in layers)
+    if attention_heads:
+        spec = layout.attn_spec(n_layers, attention_heads, n_pos, dtype)
+        plans.append(ArrayPlan("attn_weights", spec, attn_keys, {"actstore_dtype": store_dtype}))
     writer = RunWriter(group, plans)
-    keys = [k for p in plans for k in p.keys]
+    keys = [k for p in plans for k in p.keys if k not in attn_keys]
     tdtype = getattr(torch, store_dtype)
     position = 0
     steps = []
@@ -71,6 +78,8 @@ def write_synthetic_run(
                 k: torch.from_numpy(rng.standard_normal((m, width), dtype=np.float32)).to(tdtype)
                 for k in keys
             }
+            for k in attn_keys if attention_heads else ():
+                t[k] = torch.from_numpy(_causal_rows(rng, attention_heads, position + start, m)).to(tdtype)
             writer.submit(position + start, t)
         steps.append({"step": step, "kind": "prefill" if step == 0 else "decode", "seq_len": n,
                       "positions": [position, position + n], "generated_token_id": 1, "top_k": [],
@@ -88,6 +97,8 @@ def write_synthetic_run(
             data = to_numpy(values.to(tdtype))
             group.create_array(f"{where}/{s}", data=data, attributes={"actstore_dtype": store_dtype})
     served = [s for s in naming.ALL_SOURCES if s in set(sources) | {"hidden_in", "hidden_out"}]
+    if attention_heads:
+        served = [s for s in naming.ALL_SOURCES if s in {*served, "attn_weights"}]
     meta: dict[str, Any] = {
         "scenario": {
             "name": name,
@@ -126,3 +137,13 @@ def write_synthetic_run(
                           "n_positions": position, "n_steps": n_steps, "layers": layers,
                           "sources": served})  # fmt: skip
     return run_id
+
+
+def _causal_rows(rng: np.random.Generator, heads: int, first: int, rows: int) -> np.ndarray:
+    """(heads, rows, first + rows) float32: row i a random distribution over keys
+    0..first + i, zero beyond (what a causal softmax gives)."""
+    kv = first + rows
+    w = rng.random((heads, rows, kv), dtype=np.float32)
+    w *= np.arange(kv)[None, None, :] <= (first + np.arange(rows))[None, :, None]
+    w /= w.sum(axis=-1, keepdims=True)
+    return w

@@ -105,7 +105,7 @@ def test_bad_requests_say_what_is_wrong(two_run_store: ActStore, call: Any, frag
         call(run)
 
 
-def _get(url: str) -> tuple[int, Any]:
+def _get(url: str | urllib.request.Request) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             body = r.read()
@@ -128,7 +128,7 @@ def test_server_answers_over_http(two_run_store: ActStore) -> None:
         status, err = _get(base + "api/heatmap?source=hidden_out&layer=x")
         assert status == 400 and "whole number" in err["error"]
         status, err = _get(base + "api/nothing")
-        assert status == 400 and "unknown request" in err["error"]
+        assert status == 404 and "unknown request" in err["error"]
         status, page = _get(base)
         assert status == 200 and b"/static/view.js" in page
         status, js = _get(base + "static/plotly.min.js")
@@ -147,6 +147,8 @@ def test_cli_view_errors_are_one_line_exit_2(two_run_store: ActStore) -> None:
 
     res = CliRunner().invoke(main, ["view", "no_such_run", "--store", str(two_run_store.location), "--no-browser"])
     assert res.exit_code == 2 and "no_such_run" in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["view", "--store", str(two_run_store.location), "--no-browser", "--token", "short"])
+    assert res.exit_code == 2 and "--token" in res.output and len(res.output.strip().splitlines()) == 1
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -211,7 +213,11 @@ def test_logit_lens_panel_is_the_query_layers_logit_lens(two_run_store: ActStore
 def test_logit_lens_without_a_loadable_model_is_a_400(two_run_store: ActStore) -> None:
     server = serve(two_run_store, two_run_store.run_ids()[0], port=0)  # the runs' model "tiny" is not on disk
     try:
-        status, err = _get(server.url.split("?")[0] + "api/logit_lens?step=0")
+        url = server.url.split("?")[0] + "api/logit_lens"
+        assert _get(url + "?step=0")[0] == 405  # it loads a model: a POST with the token
+        post = urllib.request.Request(url, data=b'{"step": 0}', method="POST", headers={
+            "Content-Type": "application/json", "X-Actstore-Token": server.policy.token})  # fmt: skip
+        status, err = _get(post)
         assert status == 400 and "tiny" in err["error"]
     finally:
         server.shutdown()

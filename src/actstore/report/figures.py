@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from actstore import colours
+
 SOURCE_COLORS = {
     "hidden_in": "#3b82f6",
     "hidden_out": "#10b981",
@@ -30,14 +32,8 @@ PALETTE = (
 )  # fmt: skip
 # Similarity scales: red = divergent, green = similar (reversed for MAE, where high = far).
 SIMILARITY_SCALE = [[0.0, "#b91c1c"], [0.5, "#fde68a"], [1.0, "#15803d"]]
-# Signed values as Activation Lab draws them: matplotlib's RdBu_r at 11 stops, negative
-# blue, 0 white, positive red. Explicit because the name "RdBu" runs blue -> red (grey
-# middle) in plotly.js but red -> blue in plotly.py, so the name alone reads either way.
-DIVERGING_SCALE = [
-    [0.0, "rgb(5,48,97)"], [0.1, "rgb(32,101,171)"], [0.2, "rgb(67,147,195)"], [0.3, "rgb(144,196,221)"],
-    [0.4, "rgb(209,229,240)"], [0.5, "rgb(247,246,246)"], [0.6, "rgb(253,219,199)"], [0.7, "rgb(243,164,129)"],
-    [0.8, "rgb(214,96,77)"], [0.9, "rgb(177,24,43)"], [1.0, "rgb(103,0,31)"],
-]  # fmt: skip
+# Signed values: negative blue, 0 white, positive red (actstore.colours)
+DIVERGING_SCALE = colours.DIVERGING_SCALE
 _MAX_CELL_TEXT = 400  # write values into heatmap cells only when they stay readable
 _MAX_TEXT_COLS = 12
 

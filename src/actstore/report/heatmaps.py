@@ -4,14 +4,17 @@
 >>> write_heatmaps(run, "hidden_out", layers=[0, 10], steps=[0, 1])     # doctest: +SKIP
 [PosixPath('heatmaps/<run_id>/hidden_out/layer_00_step_000.png'), ...]
 
-Data flow: for each (layer, step), only that slice is read, in one orthogonal Zarr read:
-the step's positions x width of one layer of a vector source (``query.states.select``,
-which serves derived sources too), or the step's query rows x the keys up to its last
-position of one layer's attention weights (``query.states.read_region``). Zarr fetches
-just the inner chunks under the slice, concurrently (slicing the reader's Dask arrays
+Data flow: for each (layer, step), only that slice is read (``query.slices.read_slice``,
+which the viewer reads through too): the step's positions x width of one layer of a
+vector source, or the step's query rows x the keys up to its last position of one
+layer's attention weights, in blocks of rows, each one orthogonal Zarr read (Zarr
+fetches just the inner chunks under it, concurrently; slicing the reader's Dask arrays
 instead ran one task per inner chunk: 262 -> 76 ms for a 612-token prefill). A step
 with one position (a decode step) is one vector, drawn as a near-square grid of its
 width instead of a 1-pixel strip. Attention is averaged over heads unless ``per_head``.
+A slice larger than ``PNG_BINS`` per side (more than the figure has pixels) is drawn as
+means of blocks, pooled while it is read, so memory follows the picture, not the slice;
+the title then says "means of R x C blocks". A slice that fits is drawn as read.
 
 Colour scale (``normalize``): ``per_image`` and ``none`` span each image's own min..max
 (the seed's behaviour), ``signed`` is symmetric around zero, ``global`` shares one
@@ -37,11 +40,15 @@ import numpy as np
 from actstore import naming
 from actstore.errors import SelectionError
 from actstore.paths import check_folder, output_folder
-from actstore.query.states import read_region, select
+from actstore.query import slices
 from actstore.report import progress as P
 
 NORMALIZE = ("none", "per_image", "signed", "global")
-REDUCE = ("signed", "abs")
+REDUCE = slices.REDUCE
+# Largest image drawn cell by cell, per side: more than a figure's pixels at the default
+# dpi (at most 1600 x 1000); a larger slice is drawn as means of blocks (query.slices).
+PNG_BINS = 2048
+grid_shape = slices.grid_shape  # how a one-position image is laid out (query.slices)
 SIGNED_CMAP = "RdBu_r"  # Activation Lab's: positive red, negative blue
 
 
@@ -61,41 +68,11 @@ class Slice:
     title: str
 
 
-def grid_shape(width: int) -> tuple[int, int]:
-    """(rows, cols) for drawing a ``width``-vector as a near-square grid.
-
-    The largest divisor of ``width`` not above its square root when that is not too
-    lopsided (576 -> 24 x 24, 1536 -> 32 x 48); otherwise a padded square.
-    """
-    root = int(math.isqrt(width))
-    for rows in range(root, 0, -1):
-        if width % rows == 0:
-            if width // rows <= 4 * rows:
-                return rows, width // rows
-            break
-    cols = math.ceil(math.sqrt(width))
-    return math.ceil(width / cols), cols
-
-
-def as_image(x: np.ndarray) -> tuple[np.ndarray, bool]:
-    """A 2-D array to draw; a single row becomes a padded grid (second value True)."""
-    if x.shape[0] != 1:
-        return x, False
-    rows, cols = grid_shape(x.shape[1])
-    grid = np.full(rows * cols, np.nan, dtype=np.float64)
-    grid[: x.shape[1]] = x[0]
-    return grid.reshape(rows, cols), True
-
-
 def check_request(run: Any, source: str, normalize: str = "per_image", reduce: str = "signed") -> None:
     """A heatmap request's source (known, captured) and colour options, or SelectionError."""
-    naming.check_source(source)
-    if source not in run.sources:
-        raise SelectionError(f"run {run.id} did not capture {source!r}; it has: {', '.join(run.sources)}")
+    slices.check_slice(run, source, reduce)
     if normalize not in NORMALIZE:
         raise SelectionError(f"normalize must be one of {', '.join(NORMALIZE)}, not {normalize!r}")
-    if reduce not in REDUCE:
-        raise SelectionError(f"reduce must be one of {', '.join(REDUCE)}, not {reduce!r}")
 
 
 def plan_slices(
@@ -126,25 +103,18 @@ def plan_slices(
     return out
 
 
-def read_slice(run: Any, source: str, sl: Slice, reduce: str) -> tuple[np.ndarray, str, str, bool]:
-    """(2-D data, x label, y label, reshaped) for one image; reads only that slice."""
-    positions = run.step_positions(sl.step)
-    if source == "attn_weights":
-        li = run.layer_index([sl.layer])[0]
-        heads = slice(None) if sl.head is None else slice(sl.head, sl.head + 1)
-        rows = slice(positions.start, positions.stop)
-        att = read_region(run, source, (li, heads, rows, slice(0, positions.stop))).astype(np.float64)
-        data = att[0] if sl.head is not None else att.mean(axis=0)
-        xlabel, ylabel, reshaped = "key position", "query position", False
-    else:
-        # one orthogonal read (the query layer's select), not one task per inner chunk
-        x = select(run, source, list(positions), None if sl.layer is None else [sl.layer]).compute()
-        data, reshaped = as_image(np.asarray(x[0] if x.ndim == 3 else x, dtype=np.float64))
-        xlabel, ylabel = (
-            ("channel (grid column)", "channel (grid row)") if reshaped else ("channel", "token position")
-        )
-    data = np.asarray(data, dtype=np.float64)
-    return (np.abs(data) if reduce == "abs" else data), xlabel, ylabel, reshaped
+def image(run: Any, source: str, sl: Slice, reduce: str, bins: int = PNG_BINS) -> slices.SliceImage:
+    """One image's data (``query.slices.read_slice``): reads only that slice, block by
+    block, binned to at most ``bins x bins``."""
+    return slices.read_slice(run, source, sl.layer, sl.step, sl.head, reduce, bins, bins)
+
+
+def read_slice(
+    run: Any, source: str, sl: Slice, reduce: str, bins: int = PNG_BINS
+) -> tuple[np.ndarray, str, str, bool]:
+    """(2-D data, x label, y label, reshaped) of :func:`image`."""
+    img = image(run, source, sl, reduce, bins)
+    return img.data, img.xlabel, img.ylabel, img.reshaped
 
 
 def color_range(data: np.ndarray, normalize: str) -> tuple[float, float]:
@@ -160,12 +130,14 @@ def color_range(data: np.ndarray, normalize: str) -> tuple[float, float]:
 
 def render_png(
     data: np.ndarray, path: Path, title: str, xlabel: str, ylabel: str, cmap: str, vmin: float, vmax: float,
-    first_position: int = 0, dpi: int = 100,
+    first_position: int = 0, dpi: int = 100, *, shape: tuple[int, int] | None = None,
 ) -> Path:  # fmt: skip
-    """Draw one heatmap with a colour bar (matplotlib, no global pyplot state)."""
+    """Draw one heatmap with a colour bar (matplotlib, no global pyplot state).
+    ``shape``: the slice's rows x cols when ``data`` holds its bin means (the axes and
+    the figure size stay those of the slice)."""
     from matplotlib.figure import Figure
 
-    h, w = data.shape
+    h, w = shape or data.shape
     fig = Figure(figsize=(max(4.0, min(16.0, w / 120 + 4.0)), max(3.0, min(10.0, h / 12 + 2.5))), dpi=dpi)
     ax = fig.add_subplot()
     extent = None
@@ -184,9 +156,9 @@ def render_png(
     return path
 
 
-def _iter_data(run: Any, source: str, slices: list[Slice], reduce: str) -> Iterator[tuple[Slice, Any]]:
-    for sl in slices:
-        yield sl, read_slice(run, source, sl, reduce)
+def _iter_data(run: Any, source: str, planned: list[Slice], reduce: str) -> Iterator[tuple[Slice, Any]]:
+    for sl in planned:
+        yield sl, image(run, source, sl, reduce)
 
 
 def write_heatmaps(
@@ -211,26 +183,28 @@ def write_heatmaps(
     if cmap not in matplotlib.colormaps:
         raise SelectionError(f"unknown colormap {cmap!r} (any Matplotlib name, e.g. viridis, RdBu_r, magma)")
     check_folder(out)  # before reading: a bad --out fails at once, creating nothing
-    slices = plan_slices(run, source, layers, steps, per_head and source == "attn_weights", Path(out))
+    planned = plan_slices(run, source, layers, steps, per_head and source == "attn_weights", Path(out))
     shared: tuple[float, float] | None = None
     if normalize == "global":
         lo, hi = math.inf, -math.inf
-        for _, (data, *_rest) in _iter_data(run, source, slices, reduce):
-            a, b = color_range(data, "per_image")
+        for _, img in _iter_data(run, source, planned, reduce):
+            a, b = color_range(img.data, "per_image")
             lo, hi = min(lo, a), max(hi, b)
         shared = (lo, hi)
     written = []
-    bar = P.bar(len(slices), f"heatmaps {source}", progress, unit="png")
+    bar = P.bar(len(planned), f"heatmaps {source}", progress, unit="png")
     # a full disk: one line naming the folder, and a folder this call made is removed
     with output_folder(Path(out) / run.id / source):
-        for sl, (data, xlabel, ylabel, _reshaped) in _iter_data(run, source, slices, reduce):
-            vmin, vmax = shared or color_range(data, normalize)
+        for sl, img in _iter_data(run, source, planned, reduce):
+            vmin, vmax = shared or color_range(img.data, normalize)
             kind = run.steps[sl.step].get("kind", "")
+            fr, fc = img.block
+            means = f" · means of {fr} x {fc} blocks" if img.binned else ""
             title = (
-                f"{sl.title} ({kind}) · {tuple(data.shape)}{' · |x|' if reduce == 'abs' else ''}\n{run.id}"
+                f"{sl.title} ({kind}) · {tuple(img.shape)}{means}{' · |x|' if reduce == 'abs' else ''}\n{run.id}"
             )
-            first = run.step_positions(sl.step).start
-            written.append(render_png(data, sl.path, title, xlabel, ylabel, cmap, vmin, vmax, first, dpi))
+            args = (img.xlabel, img.ylabel, cmap, vmin, vmax, img.first_position, dpi)
+            written.append(render_png(img.data, sl.path, title, *args, shape=img.shape))
             bar.update()
     bar.close()
     return written

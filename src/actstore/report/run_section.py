@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 
 from actstore.query.compare import SUMMARY_COLUMNS
+from actstore.query.tokens import display_token
 from actstore.report import figures as F
 from actstore.report.cells import Cell, Table, frame_table, num_cell, span, text_cell
 from actstore.report.frames import dense
 from actstore.report.gather import RunResult
-from actstore.report.tokens import display_token
 
 METRIC_TITLES = {"cosine": "Cosine similarity", "mae": "MAE", "jaccard": "Top-1% overlap (Jaccard)"}
 ROLE_SHORT = {"system": "sys", "user": "usr", "assistant": "ast"}

@@ -4,31 +4,36 @@
 >>> heatmap(run, "hidden_out", layer=10, step=0)["z"][0][:3]           # doctest: +SKIP
 
 Every function reads only what its answer needs (one layer x one step's positions for a
-heatmap, one neuron column for a trajectory); the server (``view.server``) calls them per
-request, so a viewer over a large store stays as fast as its smallest question.
+heatmap, binned while read by ``query.slices``; one neuron column for a trajectory); the
+server (``view.server``, through ``view.app``) calls them per request, so a viewer over
+a large store stays as fast as its smallest question. The lab's analyses (``pair``,
+``group``, ``depth``, ``next_token``) are thin: the ``query.pairs``, ``query.groups`` and
+``query.depth`` functions, their tables as JSON columns (:func:`frame`), their maps
+binned like heatmaps; a request whose arrays would exceed ``MAX_REQUEST_BYTES`` is
+refused with a one-line error naming the command-line query instead.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from actstore import naming
+from actstore.colours import DIVERGING_SCALE
 from actstore.errors import SelectionError
-from actstore.query.analyses import neuron_trajectory, position_tokens, residual_decomposition
+from actstore.query import slices
+from actstore.query.analyses import neuron_trajectory, residual_decomposition
 from actstore.query.states import select, state_position, step_index, vector_sources
-from actstore.report.figures import DIVERGING_SCALE
-from actstore.report.heatmaps import Slice, check_request, grid_shape, read_slice
-from actstore.report.tokens import display_token
+from actstore.query.tokens import display_position_tokens, display_token
 
 _DIGITS = 5  # significant digits sent to the browser: float16 values carry about 3.3
-# Largest heatmap sent as is: a browser draws ~1M cells smoothly; a 4k-token prefill's
-# attention (16M cells, ~160 MB of JSON) is sent as means of blocks instead.
-MAX_ROWS = MAX_COLS = 1024
+# Largest heatmap sent as is, per side (the page may ask for up to MAX_BINS): the chart is
+# ~600 px wide, and a 4k-token prefill's attention (16M cells, ~160 MB of JSON) arrives as
+# 512 x 512 means of 8 x 8 blocks, pooled while read (query.slices), ~2.5 MB of JSON.
+MAX_ROWS = MAX_COLS = slices.DEFAULT_BINS
+MAX_BINS = 2048
 
 
 def _num(x: Any) -> float | None:
@@ -74,7 +79,7 @@ def summary(run: Any) -> dict[str, Any]:
         if s in run.sources:
             sources.append(s)
             widths[s] = int(run.array(s).shape[-1])
-    tokens = [display_token(t) if t is not None else "" for t in position_tokens(run)]
+    tokens = display_position_tokens(run)
     steps = []
     for st in run.steps:
         pos = run.step_positions(int(st["step"]))
@@ -96,54 +101,39 @@ def summary(run: Any) -> dict[str, Any]:
 
 
 def heatmap(
-    run: Any, source: str, layer: int | None, step: int, head: int | None = None, reduce: str = "signed"
-) -> dict[str, Any]:
+    run: Any, source: str, layer: int | None, step: int, head: int | None = None, reduce: str = "signed",
+    bins: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """One layer x one step of a source, as ``actstore heatmap`` draws it: positions x
     channels (a decode step's single vector as a near-square grid), or for attention the
-    step's query rows x every key so far (mean over heads unless ``head``)."""
-    check_request(run, source, reduce=reduce)
+    step's query rows x every key so far (mean over heads unless ``head``). At most
+    ``bins`` (default ``MAX_ROWS`` x ``MAX_COLS``) cells per side: a larger slice arrives
+    as means of ``block`` = [rows, cols] blocks (``query.slices``)."""
+    _check_bins(bins)
+    if source != "attn_weights":
+        head = None  # heads are attention's only
+    img = slices.read_slice(run, source, layer, step, head, reduce, bins or MAX_ROWS, bins or MAX_COLS)
     step = step_index(run, step)
-    if source in naming.GLOBAL_SOURCES:
-        layer = None
-    elif layer is None:
-        raise SelectionError(f"{source} needs a layer")
-    else:
-        run.layer_index([layer])
-    data, xlabel, ylabel, reshaped = read_slice(run, source, Slice(layer, step, head, Path(), ""), reduce)
-    binned, fr, fc = block_means(data, MAX_ROWS, MAX_COLS)
+    layer = None if source in naming.GLOBAL_SOURCES else layer
+    fr, fc = img.block
     pos = run.step_positions(step)
-    tokens = [display_token(t) if t is not None else "" for t in position_tokens(run)]
+    tokens = display_position_tokens(run)
     rows = list(range(pos.start, pos.stop, fr))
     out: dict[str, Any] = {
         "source": source, "layer": layer, "step": step, "head": head, "reduce": reduce,
-        "z": _nums(binned), "xlabel": xlabel, "ylabel": ylabel, "reshaped": reshaped,
+        "z": _nums(img.data), "xlabel": img.xlabel, "ylabel": img.ylabel, "reshaped": img.reshaped,
         "rows": rows, "row_tokens": [tokens[p] for p in rows],
-        "cols": list(range(0, data.shape[1], fc)), "block": [fr, fc],
+        "cols": list(range(0, img.shape[1], fc)), "block": [fr, fc], "shape": list(img.shape),
     }  # fmt: skip
     # positive red, negative blue (Activation Lab's RdBu_r) when the sign is kept
     signed = reduce == "signed" and source != "attn_weights"
     out["colorscale"] = DIVERGING_SCALE if signed else "Viridis"
     out["zmid"] = 0 if signed else None
-    if reshaped:
-        out["grid"] = list(grid_shape(int(run.array(source).shape[-1])))
+    if img.reshaped:
+        out["grid"] = list(slices.grid_shape(int(run.array(source).shape[-1])))
     if source == "attn_weights":
         out["key_tokens"] = tokens[: pos.stop]
     return out
-
-
-def block_means(data: np.ndarray, max_rows: int, max_cols: int) -> tuple[np.ndarray, int, int]:
-    """``data`` as means of ``fr x fc`` blocks so it fits ``max_rows x max_cols``
-    (NaN padding ignored); ``(data, 1, 1)`` when it already fits."""
-    r, c = data.shape
-    fr, fc = max(1, math.ceil(r / max_rows)), max(1, math.ceil(c / max_cols))
-    if fr == fc == 1:
-        return data, 1, 1
-    padded = np.full((math.ceil(r / fr) * fr, math.ceil(c / fc) * fc), np.nan)
-    padded[:r, :c] = data
-    blocks = padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block stays NaN
-        return np.nanmean(blocks, axis=(1, 3)), fr, fc
 
 
 def top_neurons(run: Any, source: str, layer: int | None, step: int, k: int = 12) -> dict[str, Any]:
@@ -195,3 +185,196 @@ def logit_lens_step(run: Any, loaded: Any, step: int, top_k: int = 5) -> dict[st
             "kl": [_num(v) for v in df["kl_from_final"]],
             "top": [[{"token": display_token(t["token"]), "p": _num(math.exp(t["logprob"]))} for t in top]
                     for top in df["top"]]}  # fmt: skip
+
+
+# ---- the lab's analyses (query.pairs, query.groups, query.depth) ---------------------------
+# What one request may hold in memory at once, as float64 (the largest array an analysis
+# computes on); more is refused with a one-line 400 naming the command-line query, which
+# has no such limit. With the server's few slots this bounds the viewer's memory.
+MAX_REQUEST_BYTES = 256 * 2**20
+MAX_GROUP = 64  # states in one group request
+PAIR_WHAT = ("vectors", "summary", "passes", "attention", "scores", "qkv")
+DEPTH_WHAT = ("convergence", "effective-depth", "entropy", "head-entropy", "scores", "qkv-last")
+
+
+def frame(df: Any) -> dict[str, list[Any]]:
+    """A DataFrame as JSON columns: column name -> values (floats rounded like the
+    charts', NaN and <NA> as null)."""
+    import pandas as pd
+
+    out: dict[str, list[Any]] = {}
+    for name in df.columns:
+        col = df[name]
+        if pd.api.types.is_bool_dtype(col):
+            out[str(name)] = [bool(v) for v in col]
+        elif pd.api.types.is_integer_dtype(col):
+            out[str(name)] = [None if pd.isna(v) else int(v) for v in col]
+        elif pd.api.types.is_float_dtype(col):
+            out[str(name)] = _nums(col.to_numpy(dtype=np.float64, na_value=np.nan))
+        else:
+            out[str(name)] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in col]
+    return out
+
+
+def _budget(nbytes: float, what: str, command: str) -> None:
+    if nbytes > MAX_REQUEST_BYTES:
+        raise SelectionError(
+            f"{what} needs about {nbytes / 2**20:.0f} MiB in memory; the viewer computes at most "
+            f"{MAX_REQUEST_BYTES / 2**20:.0f} MiB per request: pick fewer layers or a shorter pass, or run {command}"
+        )
+
+
+def _pass_extent(sel: Any) -> tuple[int, int]:
+    """(rows, keys) of the state's full pass: a step's positions and every key up to its
+    last; a snapshot's or reference's tokens, twice."""
+    from actstore.query.selection import pass_key, pass_tokens
+
+    kind, key = pass_key(sel)
+    if kind == "step":
+        pos = sel.run.step_positions(int(key))
+        return len(pos), pos.stop
+    n = len(pass_tokens(sel))
+    return n, n
+
+
+def _heads(run: Any) -> int:
+    from actstore.query.depth import head_layout
+
+    if "attn_weights" in run.sources:
+        return int(run.array("attn_weights").shape[1])
+    return head_layout(run)[0]
+
+
+def _map_pair(a: Any, b: Any, kind: str, layer: int | None, head: int | None,
+              layers: list[int] | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Both states' maps (``query.pairs.map_array``), cut to their common top-left block
+    (as ``query.pairs.pair_maps`` cuts them)."""
+    from actstore.query.pairs import map_array
+
+    if kind != "qkv":
+        for s in (a, b):
+            rows, keys = _pass_extent(s)
+            _budget(2.0 * _heads(s.run) * rows * keys * 8, f"a {kind} map of {s.label}",
+                    f"actstore query pair --what {kind}")  # fmt: skip
+    ma, mb = map_array(a, kind, layer, head, layers), map_array(b, kind, layer, head, layers)
+    r, c = min(ma.shape[0], mb.shape[0]), min(ma.shape[1], mb.shape[1])
+    return ma[:r, :c], mb[:r, :c]
+
+
+def _binned_maps(maps: dict[str, np.ndarray], row_labels: list[int], bins: int | None) -> dict[str, Any]:
+    """Equal-shaped maps binned like a heatmap: ``maps`` (name -> rows of numbers),
+    ``block``, ``rows`` (each bin's first row label), ``cols``."""
+    out: dict[str, Any] = {}
+    fr = fc = 1
+    cols = 0
+    for name, m in maps.items():
+        data, fr, fc = slices.block_means(m, bins or MAX_ROWS, bins or MAX_COLS)
+        out[name] = _nums(data)
+        cols = m.shape[1]
+    return {"maps": out, "block": [fr, fc], "rows": row_labels[::fr], "cols": list(range(0, cols, fc))}
+
+
+def pair(
+    a: Any, b: Any, what: str = "vectors", sources: list[str] | None = None, layers: list[int] | None = None,
+    frac: float = 0.01, magnitude: bool = False, layer: int | None = None, head: int | None = None,
+    bins: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Two states (``query.selection.Selected``) compared, as ``actstore query pair``:
+    ``vectors`` (per-layer metrics), ``summary`` (per source), ``passes`` (full passes
+    token by token) as ``table`` columns; ``attention``, ``scores``, ``qkv`` as ``maps``
+    (a, b, abs_diff, sq_err, hadamard, ratio: ``query.pairs.diff_maps``), binned like a
+    heatmap."""
+    from actstore.query import pairs
+    from actstore.query.selection import common_layers, default_sources
+
+    if what not in PAIR_WHAT:
+        raise SelectionError(f"what must be one of {', '.join(PAIR_WHAT)}, not {what!r}")
+    _check_bins(bins)
+    out: dict[str, Any] = {"what": what, "a": a.label, "b": b.label}
+    if what in ("vectors", "summary"):
+        res = pairs.pair_metrics(a, b, sources, layers, frac, magnitude)
+        return out | {"table": frame(res.per_layer if what == "vectors" else res.summary)}
+    if what == "passes":
+        n_layers = len(common_layers([a, b], layers))
+        total = sum(n_layers * _pass_extent(x)[0] * int(x.run.array(s).shape[-1]) * 8
+                    for s in default_sources([a, b], sources) for x in (a, b))  # fmt: skip
+        _budget(2.0 * total, "comparing these passes", "actstore query pair --what passes")
+        return out | {"table": frame(pairs.full_pair(a, b, sources, layers, frac, magnitude))}
+    lay: list[int] | None = common_layers([a, b], layers) if what == "qkv" else None
+    ma, mb = _map_pair(a, b, what, layer, head, lay)
+    labels = list(lay) if lay is not None else list(range(ma.shape[0]))
+    return out | {"layer": layer, "head": head} | _binned_maps(pairs.diff_maps(ma, mb), labels, bins)
+
+
+def group(
+    selected: list[Any], what: str = "centroid", sources: list[str] | None = None,
+    layers: list[int] | None = None, frac: float = 0.01, magnitude: bool = False, components: int = 2,
+) -> dict[str, Any]:  # fmt: skip
+    """Two or more states as a group, as ``actstore query group --what``
+    (``query.groups.group_table``): one table."""
+    from actstore.query import groups
+
+    if len(selected) > MAX_GROUP:
+        raise SelectionError(f"a group in the viewer holds at most {MAX_GROUP} states, not {len(selected)}")
+    if not 1 <= components <= 16:
+        raise SelectionError(f"components must be 1..16, not {components}")
+    if what not in groups.ANALYSES:
+        raise SelectionError(f"what must be one of {', '.join(groups.ANALYSES)}, not {what!r}")
+    g = groups.group_vectors(selected, sources, layers)
+    return {"what": what, "states": g.labels, "layers": g.layers,
+            "table": frame(groups.group_table(g, what, frac, magnitude, components))}  # fmt: skip
+
+
+def depth(
+    sel: Any, what: str = "convergence", source: str = "hidden_out", layers: list[int] | None = None,
+    layer: int | None = None, head: int | None = None, threshold: float = 0.99, bins: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One state's full pass through depth, as ``actstore query depth --what``: a
+    ``table`` (convergence, effective-depth, entropy, head-entropy, qkv-last) or, for
+    ``scores``, the (queries x keys) map of q.k/sqrt(d) binned like a heatmap."""
+    from actstore.query import depth as D
+    from actstore.query.selection import vector_source
+
+    if what not in DEPTH_WHAT:
+        raise SelectionError(f"what must be one of {', '.join(DEPTH_WHAT)}, not {what!r}")
+    _check_bins(bins)
+    run = sel.run
+    n_layers = len(run.layer_index(layers))
+    rows, keys = _pass_extent(sel) if what != "qkv-last" else (1, 1)
+    command = f"actstore query depth --what {what}"
+    out: dict[str, Any] = {"what": what, "state": sel.label}
+    if what in ("convergence", "effective-depth"):
+        width = int(run.array(vector_source(source)).shape[-1])
+        _budget(3.0 * n_layers * rows * width * 8, f"convergence over {sel.label}", command)
+        conv = D.convergence(sel, source, layers)
+        return out | {"table": frame(conv if what == "convergence" else D.effective_depth(conv, threshold))}
+    if what in ("entropy", "head-entropy"):
+        _budget(2.0 * n_layers * _heads(run) * rows * keys * 8, f"attention entropy over {sel.label}", command)
+        return out | {"table": frame(D.attention_entropy(sel, layers, per_head=what == "head-entropy"))}
+    if what == "qkv-last":
+        return out | {"table": frame(D.qkv_last(sel, layers))}
+    if layer is None:
+        raise SelectionError("scores are a map of one layer: give layer")
+    _budget(2.0 * _heads(run) * rows * keys * 8, f"q.k scores over {sel.label}", command)
+    mats = D.qk_score_array(sel, layer)
+    if head is not None and not 0 <= head < mats.shape[0]:
+        raise SelectionError(f"layer {layer} has heads 0..{mats.shape[0] - 1}, not {head}")
+    m = mats.mean(axis=0) if head is None else mats[head]
+    return out | {"layer": layer, "head": head} | _binned_maps({"score": m}, list(range(m.shape[0])), bins)
+
+
+def next_token(run: Any, steps: list[int] | None = None) -> dict[str, Any]:
+    """Per step: next-token entropy, exp(entropy), top-1 probability and token, from the
+    stored logits (``query.depth.next_token``)."""
+    from actstore.query.depth import next_token as stats
+
+    if "logits" in run.sources:
+        n = run.n_steps if steps is None else len(steps)
+        _budget(3.0 * n * int(run.array("logits").shape[-1]) * 8, "next-token statistics of these steps",
+                "actstore query next-token")  # fmt: skip
+    return {"run": run.id, "table": frame(stats(run, steps))}
+
+
+def _check_bins(bins: int | None) -> None:
+    if bins is not None and not 1 <= bins <= MAX_BINS:
+        raise SelectionError(f"bins must be 1..{MAX_BINS}, not {bins}")

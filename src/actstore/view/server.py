@@ -1,37 +1,91 @@
-"""The run viewer's local HTTP server: one page, and JSON answers read on request.
+"""The run viewer's HTTP server: Starlette on uvicorn, safe by default.
 
 >>> server = serve(ActStore.open("stores/actstore.zarr"), "latest")   # doctest: +SKIP
 >>> server.url                                                       # doctest: +SKIP
-'http://127.0.0.1:8765/?run=emotions_...'
+'http://127.0.0.1:8765/?run=emotions_...&token=...'
 >>> server.shutdown()                                                # doctest: +SKIP
 
-Routes: ``/`` the page (``static/view.html``), ``/static/*`` its script, style and the
-installed plotly.js; ``/api/runs``, ``/api/summary``, ``/api/heatmap``,
-``/api/top_neurons``, ``/api/trajectory``, ``/api/decomposition``, ``/api/logit_lens``
-(which loads the run's model on first use) (query parameters as
-in :mod:`actstore.view.api`, plus ``run``). A bad request answers 400 with
-``{"error": "..."}``, the same one-line message the CLI prints. The standard library's
-threading HTTP server is enough: it binds to loopback by default and serves one person.
+Routes: ``/`` the page (``static/view.html``), ``/static/<name>`` its script, style and
+the installed plotly.js; ``/api/<route>`` the answers of :mod:`actstore.view.app`
+(``ROUTES``: runs, summary, heatmap, top_neurons, trajectory, decomposition, pair,
+group, depth, next_token as GET with query parameters; logit_lens, which loads the
+run's model, as POST with a JSON body).
+
+Safety (the rules are :mod:`actstore.view.security`'s):
+
+* loopback unless ``host`` says otherwise, and then the access token on every request;
+  Host and Origin checked on every request; a POST needs the token in a header;
+* heavy routes run at most ``slots`` at a time in worker threads, each holding its slot
+  until its answer is sent; up to ``queue`` more wait, and beyond that (or after
+  ``QUEUE_WAIT_S``) a request is answered 503 with ``Retry-After``. So memory is bounded
+  by slots x what one answer needs (a heatmap: its bins, ``query.slices``; the lab's
+  analyses: ``api.MAX_REQUEST_BYTES``) plus the answer cache (``CACHE_BYTES``);
+* a request's head must arrive within ``header_timeout`` seconds (a silent or trickling
+  connection is closed), idle keep-alive connections close after 5 s, at most
+  ``MAX_CONNECTIONS`` are open, heads are at most 16 KiB (uvicorn's h11 limit) and a
+  POST body at most ``MAX_BODY`` bytes;
+* every refused or bad request is a one-line JSON ``{"error": "..."}`` with a 4xx status
+  and no file-system path in it; an unexpected failure is a 500 saying so, with one line
+  on the server's console; a client that disconnects is no error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import socket
 import sys
+import tempfile
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actstore.errors import ActstoreError, SelectionError
-from actstore.view import api
+from actstore.view.app import ROUTES, Params, ViewApp
+from actstore.view.security import TOKEN_HEADER, Policy, is_loopback
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8"}  # fmt: skip
+MAX_BODY = 64 * 2**10  # bytes of a POST body
+MAX_CONNECTIONS = 512  # open connections (uvicorn answers 503 beyond)
+QUEUE_WAIT_S = 30.0  # longest wait for a slot before a 503
+SEND_TIMEOUT_S = 60.0  # longest a client may take to read an answer that holds a slot
+BODY_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 1
+CACHE_BYTES = 64 * 2**20  # encoded answers kept (a 512 x 512 heatmap is ~2.5 MB)
+_PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
+             "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+             "frame-ancestors 'none'; form-action 'none'")  # fmt: skip
+_COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                   "X-Frame-Options": "DENY", "Cross-Origin-Resource-Policy": "same-origin"}  # fmt: skip
+
+
+def default_slots() -> int:
+    """Heavy requests at once: 2 to 4, following the machine's cores."""
+    import os
+
+    return max(2, min(4, (os.cpu_count() or 2) // 2))
+
+
+@cache
+def _static_names() -> frozenset[str]:
+    folder = resources.files("actstore.view") / "static"
+    return frozenset({p.name for p in folder.iterdir() if not p.name.startswith(".")} | {"plotly.min.js"})
 
 
 @cache
@@ -43,160 +97,415 @@ def _static(name: str) -> bytes:
     return (resources.files("actstore.view") / "static" / name).read_bytes()
 
 
-class ViewApp:
-    """Runs of one store, opened once each, and the answers the page asks for."""
+# ---- error bodies without paths ---------------------------------------------------------
+_ABS_PATH = re.compile(r"(?<![\w/.:~-])(?:~/[^\s'\",;)]+|/(?:[^\s/'\"]+/)+[^\s'\",;)]*)")
 
-    def __init__(self, store: Any, default_run: str = "latest", model: Any = None, device: str | None = None):
-        self.store = store
-        self.default = store.run(default_run).id  # fails now, not on the first request
-        self._runs: dict[str, Any] = {}
+
+@cache
+def _private_prefixes() -> tuple[str, ...]:
+    import actstore
+
+    found = {sys.prefix, sys.exec_prefix, sys.base_prefix, str(Path(actstore.__file__).resolve().parents[1]),
+             str(Path.home()), tempfile.gettempdir(), str(Path.cwd())}  # fmt: skip
+    return tuple(sorted((p for p in found if p and p != "/"), key=len, reverse=True))
+
+
+def scrub(message: str, extra: tuple[str, ...] = ()) -> str:
+    """``message`` on one line with file-system paths replaced by ``<path>``: the
+    install, home, temporary and working folders, ``extra`` (the store), and anything
+    else that looks like an absolute path (but not this server's own ``/api/`` and
+    ``/static/`` routes)."""
+    text = " ".join(str(message).split())
+    for prefix in (*sorted(extra, key=len, reverse=True), *_private_prefixes()):
+        if prefix and prefix != "/":  # the prefix and the rest of the path after it
+            text = re.sub(re.escape(prefix) + r"[^\s'\",;)]*", "<path>", text)
+
+    def hide(m: re.Match[str]) -> str:
+        return m.group(0) if m.group(0).startswith(("/api/", "/static/")) else "<path>"
+
+    return _ABS_PATH.sub(hide, text)[:2000]
+
+
+def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps({"error": message}, ensure_ascii=False).encode()
+    return Response(body, status, {**_COMMON_HEADERS, "Cache-Control": "no-store", **(headers or {})},
+                    media_type="application/json")  # fmt: skip
+
+
+# ---- the guard: Host, Origin, token, before any route ----------------------------------
+class _Guard:
+    """ASGI middleware applying :meth:`Policy.check` to every HTTP request."""
+
+    def __init__(self, app: ASGIApp, policy: Policy):
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # no websockets, no lifespan here
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = scope.get("query_string", b"").decode("latin-1")
+        problem = self.policy.check(scope["method"], scope["path"], query, headers)
+        if problem is not None:
+            await _json_error(*problem)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["authenticated"] = self.policy.authenticated(query, headers)
+        await self.app(scope, receive, send)
+
+
+# ---- the slots heavy requests run in ----------------------------------------------------
+class Slots:
+    """At most ``n`` heavy requests at once; at most ``queue`` more wait (each up to
+    ``wait_s``); the rest are turned away (503)."""
+
+    def __init__(self, n: int, queue: int, wait_s: float = QUEUE_WAIT_S):
+        self.n, self.queue, self.wait_s = n, queue, wait_s
+        self._sem = asyncio.Semaphore(n)
+        self.waiting = 0
+        self.busy = 0
+
+    async def acquire(self) -> bool:
+        if self._sem.locked() and self.waiting >= self.queue:
+            return False
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await self._sem.acquire()
+        except TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
+        self.busy += 1
+        return True
+
+    def release(self) -> None:
+        self.busy -= 1
+        self._sem.release()
+
+
+class AnswerCache:
+    """Encoded answers of GET routes, most recent kept, up to ``max_bytes`` in all (0:
+    no cache). The store's runs do not change once committed, so an answer stays right;
+    the page asks for the same heatmap again whenever a control goes back and forth.
+    One computation per key at a time: a request for a key being computed waits for it
+    instead of computing it again (so a burst of identical heavy requests costs one)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._size = 0
         self._lock = threading.Lock()
-        # The logit lens needs the run's model: ``model`` (a LoadedModel already in
-        # memory) serves every run; otherwise each run's scenario model is loaded on
-        # the first lens request (``device`` overrides its device) and kept.
-        self.model, self.device = model, device
-        self._models: dict[str, Any] = {}
-        self._model_lock = threading.Lock()
+        self._running: dict[Any, threading.Event] = {}
+        self.hits = self.misses = 0
 
-    def loaded_model(self, run: Any) -> Any:
-        if self.model is not None:
-            return self.model
-        from actstore.models.loading import load_model
-        from actstore.scenario import ModelConfig
-
-        cfg = dict(run.scenario["model"]) | ({"device": self.device} if self.device else {})
-        key = json.dumps(cfg, sort_keys=True)
-        with self._model_lock:  # one load, however many panels ask at once
-            if key not in self._models:
-                self._models[key] = load_model(ModelConfig(**cfg))
-            return self._models[key]
-
-    def run(self, selector: str | None) -> Any:
-        key = selector or self.default
-        with self._lock:
-            if key not in self._runs:
-                self._runs[key] = self.store.run(key)
-            return self._runs[key]
-
-    def answer(self, route: str, q: dict[str, str]) -> Any:
-        """The JSON answer of an ``/api/<route>`` request."""
-        if route == "runs":
-            return {"runs": api.runs(self.store), "default": self.default}
-        run = self.run(q.get("run"))
-        handlers: dict[str, Callable[[], Any]] = {
-            "summary": lambda: api.summary(run),
-            "heatmap": lambda: api.heatmap(run, q.get("source", "hidden_out"), _int(q, "layer", None),
-                                           _int(q, "step", 0), _int(q, "head", None), q.get("reduce", "signed")),
-            "top_neurons": lambda: api.top_neurons(run, q.get("source", "hidden_out"), _int(q, "layer", None),
-                                                   _int(q, "step", 0)),
-            "trajectory": lambda: api.trajectory(run, q.get("source", "hidden_out"), _req_int(q, "layer"),
-                                                 _req_int(q, "neuron"), q.get("over", "steps")),
-            "decomposition": lambda: api.decomposition(run, _int(q, "step", 0)),
-            "logit_lens": lambda: api.logit_lens_step(run, self.loaded_model(run), _int(q, "step", 0)),
-        }  # fmt: skip
-        if route not in handlers:
-            raise SelectionError(f"unknown request /api/{route}")
-        return handlers[route]()
+    def get_or_compute(self, key: Any, compute: Callable[[], tuple[int, bytes]]) -> tuple[int, bytes]:
+        if self.max_bytes <= 0:
+            return compute()
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return 200, self._items[key]
+                running = self._running.get(key)
+                if running is None:
+                    self._running[key] = threading.Event()
+                    self.misses += 1
+                    break
+            running.wait()  # then: cached, or it failed and this request computes it itself
+        try:
+            status, body = compute()
+            if status == 200 and len(body) <= self.max_bytes // 4:
+                with self._lock:
+                    self._items[key] = body
+                    self._size += len(body)
+                    while self._size > self.max_bytes:
+                        self._size -= len(self._items.popitem(last=False)[1])
+            return status, body
+        finally:
+            with self._lock:
+                self._running.pop(key).set()
 
 
-def _int(q: dict[str, str], name: str, default: int | None) -> Any:
-    value = q.get(name, "")
-    if value in ("", "mean", "none"):
-        return default
+class _HeldResponse(Response):
+    """A response that gives its slot back once sent (or once the client has had
+    ``SEND_TIMEOUT_S`` to read it), so an answer waiting for a slow reader still counts."""
+
+    def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            with anyio.move_on_after(SEND_TIMEOUT_S):
+                await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+# ---- the application --------------------------------------------------------------------
+class _Handlers:
+    def __init__(self, view: ViewApp, policy: Policy, slots: Slots, cache: AnswerCache):
+        self.view, self.policy, self.slots, self.cache = view, policy, slots, cache
+        loc = str(getattr(view.store, "location", "") or "")
+        self.private = (loc,) if loc.startswith("/") else ()
+
+    def _headers(self, **extra: str) -> dict[str, str]:
+        return {**_COMMON_HEADERS, **extra}
+
+    async def page(self, request: Request) -> Response:
+        html = _static("view.html")
+        authed = bool(request.scope.get("state", {}).get("authenticated"))
+        if authed:  # the page's script sends the token with each POST
+            html = html.replace(b'name="actstore-token" content=""', f'name="actstore-token" content="{self.policy.token}"'.encode())
+        response = Response(html, 200, self._headers(**{"Cache-Control": "no-store", "Content-Security-Policy": _PAGE_CSP}),
+                            media_type=_TYPES[".html"])  # fmt: skip
+        token = request.query_params.get("token")
+        if token is not None and self.policy.token_matches(token):
+            response.set_cookie(self.policy.cookie, token, httponly=True, samesite="strict", path="/")
+        return response
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in _static_names():
+            return _json_error(404, "not found")
+        ctype = _TYPES.get(name[name.rfind(".") :], "text/plain; charset=utf-8")
+        return Response(_static(name), 200, self._headers(**{"Cache-Control": "max-age=3600"}), media_type=ctype)
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            return _json_error(405, f"{request.method} is not allowed here", dict(getattr(exc, "headers", None) or {}))
+        return _json_error(status if 400 <= status < 500 else 404, "not found")
+
+    async def api(self, request: Request) -> Response:
+        route = request.path_params["route"]
+        info = ROUTES.get(route)
+        if info is None:
+            return _json_error(404, f"unknown request /api/{route[:64]}")
+        if request.method != info.method:
+            return _json_error(405, f"/api/{route} takes {info.method} only", {"Allow": info.method})
+        try:
+            if info.method == "POST":
+                params = Params.from_json(await self._json_body(request))
+            else:
+                params = Params(request.query_params.multi_items())
+                await request.body()  # take the (empty) body, so a disconnect shows below
+        except _Refused as e:
+            return _json_error(e.status, str(e))
+        except SelectionError as e:
+            return _json_error(400, scrub(str(e), self.private))
+        release: Callable[[], None] = _noop
+        if info.heavy:
+            if not await self.slots.acquire():
+                return _json_error(503, "busy: too many requests at once; try again shortly",
+                                   {"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            release = self.slots.release
+        try:
+            if await request.is_disconnected():  # gone while it waited: nothing to compute
+                release()
+                return Response(status_code=204)
+            started = time.perf_counter()
+            status, body = await anyio.to_thread.run_sync(self._compute, route, params, request.method)
+            timing = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+        except BaseException:
+            release()
+            raise
+        headers = self._headers(**{"Cache-Control": "no-store", "Server-Timing": timing})
+        return _HeldResponse(body, status, headers, media_type="application/json", release=release)
+
+    def _compute(self, route: str, params: Params, method: str) -> tuple[int, bytes]:
+        """(status, JSON body) of one answer, in a worker thread (GET answers cached)."""
+        if method == "GET":
+            return self.cache.get_or_compute((route, params.key()), lambda: self._answer(route, params, method))
+        return self._answer(route, params, method)
+
+    def _answer(self, route: str, params: Params, method: str) -> tuple[int, bytes]:
+        try:
+            answer = self.view.answer(route, params)
+            return 200, json.dumps(answer, allow_nan=False, separators=(",", ":")).encode()
+        except ActstoreError as e:  # what the reader asked for is wrong: say so
+            message = scrub(str(e), self.private)
+            return 400, json.dumps({"error": message}, ensure_ascii=False).encode()
+        except Exception as e:  # noqa: BLE001 - a failed answer must not stop the server
+            print(f"actstore view: {method} /api/{route}: {type(e).__name__}: {e}", file=sys.stderr)
+            body = {"error": f"internal error ({type(e).__name__}); the server's console says more"}
+            return 500, json.dumps(body).encode()
+
+    async def _json_body(self, request: Request) -> Any:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise _Refused(415, "a POST body must be JSON (Content-Type: application/json)")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            raise _Refused(413, f"request body too large (at most {MAX_BODY} bytes)")
+        chunks, size = [], 0
+        try:
+            with anyio.fail_after(BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_BODY:
+                        raise _Refused(413, f"request body too large (at most {MAX_BODY} bytes)")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _Refused(408, "request body too slow") from None
+        try:
+            return json.loads(b"".join(chunks) or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise _Refused(400, "the request body is not valid JSON") from None
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _noop() -> None:
+    pass
+
+
+def build_app(view: ViewApp, policy: Policy, slots: Slots, cache: AnswerCache | None = None) -> ASGIApp:
+    """The viewer as an ASGI application (guarded; see the module docstring)."""
+    h = _Handlers(view, policy, slots, cache or AnswerCache(0))
+    routes = [
+        Route("/", h.page, methods=["GET"]),
+        Route("/index.html", h.page, methods=["GET"]),
+        Route("/static/{name}", h.static, methods=["GET"]),
+        Route("/api/{route}", h.api, methods=["GET", "POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: h.not_found})
+    return _Guard(app, policy)
+
+
+# ---- uvicorn, in a thread -----------------------------------------------------------------
+def _timed_protocol(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's head: a connection that
+    sends no complete request head within ``header_timeout`` seconds of opening (or of
+    its last answer) is closed. uvicorn closes idle keep-alive connections, but a
+    connection that trickles a head byte by byte would otherwise stay open for good."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._idle_since = self.loop.time()
+            self._watch = self.loop.call_later(header_timeout, self._check)
+
+        def _check(self) -> None:
+            if self.transport.is_closing():
+                return
+            waiting = self.cycle is None or self.cycle.response_complete
+            left = header_timeout - (self.loop.time() - self._idle_since)
+            if waiting and left <= 0:
+                self.transport.close()
+                return
+            self._watch = self.loop.call_later(max(left, 0.05) if waiting else header_timeout, self._check)
+
+        def on_response_complete(self) -> None:
+            self._idle_since = self.loop.time()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._watch.cancel()
+            super().connection_lost(exc)
+
+    return TimedH11
+
+
+def _listen(host: str, port: int, backlog: int = 256) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        return int(value)
-    except ValueError:
-        raise SelectionError(f"{name} must be a whole number, not {value!r}") from None
-
-
-def _req_int(q: dict[str, str], name: str) -> int:
-    value = _int(q, name, None)
-    if value is None:
-        raise SelectionError(f"missing {name}")
-    return int(value)
-
-
-def _handler(app: ViewApp) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            parts = urlsplit(self.path)
-            q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-            path = parts.path
-            try:
-                if path in ("/", "/index.html"):
-                    self._send(HTTPStatus.OK, _static("view.html"), _TYPES[".html"])
-                elif path.startswith("/static/"):
-                    name = path.removeprefix("/static/")
-                    if "/" in name or name.startswith("."):
-                        raise FileNotFoundError(name)
-                    self._send(
-                        HTTPStatus.OK, _static(name), _TYPES.get(name[name.rfind(".") :], "text/plain")
-                    )
-                elif path.startswith("/api/"):
-                    body = json.dumps(app.answer(path.removeprefix("/api/"), q), allow_nan=False)
-                    self._send(HTTPStatus.OK, body.encode(), "application/json")
-                else:
-                    raise FileNotFoundError(path)
-            except ActstoreError as e:  # what the reader asked for is wrong: say so
-                self._error(HTTPStatus.BAD_REQUEST, str(e))
-            except FileNotFoundError as e:
-                self._error(HTTPStatus.NOT_FOUND, f"not found: {e}")
-            except Exception as e:  # noqa: BLE001 - a failed answer must not stop the server
-                print(f"actstore view: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
-
-        def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store" if ctype == "application/json" else "max-age=3600")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _error(self, status: HTTPStatus, message: str) -> None:
-            self._send(status, json.dumps({"error": message}).encode(), "application/json")
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
-            pass  # one line per chart request would bury the URL the user needs
-
-    return Handler
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ViewServer:
-    """A running viewer: ``url``, ``serve_forever()`` (CLI) or ``start()`` (background)."""
+    """A running viewer: ``url``, ``serve_forever()`` (CLI) or ``start()`` (background).
 
-    def __init__(self, app: ViewApp, host: str = "127.0.0.1", port: int = 8765):
+    ``host``: loopback by default; any other address makes the token required on every
+    request. ``token``: the access token (default: random). ``slots``/``queue``: heavy
+    requests at once / waiting; ``cache_bytes``: answers kept (``AnswerCache``; 0: none).
+    Binding happens here, so a busy port fails at once (``OSError``)."""
+
+    def __init__(
+        self, app: ViewApp, host: str = "127.0.0.1", port: int = 8765, *, token: str | None = None,
+        slots: int | None = None, queue: int = 32, header_timeout: float = 10.0, cache_bytes: int = CACHE_BYTES,
+    ):  # fmt: skip
+        import uvicorn
+
         self.app = app
-        self.httpd = ThreadingHTTPServer((host, port), _handler(app))
-        self.httpd.daemon_threads = True
+        self.host = host
+        self.sock = _listen(host, port)
+        self.port = int(self.sock.getsockname()[1])
+        self.policy = Policy.for_bind(host, self.port, token)
+        self.slots = Slots(slots or default_slots(), queue)
+        self.cache = AnswerCache(cache_bytes)
+        config = uvicorn.Config(
+            build_app(app, self.policy, self.slots, self.cache), http=_timed_protocol(header_timeout), loop="asyncio",
+            lifespan="off", log_config=None, log_level="warning", access_log=False, server_header=False,
+            timeout_keep_alive=5, limit_concurrency=MAX_CONNECTIONS, timeout_graceful_shutdown=2,
+        )  # fmt: skip
+        self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        raw, port = self.httpd.server_address[:2]
-        host = raw.decode() if isinstance(raw, bytes) else str(raw)
+        """Where to point a browser: the run and the access token in the query."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        elif is_loopback(host) and host != "localhost":
+            host = str(self.sock.getsockname()[0])
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}/?run={quote(self.app.default)}"
+        return f"http://{host}:{self.port}/?run={quote(self.app.default)}&token={quote(self.policy.token)}"
 
     def start(self) -> ViewServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="actstore-view", daemon=True)
+        """Serve in a background thread; returns once it accepts connections."""
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                        name="actstore-view", daemon=True)  # fmt: skip
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("actstore view: the server did not start")
+            time.sleep(0.01)
         return self
 
     def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+        """Serve until interrupted (KeyboardInterrupt reaches the caller; call
+        :meth:`shutdown` then)."""
+        if self._thread is None:
+            self.start()
+        assert self._thread is not None
+        while self._thread.is_alive():
+            self._thread.join(0.5)
 
     def shutdown(self) -> None:
+        self.server.should_exit = True
         if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join()
-        self.httpd.server_close()
+            self._thread.join(timeout=10)
+        self.sock.close()
 
 
 def serve(
-    store: Any, run: str = "latest", host: str = "127.0.0.1", port: int = 0, model: Any = None
-) -> ViewServer:
+    store: Any, run: str = "latest", host: str = "127.0.0.1", port: int = 0, model: Any = None,
+    token: str | None = None,
+) -> ViewServer:  # fmt: skip
     """Start the viewer for ``run`` of ``store`` in a background thread (``port=0``: any
-    free port); ``.url`` is where to point a browser, ``.shutdown()`` stops it. ``model``:
-    a LoadedModel for the logit lens (else each run's own model is loaded when asked)."""
-    return ViewServer(ViewApp(store, run, model), host, port).start()
+    free port); ``.url`` is where to point a browser (it carries the access token),
+    ``.shutdown()`` stops it. ``model``: a LoadedModel for the logit lens (else each
+    run's own model is loaded when asked)."""
+    return ViewServer(ViewApp(store, run, model), host, port, token=token).start()
+
+
+__all__ = ["TOKEN_HEADER", "ViewApp", "ViewServer", "build_app", "scrub", "serve"]

@@ -6,18 +6,40 @@
   var $ = function (id) { return document.getElementById(id); };
   var CONFIG = { displaylogo: false, responsive: true };
 
-  function api(route, params) {
-    var q = new URLSearchParams(Object.assign({ run: state.run || "" }, params || {}));
+  // The access token: the server writes it into the page when the address carried it
+  // (or its cookie did). A POST (what loads a model) sends it in a header.
+  var meta = document.querySelector('meta[name="actstore-token"]');
+  var TOKEN = meta ? meta.content : "";
+  if (new URLSearchParams(location.search).has("token")) {
+    var clean = new URLSearchParams(location.search);
+    clean.delete("token");  // kept in a cookie: out of the address bar and the history
+    history.replaceState(null, "", "?" + clean.toString());
+  }
+  var RETRIES = 60;  // a busy server answers 503 with Retry-After: ask again, this often at most
+
+  function request(route, params, post, tries) {
+    var q = Object.assign({ run: state.run || "" }, params || {});
+    var init = post
+      ? { method: "POST", headers: { "Content-Type": "application/json", "X-Actstore-Token": TOKEN }, body: JSON.stringify(q) }
+      : { method: "GET" };
+    var url = "/api/" + route + (post ? "" : "?" + new URLSearchParams(q).toString());
+    return fetch(url, init).then(function (r) {
+      if (r.status === 503 && tries < RETRIES) {
+        var wait = 1000 * (Number(r.headers.get("Retry-After")) || 1);
+        return new Promise(function (resolve) { setTimeout(resolve, wait); })
+          .then(function () { return request(route, params, post, tries + 1); });
+      }
+      return r.json().then(function (body) {
+        if (!r.ok) throw new Error(body.error || r.statusText);
+        return body;
+      });
+    });
+  }
+
+  function api(route, params, post) {
     view.busy += 1;
     view.requests.push(route);
-    return fetch("/api/" + route + "?" + q.toString())
-      .then(function (r) {
-        return r.json().then(function (body) {
-          if (!r.ok) throw new Error(body.error || r.statusText);
-          return body;
-        });
-      })
-      .finally(function () { view.busy -= 1; });
+    return request(route, params, post, 0).finally(function () { view.busy -= 1; });
   }
 
   function showError(err) {
@@ -244,7 +266,7 @@
     var asked = state.step;
     if (!box.querySelector("table")) box.innerHTML = '<p class="note">loading the model…</p>';
     // a model that cannot be loaded is a note in this panel, not an error for the page
-    return api("logit_lens", { step: asked }).then(function (l) {
+    return api("logit_lens", { step: asked }, true).then(function (l) {
       if (asked !== state.step) return;
       var rows = l.layer.map(function (layer, i) {
         var top = l.top[i].map(function (t) { return escapeHtml(JSON.stringify(t.token)) + " " + t.p; }).join(" · ");
@@ -262,7 +284,7 @@
   ["source", "layer", "head", "reduce"].forEach(function (id) { $(id).addEventListener("change", refresh); });
   $("step").addEventListener("input", refresh);
   $("run-select").addEventListener("change", function () {
-    history.replaceState(null, "", "?run=" + encodeURIComponent($("run-select").value));
+    history.replaceState(null, "", "?run=" + encodeURIComponent($("run-select").value));  // the token stays in its cookie
     loadRun($("run-select").value).catch(showError);
   });
   $("tokens").addEventListener("click", function (e) {

@@ -6,6 +6,7 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from actstore.errors import SelectionError
@@ -78,3 +79,27 @@ def test_layer_discrimination(any_run: Any) -> None:
         assert ranked["separation"].is_monotonic_decreasing
     by_fisher = A.layer_discrimination(run, sources=["hidden_out"], rank_by="fisher")
     assert by_fisher["fisher"].is_monotonic_decreasing
+
+
+def test_neuron_trajectory_edges(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    width = raw(run, "hidden_out").shape[-1]
+    df = A.neuron_trajectory(run, run.layers[0], width - 1)  # the last neuron is a neuron
+    assert df["step"].dtype == np.int64 and df["step"].tolist() == list(range(run.n_steps))
+    assert (df["run"] == run.id).all() and (df["layer"] == run.layers[0]).all()
+    for bad in (width, -1):
+        msg = rf"hidden_out has {width} neurons \(0\.\.{width - 1}\), not {bad}$"
+        with pytest.raises(SelectionError, match=msg):
+            A.neuron_trajectory(run, run.layers[0], bad)
+
+
+def test_residual_decomposition_rows(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    df = A.residual_decomposition(run, steps=[-1, 0], layers=run.layers[1:3])
+    # step-major rows whatever the order asked, numbered 0..n-1, each naming its run
+    assert list(df.columns[:4]) == ["run", "step", "position", "layer"]
+    assert (df["run"] == run.id).all()
+    assert df.index.equals(pd.RangeIndex(4))
+    assert list(zip(df["step"], df["layer"], strict=True)) == [
+        (0, run.layers[1]), (0, run.layers[2]), (run.n_steps - 1, run.layers[1]), (run.n_steps - 1, run.layers[2]),
+    ]  # fmt: skip

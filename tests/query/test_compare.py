@@ -163,3 +163,36 @@ def test_summarize_seed_columns() -> None:
 def test_missing_source_is_an_error(synth_store: Any) -> None:
     with pytest.raises(SelectionError, match="did not capture"):
         C.intra_run(synth_store.runs(["all"]), sources=["k"])
+
+
+def test_role_averages_per_run_in_the_runs_order(synth_store: Any) -> None:
+    runs = synth_store.runs(["all"])
+    df = C.snapshots_vs_references(runs, sources=["hidden_out"], layers=[0])
+    avg = C.role_averages(df)
+    expected = []
+    for run in runs:
+        snaps, refs = raw_stack(run, "snapshots", "hidden_out"), raw_stack(run, "references", "hidden_out")
+        roles = [s["role"] for s in run.snapshot_index]
+        for role in dict.fromkeys(r for r in roles if r in ("user", "assistant")):  # first-seen order
+            msgs = [i for i, r in enumerate(roles) if r == role]
+            for ri, label in enumerate(run.reference_labels):  # the run's order, not alphabetical
+                cos = np.mean([np_cos(snaps[m, 0], refs[ri, 0]) for m in msgs])
+                expected.append((run.id, role, label, cos, len(msgs)))
+    assert run.reference_labels != sorted(run.reference_labels)  # so the order is tested
+    got = list(avg[["run", "role", "reference", "cosine", "n_messages"]].itertuples(index=False, name=None))
+    assert [g[:3] for g in got] == [e[:3] for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g[3] == pytest.approx(e[3], rel=1e-9) and g[4] == e[4]
+
+
+def test_snapshots_vs_references_magnitude(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    snaps, refs = raw_stack(run, "snapshots", "hidden_out"), raw_stack(run, "references", "hidden_out")
+    by_size = C.snapshots_vs_references(run, sources=["hidden_out"], layers=[0], frac=0.05, magnitude=True)
+    by_value = C.snapshots_vs_references(run, sources=["hidden_out"], layers=[0], frac=0.05)
+    label_index = {label: i for i, label in enumerate(run.reference_labels)}
+    for df, magnitude in ((by_size, True), (by_value, False)):
+        for row in df.itertuples(index=False):
+            a, b = snaps[row.message, 0], refs[label_index[row.reference], 0]
+            assert row.jaccard == pytest.approx(np_jaccard(a, b, 0.05, magnitude)), (magnitude, row)
+    assert (by_size["jaccard"] != by_value["jaccard"]).any()  # the flag matters on this data

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from actstore.query.logit_lens import kl_from_final, logit_lens, write_logit_lens_json
+from actstore.query.logit_lens import kl_from_final, logit_lens, logit_lens_records, write_logit_lens_json
 
 from .helpers import raw
 
@@ -133,3 +134,18 @@ def test_logit_lens_layers_measures_from_last_captured_layer(tiny: Any, monkeypa
     assert np.abs(want - _kl(expected[:2], expected[1])).max() > 0.5  # last selected != last captured
     np.testing.assert_allclose(df["kl_from_final"], want, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(df["argmax_id"], expected[: len(chosen)].argmax(-1))
+
+
+def test_records_are_plain_python() -> None:
+    # Columns that hold NumPy scalars (object dtype, as from concatenating mixed frames)
+    # still give JSON-ready records.
+    df = pd.DataFrame({
+        "step": pd.Series([np.int64(0), np.int64(2)], dtype=object), "layer": [1, 1],
+        "argmax_token": ["a", "b"], "argmax_logprob": pd.Series([np.float32(-0.5), -1.0], dtype=object),
+        "kl_from_final": [0.25, 0.0], "top": [[{"token": "a", "id": 3, "logprob": -0.5}], []],
+    })  # fmt: skip
+    records = logit_lens_records(df)
+    assert records[0] == {"step": 0, "layer": 1, "argmax_token": "a", "argmax_logprob": -0.5,
+                          "kl_from_final": 0.25, "top": [{"token": "a", "logprob": -0.5}]}  # fmt: skip
+    assert type(records[0]["step"]) is int and type(records[0]["argmax_logprob"]) is float
+    assert json.loads(json.dumps(records)) == records

@@ -130,3 +130,17 @@ def test_read_region_is_the_stored_block(tmp_path: Any, store_dtype: str) -> Non
     np.testing.assert_array_equal(got, stored[[0, 2]][:, 1:5][:, :, [3, 7, 8]])
     with pytest.raises(SelectionError, match="has no stored array for 'attn_out'"):
         S.read_region(run, "attn_out", (0, slice(None), slice(None)))
+
+
+def test_state_pair_errors_name_the_text_and_what_is_wrong() -> None:
+    cases = {
+        "reference:x:reference:y:reference:z": r"'reference:x:reference:y:reference:z' reads two ways "
+        r"\(reference:x vs reference:y:reference:z or reference:x:reference:y vs reference:z\)",
+        "foo:final": r"^'foo:final': unknown state 'foo'",  # the first state is wrong
+        "final:foo": r"^'final:foo': unknown state 'foo'",  # the second one is
+        "final:step:x": r"^'final:step:x': 'x' is not a whole number",
+        "final:": r"^'final:': missing state",
+    }
+    for text, msg in cases.items():
+        with pytest.raises(SelectionError, match=msg):
+            S.parse_state_pair(text)

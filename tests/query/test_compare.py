@@ -165,24 +165,37 @@ def test_missing_source_is_an_error(synth_store: Any) -> None:
         C.intra_run(synth_store.runs(["all"]), sources=["k"])
 
 
-def test_role_averages_per_run_in_the_runs_order(synth_store: Any) -> None:
+def test_role_averages_per_run_and_source_in_the_runs_order(synth_store: Any) -> None:
     runs = synth_store.runs(["all"])
-    df = C.snapshots_vs_references(runs, sources=["hidden_out"], layers=[0])
+    sources = ["hidden_out", "attn_out"]
+    df = C.snapshots_vs_references(runs, sources=sources, layers=[0])
     avg = C.role_averages(df)
-    expected = []
+    expected = []  # rows in the order the comparison lists them: run, source, role, reference
     for run in runs:
-        snaps, refs = raw_stack(run, "snapshots", "hidden_out"), raw_stack(run, "references", "hidden_out")
         roles = [s["role"] for s in run.snapshot_index]
-        for role in dict.fromkeys(r for r in roles if r in ("user", "assistant")):  # first-seen order
-            msgs = [i for i, r in enumerate(roles) if r == role]
-            for ri, label in enumerate(run.reference_labels):  # the run's order, not alphabetical
-                cos = np.mean([np_cos(snaps[m, 0], refs[ri, 0]) for m in msgs])
-                expected.append((run.id, role, label, cos, len(msgs)))
+        for source in sources:
+            snaps, refs = raw_stack(run, "snapshots", source), raw_stack(run, "references", source)
+            for role in dict.fromkeys(r for r in roles if r in ("user", "assistant")):  # first-seen order
+                msgs = [i for i, r in enumerate(roles) if r == role]
+                for ri, label in enumerate(run.reference_labels):  # the run's order, not alphabetical
+                    cos = np.mean([np_cos(snaps[m, 0], refs[ri, 0]) for m in msgs])
+                    expected.append((run.id, role, label, source, cos, len(msgs)))
     assert run.reference_labels != sorted(run.reference_labels)  # so the order is tested
-    got = list(avg[["run", "role", "reference", "cosine", "n_messages"]].itertuples(index=False, name=None))
-    assert [g[:3] for g in got] == [e[:3] for e in expected]
+    cols = ["run", "role", "reference", "source", "cosine", "n_messages"]
+    got = list(avg[cols].itertuples(index=False, name=None))
+    assert [g[:4] for g in got] == [e[:4] for e in expected]
     for g, e in zip(got, expected, strict=True):
-        assert g[3] == pytest.approx(e[3], rel=1e-9) and g[4] == e[4]
+        assert g[4] == pytest.approx(e[4], rel=1e-9) and g[5] == e[5]
+
+
+def test_intra_run_ranks_by_value_by_default(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    x = raw(run, "hidden_out")
+    a, b = x[:, run.prompt_len - 1], x[:, run.n_positions - 1]
+    by_value = [np_jaccard(a[i], b[i], 0.05) for i in range(len(run.layers))]
+    assert by_value != [np_jaccard(a[i], b[i], 0.05, magnitude=True) for i in range(len(run.layers))]
+    df = C.intra_run(run, sources=["hidden_out"], frac=0.05)
+    np.testing.assert_allclose(df["jaccard"], by_value, rtol=1e-12)
 
 
 def test_snapshots_vs_references_magnitude(synth_store: Any) -> None:

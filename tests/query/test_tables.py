@@ -71,6 +71,8 @@ def test_paper_tables_on_chosen_layers(synth_store: Any) -> None:
     np.testing.assert_allclose(mr[labels].to_numpy(), np.mean(sims, axis=0), rtol=1e-9)
     assert list(mr.columns) == ["message", "role", "preview", *labels, "best"]
     assert mr["preview"].tolist() == [f"m{k}" for k in range(len(run.snapshot_index))]  # synth's previews
+    # unstack's level names ("reference", "source", "role") do not stay on the columns
+    assert all(t[k].columns.name is None for k in ("message_reference", "reference_source", "role_gap"))
 
 
 def test_paper_tables_of_partial_runs(tmp_path: Any) -> None:

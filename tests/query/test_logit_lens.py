@@ -165,7 +165,7 @@ def test_logit_lens_on_a_float16_store_with_chosen_layers(tmp_path: Path) -> Non
                                         sources=("hidden_in",), n_snapshots=0, labels=()))  # fmt: skip
     loaded = _peaked(tiny_loaded("llama"), 50.0)
     df = logit_lens(run, loaded, steps=[0, -1], layers=[1, 2])
-    assert df["layer"].tolist() == [1, 2, 1, 2]
+    assert df["layer"].tolist() == [1, 2, 1, 2] and (df["run"] == run.id).all()
     hidden = raw(run, "hidden_out")  # (L, T, W) of float16 values
     for step, pos in ((0, run.prompt_len - 1), (run.n_steps - 1, run.n_positions - 1)):
         expected = _hand_lens(loaded, hidden[:, pos])  # every layer, float32 lens
@@ -173,6 +173,7 @@ def test_logit_lens_on_a_float16_store_with_chosen_layers(tmp_path: Path) -> Non
         assert (sub["position"] == pos).all()
         np.testing.assert_allclose(sub["kl_from_final"], _kl(expected, expected[3])[1:3], rtol=1e-3, atol=1e-3)
         np.testing.assert_array_equal(sub["argmax_id"], expected[1:3].argmax(-1))
+        assert sub["argmax_token"].tolist() == [loaded.tokenizer.decode([int(i)]) for i in sub["argmax_id"]]
         # float16 vectors widened to float32 before the lens: the same float32 arithmetic
         # as by hand (a float16 lens input would be off by ~1e-3)
         np.testing.assert_allclose(sub["argmax_logprob"], expected[1:3].max(-1), rtol=1e-5, atol=1e-5)
@@ -216,3 +217,20 @@ def test_logit_lens_json_format_and_errors(tmp_path: Path, monkeypatch: pytest.M
     target = tmp_path / "full.json"
     with pytest.raises(OutputError, match=rf"^output file {target}: no space left on device \(free some space\)$"):
         write_logit_lens_json(df, target)
+
+
+def test_check_request_before_the_model_is_loaded(synth_store: Any) -> None:
+    from actstore.errors import SelectionError
+    from actstore.query.logit_lens import check_request
+
+    run = synth_store.runs(["all"])[0]
+    P, T = run.prompt_len, run.n_positions
+    assert check_request(run, None) == (list(range(run.n_steps)), [P - 1, *range(P, T)])  # every step
+    assert check_request(run, [0], position=0, top_k=1) == ([0], [0])  # top 1 is allowed
+    assert check_request(run, [-1], position=-1, layers=run.layers[:1]) == ([run.n_steps - 1], [T - 1])
+    with pytest.raises(SelectionError, match=r"^--top-k 0: give how many top tokens"):
+        check_request(run, None, top_k=0)
+    with pytest.raises(SelectionError, match=r"did not capture layer\(s\) \[99\]"):
+        check_request(run, None, layers=[99])  # checked here, not after loading the model
+    with pytest.raises(SelectionError, match=r"^step 1 computed 1 position\(s\); position 1 is out of range$"):
+        check_request(run, [1], position=1)

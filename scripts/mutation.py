@@ -21,7 +21,11 @@ How it works: mutmut copies ``src/`` and ``tests/`` into ``mutants/`` (git-ignor
 wipes it first unless ``--keep``), writes every mutant of every function in scope into that copy
 behind a trampoline, runs the selected tests once to record which tests reach which function,
 and then runs, for each mutant, only the tests that reach its function (mutmut's per-test
-selection). ``[tool.mutmut]`` in pyproject.toml holds the defaults (fast suite, files copied
+selection). With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
+(mutants of functions whose source changed are made again and run). After adding tests,
+``--keep --retest-survivors`` runs again only the mutants that survived (or had no test),
+with the current tests: a killed verdict stays valid while the source is unchanged and
+tests are only added. ``[tool.mutmut]`` in pyproject.toml holds the defaults (fast suite, files copied
 alongside the tests); this script narrows ``only_mutate`` (``--package``/``--paths``) and the
 test selection (``--tests``) for one run by overriding mutmut's loaded configuration.
 
@@ -131,6 +135,25 @@ def _collect(paths: list[Path]) -> dict[str, list[tuple[str, str, str | None]]]:
     return out
 
 
+def _reset_survivors(paths: list[Path]) -> int:
+    """Clear the verdict of every surviving / untested mutant in ``paths`` so mutmut runs it again."""
+    from mutmut.stats import status_by_exit_code
+
+    n = 0
+    for path in paths:
+        meta = ROOT / "mutants" / (str(path) + ".meta")
+        if not meta.exists():
+            continue
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        for key, code in codes.items():
+            if code is not None and status_by_exit_code[code] in ("survived", "no tests"):
+                codes[key] = None
+                n += 1
+        meta.write_text(json.dumps(data, indent=4))
+    return n
+
+
 def _keep_equivalents(out: Path) -> str:
     if out.exists():
         text = out.read_text()
@@ -144,7 +167,7 @@ def _keep_equivalents(out: Path) -> str:
 
 
 def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
-           partial_note: str | None) -> None:
+           partial_note: str | None, resumed: str | None = None) -> None:
     by_pkg: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[str]] = defaultdict(list)
     for path, rows in results.items():
@@ -166,6 +189,8 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
         f"- Tests: {', '.join(f'`{t}`' for t in tests)}",
         f"- Wall time: {seconds / 60:.1f} min on {os.cpu_count()} cores",
     ]
+    if resumed:
+        lines.append(f"- Resumed: {resumed}")
     if partial_note:
         lines += ["", f"**Partial run.** {partial_note}"]
     lines += [
@@ -204,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=None, help="parallel workers (default: cores)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--keep", action="store_true", help="reuse mutants/ from an earlier run (mutmut resumes)")
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="with --keep: run the survived and untested mutants again (after adding tests)")
     ap.add_argument("--partial-note", help="sentence written under the header when the run is partial")
     args = ap.parse_args(argv)
 
@@ -222,8 +249,21 @@ def main(argv: list[str] | None = None) -> int:
         pkgs = args.package or list(PACKAGES)
         scope = [f"src/actstore/{p}/" for p in pkgs]
         only = [f"src/actstore/{p}/*" for p in pkgs]
+    if args.retest_survivors and not args.keep:
+        ap.error("--retest-survivors needs --keep")
     if not args.keep and (ROOT / "mutants").exists():
         shutil.rmtree(ROOT / "mutants")
+
+    import fnmatch
+
+    files = sorted(p.relative_to(ROOT) for p in (ROOT / "src" / "actstore").rglob("*.py"))
+    files = [p for p in files if any(fnmatch.fnmatch(str(p), pat) for pat in only)]
+    resumed = None
+    if args.keep:
+        resumed = "`--keep`: verdicts of an earlier run in mutants/ kept (same source), new mutants run"
+        if args.retest_survivors:
+            n = _reset_survivors(files)
+            resumed += f"; `--retest-survivors`: its {n} survived / untested mutants run again with today's tests"
 
     child = {"only_mutate": only, "tests": args.tests, "max_children": args.max_children}
     t0 = time.monotonic()
@@ -233,12 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutmut run exited with {rc}; {args.out} not written", file=sys.stderr)
         return rc
 
-    import fnmatch
-
-    files = sorted(p.relative_to(ROOT) for p in (ROOT / "src" / "actstore").rglob("*.py"))
-    files = [p for p in files if any(fnmatch.fnmatch(str(p), pat) for pat in only)]
     results = _collect(files)
-    _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note)
+    _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note, resumed)
     print(f"wrote {args.out}")
     return 0
 

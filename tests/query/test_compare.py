@@ -163,3 +163,49 @@ def test_summarize_seed_columns() -> None:
 def test_missing_source_is_an_error(synth_store: Any) -> None:
     with pytest.raises(SelectionError, match="did not capture"):
         C.intra_run(synth_store.runs(["all"]), sources=["k"])
+
+
+def test_role_averages_per_run_and_source_in_the_runs_order(synth_store: Any) -> None:
+    runs = synth_store.runs(["all"])
+    sources = ["hidden_out", "attn_out"]
+    df = C.snapshots_vs_references(runs, sources=sources, layers=[0])
+    avg = C.role_averages(df)
+    expected = []  # rows in the order the comparison lists them: run, source, role, reference
+    for run in runs:
+        roles = [s["role"] for s in run.snapshot_index]
+        for source in sources:
+            snaps, refs = raw_stack(run, "snapshots", source), raw_stack(run, "references", source)
+            for role in dict.fromkeys(r for r in roles if r in ("user", "assistant")):  # first-seen order
+                msgs = [i for i, r in enumerate(roles) if r == role]
+                for ri, label in enumerate(run.reference_labels):  # the run's order, not alphabetical
+                    cos = np.mean([np_cos(snaps[m, 0], refs[ri, 0]) for m in msgs])
+                    expected.append((run.id, role, label, source, cos, len(msgs)))
+    assert run.reference_labels != sorted(run.reference_labels)  # so the order is tested
+    cols = ["run", "role", "reference", "source", "cosine", "n_messages"]
+    got = list(avg[cols].itertuples(index=False, name=None))
+    assert [g[:4] for g in got] == [e[:4] for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g[4] == pytest.approx(e[4], rel=1e-9) and g[5] == e[5]
+
+
+def test_intra_run_ranks_by_value_by_default(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    x = raw(run, "hidden_out")
+    a, b = x[:, run.prompt_len - 1], x[:, run.n_positions - 1]
+    by_value = [np_jaccard(a[i], b[i], 0.05) for i in range(len(run.layers))]
+    assert by_value != [np_jaccard(a[i], b[i], 0.05, magnitude=True) for i in range(len(run.layers))]
+    df = C.intra_run(run, sources=["hidden_out"], frac=0.05)
+    np.testing.assert_allclose(df["jaccard"], by_value, rtol=1e-12)
+
+
+def test_snapshots_vs_references_magnitude(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    snaps, refs = raw_stack(run, "snapshots", "hidden_out"), raw_stack(run, "references", "hidden_out")
+    by_size = C.snapshots_vs_references(run, sources=["hidden_out"], layers=[0], frac=0.05, magnitude=True)
+    by_value = C.snapshots_vs_references(run, sources=["hidden_out"], layers=[0], frac=0.05)
+    label_index = {label: i for i, label in enumerate(run.reference_labels)}
+    for df, magnitude in ((by_size, True), (by_value, False)):
+        for row in df.itertuples(index=False):
+            a, b = snaps[row.message, 0], refs[label_index[row.reference], 0]
+            assert row.jaccard == pytest.approx(np_jaccard(a, b, 0.05, magnitude)), (magnitude, row)
+    assert (by_size["jaccard"] != by_value["jaccard"]).any()  # the flag matters on this data

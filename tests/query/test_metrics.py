@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dask
 import dask.array as da
 import numpy as np
@@ -120,3 +122,112 @@ def test_pairs_stack_matches_loops(lazy: bool, magnitude: bool, monkeypatch: pyt
                 assert np.isnan(got[0, p, layer])
             else:
                 np.testing.assert_allclose(got[0, p, layer], np_cos(a, b), rtol=1e-12)
+
+
+# ---- edges the loops above do not reach (each found by a surviving mutant) ---------------
+def _top_set(x: np.ndarray, k: int) -> set[int]:
+    """Indices of the k largest values, NaN never among them, ties to the lower index."""
+    order = np.argsort(-np.where(np.isnan(x), -np.inf, x.astype(np.float64)), kind="stable")
+    return {int(i) for i in order[:k]}
+
+
+def test_metrics_on_a_chunked_vector_axis() -> None:
+    # A store may chunk the vector axis; each metric still sees whole vectors.
+    a, b = da.from_array(A, chunks=(1, 2, 100)), da.from_array(B, chunks=(3, 5, 75))
+    np.testing.assert_allclose(M.cosine(a, b).compute(), _loop(np_cos, A, B), rtol=1e-12)
+    np.testing.assert_allclose(M.mae(a, b).compute(), _loop(np_mae, A, B), rtol=1e-12)
+    np.testing.assert_allclose(M.norm(a).compute(), np.linalg.norm(A.astype(np.float64), axis=-1), rtol=1e-12)
+    ma, mb = a > 0, b > 0
+    inter = ((A > 0) & (B > 0)).sum(-1)
+    union = ((A > 0) | (B > 0)).sum(-1)
+    np.testing.assert_allclose(M.mask_jaccard(ma, mb).compute(), inter / union, rtol=1e-12)
+
+
+def test_zero_vectors_give_nan_without_warnings() -> None:
+    v = np.zeros((3, 1, 8))
+    v[0, 0, 0] = 1.0
+    empty = np.zeros(8, dtype=bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero RuntimeWarning on the way to NaN
+        assert np.isnan(M.cosine(np.ones(8), np.zeros(8)))
+        assert np.isnan(M.mask_jaccard(empty, empty))
+        pairs = M.pairs_stack(v, 0.125)
+    assert np.isnan(pairs[0]).all()  # every pair has the zero vector v[1] or v[2] in it
+    np.testing.assert_array_equal(pairs[1, :, 0], [1 / 8, 1 / 8, 0.0])
+
+
+def test_unit_vectors_and_single_element_top_sets() -> None:
+    # |a| |b| == 1 and |A | B| == 1 are ordinary values, not missing ones.
+    e = np.eye(4)
+    v = np.stack([e[0], e[0], e[1]])[:, None]  # (3 vectors, 1 layer, W=4)
+    pairs = M.pairs_stack(v, 0.25)  # k = 1
+    np.testing.assert_array_equal(pairs[0, :, 0], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(pairs[2, :, 0], [1.0, 0.0, 0.0])
+    a, b = np.array([0.0, 5.0, 1.0, 2.0]), np.array([1.0, 4.0, 0.0, 3.0])
+    assert M.jaccard(a, b, 0.25) == np_jaccard(a, b, 0.25) == 1.0
+    assert M.jaccard(da.from_array(a), da.from_array(b), 0.25).compute() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_nan_is_never_in_the_top_set(dtype: type) -> None:
+    x = np.array([[np.nan, 1.0, 2.0, np.nan, -3.0, 0.5], [np.nan] * 4 + [-1.0, -2.0]], dtype=dtype)
+    for frac, k in ((0.34, 2), (0.5, 3)):
+        for magnitude in (False, True):
+            got = M.top_mask(x, frac, magnitude)
+            assert got.sum(-1).tolist() == [k, k]
+            for row, mask in zip(np.abs(x) if magnitude else x, got, strict=True):
+                assert set(np.flatnonzero(mask).tolist()) == _top_set(row, k)
+
+
+def test_float64_vectors_are_ranked_at_full_precision() -> None:
+    x = np.array([1.0, 1.0 + 1e-12, 1.0 - 1e-12, 0.0])  # equal in float32
+    assert np.flatnonzero(M.top_mask(x, 0.25)).tolist() == [1]
+    assert np.flatnonzero(M.top_mask(x, 0.5)).tolist() == [0, 1]
+
+
+def test_fractions_above_one_are_refused() -> None:
+    for frac in (1.5, 2.0, -0.1):
+        with pytest.raises(ValueError, match=r"frac must be in \(0, 1\]"):
+            M.top_count(10, frac)
+    assert M.top_count(10, 1.0) == 10
+
+
+def test_defaults_rank_by_value_not_magnitude() -> None:
+    # By value the top-1 sets are {1} and {2}; by magnitude both are {0}.
+    a = np.zeros(100)
+    b = np.zeros(100)
+    a[:2], b[[0, 2]] = (-10.0, 1.0), (-10.0, 1.0)
+    by_value, by_size = np_jaccard(a, b, 0.01), np_jaccard(a, b, 0.01, magnitude=True)
+    assert (by_value, by_size) == (0.0, 1.0)
+    assert M.jaccard(a, b) == by_value
+    assert M.metrics_stack(a, b)[2] == by_value
+    assert M.all_metrics(a, b)["jaccard"] == by_value
+    assert M.all_metrics(a, b, magnitude=True)["jaccard"] == by_size
+    assert M.all_metrics(a, b, 0.01, True)["jaccard"] == by_size
+    assert M.pairs_stack(np.stack([a, b]))[2].tolist() == [by_value]
+    assert M.pairs_stack(np.stack([a, b]), magnitude=True)[2].tolist() == [by_size]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_pairs_stack_of_one_vector_has_no_pairs(lazy: bool) -> None:
+    v = RNG.standard_normal((1, 4, 300))
+    got = M.pairs_stack(da.from_array(v) if lazy else v, 0.05)
+    assert got.shape == (3, 0, 4)
+    assert np.asarray(got.compute() if lazy else got).shape == (3, 0, 4)
+
+
+def test_lazy_pairs_stack_knows_its_shape_and_keeps_layer_chunks() -> None:
+    # Callers slice the lazy answer before computing it, so its shape and chunks must be
+    # right; the layer axis keeps its chunks (one task per block, a small graph).
+    v = RNG.standard_normal((6, 5, 300)).astype(np.float16)
+    lazy = M.pairs_stack(da.from_array(v, chunks=(2, 2, 100)), 0.05)
+    assert lazy.shape == (3, 15, 5) and lazy.dtype == np.float64
+    assert lazy.chunks == ((3,), (15,), (2, 2, 1))
+    assert len(lazy.__dask_graph__()) < 60
+    iu, ju = np.triu_indices(6, 1)
+    x = v.astype(np.float64)
+    p = 13  # a pair near the end: a wrong pair count would point elsewhere
+    got = lazy[:, p, 3].compute()
+    a, b = x[iu[p], 3], x[ju[p], 3]
+    np.testing.assert_allclose(got, [np_cos(a, b), np_mae(a, b), np_jaccard(a, b, 0.05)], rtol=1e-12)
+    np.testing.assert_allclose(lazy.blocks[0, 0, 1].compute(), lazy.compute()[:, :, 2:4])

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zarr
 
 from actstore.errors import SelectionError
 from actstore.query import states as S
@@ -111,3 +112,35 @@ def test_as_xarray(any_run: Any) -> None:
     assert int(x.step[-1]) == run.n_steps - 1 and int(x.step[run.prefill_position]) == 0
     v = x.sel(layer=run.layers[-1]).isel(position=-1).values
     np.testing.assert_array_equal(v.astype(np.float64), raw(run, "hidden_out")[-1, -1])
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
+def test_read_region_is_the_stored_block(tmp_path: Any, store_dtype: str) -> None:
+    from actstore.store.store import ActStore
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    run = store.run(write_synthetic_run(store, n_layers=3, prompt_len=6, n_steps=3, width=16,
+                                        sources=("hidden_in", "q"), store_dtype=store_dtype))  # fmt: skip
+    stored = zarr.open_group(store=run.group.store, path=run.group.path, mode="r")["acts/q"][...]
+    if store_dtype == "bfloat16":  # uint16 bits: the top half of a float32
+        assert stored.dtype == np.uint16
+        stored = (stored.astype(np.uint32) << 16).view(np.float32)
+    got = S.read_region(run, "q", ([0, 2], slice(1, 5), [3, 7, 8]))
+    assert got.dtype == stored.dtype and got.dtype != np.uint16
+    np.testing.assert_array_equal(got, stored[[0, 2]][:, 1:5][:, :, [3, 7, 8]])
+    with pytest.raises(SelectionError, match="has no stored array for 'attn_out'"):
+        S.read_region(run, "attn_out", (0, slice(None), slice(None)))
+
+
+def test_state_pair_errors_name_the_text_and_what_is_wrong() -> None:
+    cases = {
+        "reference:x:reference:y:reference:z": r"'reference:x:reference:y:reference:z' reads two ways "
+        r"\(reference:x vs reference:y:reference:z or reference:x:reference:y vs reference:z\)",
+        "foo:final": r"^'foo:final': unknown state 'foo'",  # the first state is wrong
+        "final:foo": r"^'final:foo': unknown state 'foo'",  # the second one is
+        "final:step:x": r"^'final:step:x': 'x' is not a whole number",
+        "final:": r"^'final:': missing state",
+    }
+    for text, msg in cases.items():
+        with pytest.raises(SelectionError, match=msg):
+            S.parse_state_pair(text)

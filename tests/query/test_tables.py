@@ -7,6 +7,7 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
+import zarr
 
 from actstore.query.tables import paper_tables
 
@@ -54,3 +55,73 @@ def test_paper_tables(any_run: Any) -> None:
         user, asst = cos[s][roles == "user"].mean(), cos[s][roles == "assistant"].mean()
         assert gap.loc[s, "user"] == pytest.approx(user) and gap.loc[s, "assistant"] == pytest.approx(asst)
         assert gap.loc[s, "gap"] == pytest.approx(user - asst)
+
+
+def test_paper_tables_on_chosen_layers(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    t = paper_tables(run, layers=[1, 2])
+    assert t["intra_run_drift"]["source"].tolist() == list(RESIDUAL)  # the residual sources, in order
+    labels = run.reference_labels
+    sims = []
+    for s in RESIDUAL:
+        sn, rf = raw_stack(run, "snapshots", s)[:, 1:3], raw_stack(run, "references", s)[:, 1:3]
+        sims.append([[np.mean([np_cos(sn[m, i], rf[r, i]) for i in range(2)]) for r in range(len(rf))]
+                     for m in range(len(sn))])  # fmt: skip
+    mr = t["message_reference"]
+    np.testing.assert_allclose(mr[labels].to_numpy(), np.mean(sims, axis=0), rtol=1e-9)
+    assert list(mr.columns) == ["message", "role", "preview", *labels, "best"]
+    assert mr["preview"].tolist() == [f"m{k}" for k in range(len(run.snapshot_index))]  # synth's previews
+    # unstack's level names ("reference", "source", "role") do not stay on the columns
+    assert all(t[k].columns.name is None for k in ("message_reference", "reference_source", "role_gap"))
+
+
+def test_paper_tables_of_partial_runs(tmp_path: Any) -> None:
+    # No references: the drift table only. Snapshots of one role (and a snapshot saved
+    # without a preview): the other role's column is NaN, and so is the gap.
+    from actstore.store.store import ActStore
+
+    from .synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    bare = store.run(write_synthetic_run(store, n_layers=2, prompt_len=4, n_steps=2, width=16, labels=()))
+    assert set(paper_tables(bare)) == {"intra_run_drift"}
+
+    rid = write_synthetic_run(store, n_layers=2, prompt_len=4, n_steps=2, width=16, n_snapshots=2)
+    g = zarr.open_group(store=store.run(rid).group.store, path=store.run(rid).group.path, mode="r+")
+    meta = dict(g.attrs["run"])
+    assert [s["role"] for s in meta["snapshots"]] == ["system", "user"]
+    del meta["snapshots"][1]["content_preview"]
+    g.attrs["run"] = meta
+    run = store.run(rid)
+    t = paper_tables(run)
+    assert t["message_reference"]["preview"].tolist() == ["m0", ""]
+    gap = t["role_gap"]
+    assert list(gap.columns) == ["source", "user", "assistant", "gap"]
+    assert gap["source"].tolist() == list(RESIDUAL)
+    for s in RESIDUAL:
+        sn, rf = raw_stack(run, "snapshots", s), raw_stack(run, "references", s)
+        user = np.mean([np_cos(sn[1, la], rf[r, la]) for r in range(len(rf)) for la in range(2)])
+        row = gap[gap.source == s].iloc[0]
+        assert row["user"] == pytest.approx(user, rel=1e-9)
+        assert np.isnan(row["assistant"]) and np.isnan(row["gap"])
+
+    meta["snapshots"][1]["role"] = "assistant"  # now the other role only
+    g.attrs["run"] = meta
+    gap = paper_tables(store.run(rid))["role_gap"]
+    assert gap["user"].isna().all() and gap["assistant"].notna().all() and gap["gap"].isna().all()
+    system_only = write_synthetic_run(store, n_layers=2, prompt_len=4, n_steps=2, width=16, n_snapshots=1)
+    gap = paper_tables(store.run(system_only))["role_gap"]  # no user or assistant snapshot
+    assert list(gap.columns) == ["source", "user", "assistant", "gap"] and gap.empty
+
+
+def test_drift_table_is_per_source_over_every_row(synth_store: Any) -> None:
+    from actstore.query.compare import intra_run
+    from actstore.query.tables import drift_table
+
+    runs = synth_store.runs(["all"])[:2]
+    table = drift_table(intra_run(runs, sources=["hidden_out", "attn_out"]))
+    assert table["source"].tolist() == ["hidden_out", "attn_out"]  # one row per source, runs pooled
+    for s in ("hidden_out", "attn_out"):
+        cos = [np_cos(x[i, r.prompt_len - 1], x[i, -1]) for r in runs for x in [raw(r, s)] for i in range(len(r.layers))]
+        row = table[table.source == s].iloc[0]
+        assert row["mean"] == pytest.approx(np.mean(cos), rel=1e-9) and row["min"] == pytest.approx(min(cos))

@@ -32,10 +32,6 @@ from actstore.paths import check_file, writing
 from actstore.query.states import select, step_index
 
 
-def _module(model: Any, site: Any) -> Any:
-    return model.get_submodule(site) if isinstance(site, str) else site
-
-
 def lens_function(model: Any) -> Any:
     """hidden_out -> logits: the model's final norm, LM head and (gemma2) logit softcap."""
     import torch
@@ -43,7 +39,7 @@ def lens_function(model: Any) -> Any:
     from actstore.models.architectures import resolve_sites
 
     sites = resolve_sites(model)
-    norm, head = _module(model, sites.final_norm), _module(model, sites.lm_head)
+    norm, head = sites.final_norm, sites.lm_head  # modules, found by resolve_sites
     cap = getattr(sites, "logit_softcapping", None)
 
     def lens(h: Any) -> Any:

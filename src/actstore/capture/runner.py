@@ -242,7 +242,6 @@ def capture_run(
 
     run_id = store.new_run_id(scenario.name)
     shared_refs = references.states if references is not None else None
-    group = store.create_run_group(run_id)
     writer: RunWriter | None = None
     bar = tqdm(
         total=gen.max_new_tokens + len(snapshot_ids) + 1 + (len(ref_ids) if shared_refs is None else 0),
@@ -252,6 +251,7 @@ def capture_run(
         file=sys.stderr,
     )
     try:
+        group = store.create_run_group(run_id)  # inside: an interrupt right after it still discards it
         with Recorder(sites, layers, sources, store_dtype) as rec:
             steps: list[dict[str, Any]] = []
             ids = prompt_ids

@@ -252,7 +252,6 @@ def _import(store: ActStore, seed: SeedDir, *, quiet: bool, scenario_run: str | 
             references_run: str | None) -> str:  # fmt: skip
     d, run_json, steps, schema, info = seed.d, seed.run_json, seed.steps, seed.schema, seed.info
     run_id = store.new_run_id(run_json["scenario"]["name"])
-    group = store.create_run_group(run_id)
     writers: list[RunWriter] = []
     log = PassLog()
     snap_full = [f for f in seed.snap_files if f.length is not None]
@@ -261,6 +260,8 @@ def _import(store: ActStore, seed: SeedDir, *, quiet: bool, scenario_run: str | 
     bar = tqdm(total=n_files, desc=f"import {d.name}", unit="file", disable=quiet or not sys.stderr.isatty(),
                file=sys.stderr)  # fmt: skip
     try:
+        # made inside the try: an interrupt right after it must still discard the group
+        group = store.create_run_group(run_id)
         writer = RunWriter(group, schema.plans(schema.n_positions))
         writers.append(writer)
         down_in = _DownIn(schema, group, d, steps, writers)

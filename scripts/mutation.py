@@ -260,6 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     files = [p for p in files if any(fnmatch.fnmatch(str(p), pat) for pat in only)]
     resumed = None
     if args.keep:
+        # A file in scope that the earlier run left unmutated (it was out of its scope) has
+        # a plain copy in mutants/ that mutmut takes for an already mutated one (its mtime
+        # is newer than the source's): remove it so mutmut copies and mutates it afresh.
+        for path in files:
+            copy = ROOT / "mutants" / path
+            if copy.exists() and not (ROOT / "mutants" / (str(path) + ".meta")).exists():
+                copy.unlink()
+        # mutmut records which tests reach which function once, and afterwards only for new
+        # tests: functions mutated since (a wider scope, changed source) would be tested with
+        # the new tests alone. Forgetting the test durations makes it record them again for
+        # every test (one run of the tests); the verdicts are kept.
+        stats = ROOT / "mutants" / "mutmut-stats.json"
+        if stats.exists():
+            data = json.loads(stats.read_text())
+            data["duration_by_test"] = {}
+            stats.write_text(json.dumps(data, indent=4))
         resumed = "`--keep`: verdicts of an earlier run in mutants/ kept (same source), new mutants run"
         if args.retest_survivors:
             n = _reset_survivors(files)

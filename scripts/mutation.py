@@ -169,12 +169,14 @@ def _keep_equivalents(out: Path) -> str:
 
 def _listed_equivalents(section: str) -> set[tuple[str, str]]:
     """(``package/file.py``, mutant name) of every mutant named in the Equivalent section:
-    names in backticks under a ``### package/file.py`` heading."""
+    names in backticks under a ``### package/file.py`` heading (not under a later ``##``)."""
     listed: set[tuple[str, str]] = set()
     where = ""
     for line in section.splitlines():
         if line.startswith("### "):
             where = line[4:].strip()
+        elif line.startswith("## "):  # another section (e.g. survivors that are not equivalent)
+            where = ""
         for name in re.findall(r"`(x\S*?__mutmut_\d+)`", line):
             listed.add((where, name))
     return listed

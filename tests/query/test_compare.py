@@ -301,3 +301,78 @@ def test_snapshots_vs_references_plan_defaults_and_runs_without_references(tmp_p
         SelectionError, match=r"^no selected run has both conversation snapshots and reference states$"
     ):
         C.snapshots_vs_references_plan([no_refs])
+
+
+def _mixed_runs(tmp_path: Any) -> list[Any]:
+    """Three runs in a fresh store: 4 layers with every source, 2 layers with the residual
+    stream only, 4 layers with every source (the middle one limits what all three share)."""
+    from actstore.store.store import ActStore
+
+    from .synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "mixed.zarr", create=True)
+    kw: dict[str, Any] = {"prompt_len": 4, "n_steps": 2, "width": 16}
+    ids = [write_synthetic_run(store, name="big", n_layers=4, seed=1, **kw),
+           write_synthetic_run(store, name="small", n_layers=2, sources=("hidden_in",), seed=2, **kw),
+           write_synthetic_run(store, name="big2", n_layers=4, seed=3, **kw)]  # fmt: skip
+    return [store.run(i) for i in ids]
+
+
+def test_inter_run_compares_what_every_run_has(tmp_path: Any) -> None:
+    runs = _mixed_runs(tmp_path)
+    df = C.inter_run(runs, frac=0.25)
+    assert sorted(set(df["layer"])) == [0, 1]  # the layers all three captured
+    assert list(dict.fromkeys(df["source"])) == ["hidden_in", "hidden_out"]  # the sources all three serve
+    assert len(df) == 3 * 2 * 2 * 2  # pairs x states x sources x layers
+    for row in df.sample(6, random_state=0).itertuples(index=False):
+        ra, rb = (next(r for r in runs if r.id == i) for i in (row.run_a, row.run_b))
+        pos = {"initial": lambda r: r.prompt_len - 1, "final": lambda r: r.n_positions - 1}[row.state]
+        a, b = raw(ra, row.source)[row.layer, pos(ra)], raw(rb, row.source)[row.layer, pos(rb)]
+        assert row.cosine == pytest.approx(np_cos(a, b), rel=1e-9)
+    with pytest.raises(SelectionError, match="did not capture"):
+        C.inter_run(runs, sources=["attn_out"])  # asked for by name: the small run lacks it
+    empty = C.inter_run([])
+    assert empty.empty and list(empty.columns) == ["run_a", "run_b", "state", "source", "layer", *C.METRICS]
+
+
+def test_inter_run_plan_ranks_by_value_by_default(tmp_path: Any) -> None:
+    runs = _mixed_runs(tmp_path)[::2]
+    df = C.inter_run_plan(runs, sources=["hidden_out"], layers=[0, 3], frac=0.25).compute()
+    xa, xb = raw(runs[0], "hidden_out"), raw(runs[1], "hidden_out")
+    for magnitude, check in ((False, True), (True, False)):
+        want = [np_jaccard(xa[r.layer, {"initial": 3, "final": -1}[r.state]],
+                           xb[r.layer, {"initial": 3, "final": -1}[r.state]], 0.25, magnitude)
+                for r in df.itertuples()]  # fmt: skip
+        assert (df["jaccard"].to_numpy() == pytest.approx(want)) is check
+
+
+def test_inter_run_refuses_runs_without_a_common_layer_or_width(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    apart = [SimpleNamespace(layers=[0, 1]), SimpleNamespace(layers=[2, 3])]
+    with pytest.raises(SelectionError, match=r"^the runs share no captured layer; pick runs of one model$"):
+        C.inter_run_plan(apart)
+    from actstore.store.store import ActStore
+
+    from .synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "w.zarr", create=True)
+    runs = [store.run(write_synthetic_run(store, name=f"w{w}", width=w, n_layers=2, prompt_len=4, n_steps=2,
+                                          sources=("hidden_in",), seed=w)) for w in (16, 24)]  # fmt: skip
+    with pytest.raises(SelectionError, match=r"^runs differ in hidden_out width \(\[16, 24\]\): compare runs of one model$"):
+        C.inter_run(runs, sources=["hidden_out"])
+
+
+@pytest.mark.parametrize(("cap", "blocks"), [(144, (2, 2)), (10, (1, 1, 1, 1)), (10**9, (4,))])
+def test_inter_run_layer_blocks_fit_the_answer_cap(
+    synth_store: Any, monkeypatch: pytest.MonkeyPatch, cap: int, blocks: tuple[int, ...]
+) -> None:
+    # 3 runs: 3 pairs, so one layer of the (3 metrics, pairs, layers) float64 answer is
+    # 3 * 3 * 8 = 72 bytes; blocks hold as many layers as fit under the cap (at least one).
+    runs = synth_store.runs(["all"])
+    expected = C.inter_run(runs, sources=["hidden_out"])
+    monkeypatch.setattr(C, "_CHUNK_BYTES", cap)
+    plan = C.inter_run_plan(runs, sources=["hidden_out"])
+    for piece in plan.pieces.values():
+        assert piece.shape == (3, 3, 4) and piece.chunks[2] == blocks
+    pd.testing.assert_frame_equal(plan.compute(), expected)

@@ -48,6 +48,7 @@ import ast
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,8 +167,25 @@ def _keep_equivalents(out: Path) -> str:
     )
 
 
+def _listed_equivalents(section: str) -> set[tuple[str, str]]:
+    """(``package/file.py``, mutant name) of every mutant named in the Equivalent section:
+    names in backticks under a ``### package/file.py`` heading (not under a later ``##``)."""
+    listed: set[tuple[str, str]] = set()
+    where = ""
+    for line in section.splitlines():
+        if line.startswith("### "):
+            where = line[4:].strip()
+        elif line.startswith("## "):  # another section (e.g. survivors that are not equivalent)
+            where = ""
+        for name in re.findall(r"`(x\S*?__mutmut_\d+)`", line):
+            listed.add((where, name))
+    return listed
+
+
 def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
            partial_note: str | None, resumed: str | None = None) -> None:
+    equivalents = _keep_equivalents(out)
+    listed = _listed_equivalents(equivalents)
     by_pkg: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[str]] = defaultdict(list)
     for path, rows in results.items():
@@ -177,6 +195,9 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
             if diff is not None:
                 line, desc = _mutant_line(ROOT / path, key, diff)
                 tag = " (no fast test reaches it)" if status == "no tests" else ""
+                if (f"{pkg}/{Path(path).name}", key.rsplit(".", 1)[-1]) in listed:
+                    by_pkg[pkg]["listed"] += 1
+                    tag += " (listed as equivalent)"
                 survivors[pkg].append(f"- `{path}:{line}` {desc}{tag}  \n  mutant `{key}`")
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -195,26 +216,34 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
         lines += ["", f"**Partial run.** {partial_note}"]
     lines += [
         "",
-        "| package | mutants | killed | survived | no tests | timeout | skipped | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| package | mutants | killed | survived | no tests | timeout | skipped | score "
+        "| survivors listed as equivalent | survivors not explained |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for pkg in sorted(by_pkg):
         c = by_pkg[pkg]
         killed, timeout = c["killed"], c["timeout"]
         survived, no_tests = c["survived"], c["no tests"]
         skipped = c["skipped"] + c["caught by type check"] + c["not checked"]
+        listed_n = c.pop("listed", 0)
         other = sum(c.values()) - killed - timeout - survived - no_tests - skipped
         run = killed + timeout + survived + no_tests + other
         score = f"{100 * (killed + timeout) / run:.1f}%" if run else "n/a"
         lines.append(f"| {pkg} | {sum(c.values())} | {killed} | {survived} | {no_tests} | {timeout} | "
-                     f"{skipped} | {score} |")
-    lines += ["", "Score = (killed + timeout) / (mutants run); `no tests` counts as surviving.", ""]
+                     f"{skipped} | {score} | {listed_n} | {survived + no_tests - listed_n} |")
+    lines += [
+        "",
+        "Score = (killed + timeout) / (mutants run); `no tests` counts as surviving, and so do the "
+        "survivors listed as equivalent (the score does not leave them out). A survivor is "
+        "explained when the Equivalent section below names it under its file's heading.",
+        "",
+    ]
     lines += ["## Surviving mutants", ""]
     if not any(survivors.values()):
         lines.append("None.")
     for pkg in sorted(survivors):
         lines += [f"### {pkg}", "", *survivors[pkg], ""]
-    lines += ["", _keep_equivalents(out)]
+    lines += ["", equivalents]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
 
@@ -260,6 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     files = [p for p in files if any(fnmatch.fnmatch(str(p), pat) for pat in only)]
     resumed = None
     if args.keep:
+        # A file in scope that the earlier run left unmutated (it was out of its scope) has
+        # a plain copy in mutants/ that mutmut takes for an already mutated one (its mtime
+        # is newer than the source's): remove it so mutmut copies and mutates it afresh.
+        for path in files:
+            copy = ROOT / "mutants" / path
+            if copy.exists() and not (ROOT / "mutants" / (str(path) + ".meta")).exists():
+                copy.unlink()
+        # mutmut records which tests reach which function once, and afterwards only for new
+        # tests: functions mutated since (a wider scope, changed source) would be tested with
+        # the new tests alone. Forgetting the test durations makes it record them again for
+        # every test (one run of the tests); the verdicts are kept.
+        stats = ROOT / "mutants" / "mutmut-stats.json"
+        if stats.exists():
+            data = json.loads(stats.read_text())
+            data["duration_by_test"] = {}
+            stats.write_text(json.dumps(data, indent=4))
         resumed = "`--keep`: verdicts of an earlier run in mutants/ kept (same source), new mutants run"
         if args.retest_survivors:
             n = _reset_survivors(files)

@@ -9,6 +9,7 @@ import dask
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 from actstore.errors import SelectionError
 from actstore.query import compare as C
@@ -209,3 +210,169 @@ def test_snapshots_vs_references_magnitude(synth_store: Any) -> None:
             a, b = snaps[row.message, 0], refs[label_index[row.reference], 0]
             assert row.jaccard == pytest.approx(np_jaccard(a, b, 0.05, magnitude)), (magnitude, row)
     assert (by_size["jaccard"] != by_value["jaccard"]).any()  # the flag matters on this data
+
+
+def test_summarize_keeps_the_first_seen_group_order_and_skips_nan() -> None:
+    # Group "b" first: its cosine is all NaN (no lowest layer), its MAE NaN at one layer.
+    df = pd.DataFrame({
+        "run": ["b"] * 3 + ["a"] * 3, "layer": [4, 5, 6] * 2,
+        "cosine": [np.nan, np.nan, np.nan, 0.5, 0.2, 0.9], "mae": [0.3, np.nan, 0.1, 0.2, 0.6, 0.4],
+        "jaccard": [0.5, 0.25, 1.0, 1.0, 0.5, 0.75],
+    })  # fmt: skip
+    s = C.summarize(df, by=["run"])
+    assert s["run"].tolist() == ["b", "a"]  # not sorted
+    b, a = s.iloc[0], s.iloc[1]
+    assert pd.isna(b.most_divergent_layer) and a.most_divergent_layer == 5
+    assert b.max_MAE_layer == 4 and a.max_MAE_layer == 5  # the NaN MAE is not the largest
+    assert b.min_overlap_layer == 5 and a.min_overlap_layer == 5
+    assert np.isnan(b.mean_MAE) and a.mean_MAE == pytest.approx(0.4)
+
+
+def test_inter_run_at_snapshot_and_reference_states(synth_store: Any) -> None:
+    runs = synth_store.runs(["all"])[:2]
+    df = C.inter_run(runs, sources=["hidden_out"], layers=[1, 3], states=["snapshot:2", "reference:fear"], frac=0.05)
+    assert len(df) == 2 * 2  # states x layers, one pair
+    (ra, rb) = runs
+    for row in df.itertuples(index=False):
+        li = [0, 1, 2, 3].index(row.layer)
+        if row.state == "snapshot:2":
+            a, b = (raw_stack(r, "snapshots", "hidden_out")[2, li] for r in (ra, rb))
+        else:
+            a, b = (raw_stack(r, "references", "hidden_out")[r.reference_labels.index("fear"), li] for r in (ra, rb))
+        assert (row.run_a, row.run_b) == (ra.id, rb.id)
+        assert row.cosine == pytest.approx(np_cos(a, b), rel=1e-9) and row.mae == pytest.approx(np_mae(a, b))
+        assert row.jaccard == pytest.approx(np_jaccard(a, b, 0.05))
+
+
+def test_compare_states_plan_defaults_and_chosen_layers(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    x = raw(run, "hidden_in")
+    default = C.compare_states_plan(run, sources=["hidden_in"]).compute()  # initial vs final
+    assert (default["state_a"] == "initial").all() and (default["state_b"] == "final").all()
+    for row in default.itertuples(index=False):
+        a, b = x[row.layer, run.prompt_len - 1], x[row.layer, run.n_positions - 1]
+        assert row.cosine == pytest.approx(np_cos(a, b), rel=1e-9)
+    # non-positional states on chosen layers: only those layers, each its own vectors
+    df = C.compare_states(run, "snapshot:1", "reference:calm", sources=["hidden_in"], layers=[2, 3])
+    snaps, refs = raw_stack(run, "snapshots", "hidden_in"), raw_stack(run, "references", "hidden_in")
+    assert df["layer"].tolist() == [2, 3]
+    for row in df.itertuples(index=False):
+        a, b = snaps[1, row.layer], refs[run.reference_labels.index("calm"), row.layer]
+        assert row.cosine == pytest.approx(np_cos(a, b), rel=1e-9)
+
+
+def test_compare_states_over_runs_of_different_widths(tmp_path: Any) -> None:
+    from actstore.store.store import ActStore
+
+    from .synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    runs = [store.run(write_synthetic_run(store, name=f"w{w}", width=w, n_layers=2, prompt_len=4, n_steps=2,
+                                          sources=("hidden_in",), seed=w)) for w in (16, 24)]  # fmt: skip
+    df = C.compare_states(runs, "initial", "final", sources=["hidden_out"])
+    assert df["run"].tolist() == [runs[0].id] * 2 + [runs[1].id] * 2
+    for row in df.itertuples(index=False):
+        r = runs[[x.id for x in runs].index(row.run)]
+        x = raw(r, "hidden_out")
+        assert row.cosine == pytest.approx(np_cos(x[row.layer, 3], x[row.layer, -1]), rel=1e-9)
+
+
+def test_snapshots_vs_references_plan_defaults_and_runs_without_references(tmp_path: Any) -> None:
+    from actstore.store.store import ActStore
+
+    from .synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    with_refs = store.run(write_synthetic_run(store, width=16, n_layers=2, prompt_len=4, n_steps=2))
+    rid = write_synthetic_run(store, name="norefs", width=16, n_layers=2, prompt_len=4, n_steps=2, labels=())
+    g = zarr.open_group(store=store.run(rid).group.store, path=store.run(rid).group.path, mode="r+")
+    del g["references"]  # as a capture without references stores it: no arrays at all
+    no_refs = store.run(rid)
+    df = C.snapshots_vs_references_plan([with_refs, no_refs], sources=["hidden_out"], frac=0.25).compute()
+    assert set(df["run"]) == {with_refs.id}  # the run without references is left out
+    snaps, refs = raw_stack(with_refs, "snapshots", "hidden_out"), raw_stack(with_refs, "references", "hidden_out")
+    labels = with_refs.reference_labels
+    for row in df.itertuples(index=False):  # jaccard by value unless asked
+        a, b = snaps[row.message, row.layer], refs[labels.index(row.reference), row.layer]
+        assert row.jaccard == pytest.approx(np_jaccard(a, b, 0.25)), row
+    assert (df["jaccard"] != [np_jaccard(snaps[r.message, r.layer], refs[labels.index(r.reference), r.layer],
+                                         0.25, True) for r in df.itertuples()]).any()  # fmt: skip
+    with pytest.raises(
+        SelectionError, match=r"^no selected run has both conversation snapshots and reference states$"
+    ):
+        C.snapshots_vs_references_plan([no_refs])
+
+
+def _mixed_runs(tmp_path: Any) -> list[Any]:
+    """Three runs in a fresh store: 4 layers with every source, 2 layers with the residual
+    stream only, 4 layers with every source (the middle one limits what all three share)."""
+    from actstore.store.store import ActStore
+
+    from .synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "mixed.zarr", create=True)
+    kw: dict[str, Any] = {"prompt_len": 4, "n_steps": 2, "width": 16}
+    ids = [write_synthetic_run(store, name="big", n_layers=4, seed=1, **kw),
+           write_synthetic_run(store, name="small", n_layers=2, sources=("hidden_in",), seed=2, **kw),
+           write_synthetic_run(store, name="big2", n_layers=4, seed=3, **kw)]  # fmt: skip
+    return [store.run(i) for i in ids]
+
+
+def test_inter_run_compares_what_every_run_has(tmp_path: Any) -> None:
+    runs = _mixed_runs(tmp_path)
+    df = C.inter_run(runs, frac=0.25)
+    assert sorted(set(df["layer"])) == [0, 1]  # the layers all three captured
+    assert list(dict.fromkeys(df["source"])) == ["hidden_in", "hidden_out"]  # the sources all three serve
+    assert len(df) == 3 * 2 * 2 * 2  # pairs x states x sources x layers
+    for row in df.sample(6, random_state=0).itertuples(index=False):
+        ra, rb = (next(r for r in runs if r.id == i) for i in (row.run_a, row.run_b))
+        pos = {"initial": lambda r: r.prompt_len - 1, "final": lambda r: r.n_positions - 1}[row.state]
+        a, b = raw(ra, row.source)[row.layer, pos(ra)], raw(rb, row.source)[row.layer, pos(rb)]
+        assert row.cosine == pytest.approx(np_cos(a, b), rel=1e-9)
+    with pytest.raises(SelectionError, match="did not capture"):
+        C.inter_run(runs, sources=["attn_out"])  # asked for by name: the small run lacks it
+    empty = C.inter_run([])
+    assert empty.empty and list(empty.columns) == ["run_a", "run_b", "state", "source", "layer", *C.METRICS]
+
+
+def test_inter_run_plan_ranks_by_value_by_default(tmp_path: Any) -> None:
+    runs = _mixed_runs(tmp_path)[::2]
+    df = C.inter_run_plan(runs, sources=["hidden_out"], layers=[0, 3], frac=0.25).compute()
+    xa, xb = raw(runs[0], "hidden_out"), raw(runs[1], "hidden_out")
+    for magnitude, check in ((False, True), (True, False)):
+        want = [np_jaccard(xa[r.layer, {"initial": 3, "final": -1}[r.state]],
+                           xb[r.layer, {"initial": 3, "final": -1}[r.state]], 0.25, magnitude)
+                for r in df.itertuples()]  # fmt: skip
+        assert (df["jaccard"].to_numpy() == pytest.approx(want)) is check
+
+
+def test_inter_run_refuses_runs_without_a_common_layer_or_width(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    apart = [SimpleNamespace(layers=[0, 1]), SimpleNamespace(layers=[2, 3])]
+    with pytest.raises(SelectionError, match=r"^the runs share no captured layer; pick runs of one model$"):
+        C.inter_run_plan(apart)
+    from actstore.store.store import ActStore
+
+    from .synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "w.zarr", create=True)
+    runs = [store.run(write_synthetic_run(store, name=f"w{w}", width=w, n_layers=2, prompt_len=4, n_steps=2,
+                                          sources=("hidden_in",), seed=w)) for w in (16, 24)]  # fmt: skip
+    with pytest.raises(SelectionError, match=r"^runs differ in hidden_out width \(\[16, 24\]\): compare runs of one model$"):
+        C.inter_run(runs, sources=["hidden_out"])
+
+
+@pytest.mark.parametrize(("cap", "blocks"), [(144, (2, 2)), (10, (1, 1, 1, 1)), (10**9, (4,))])
+def test_inter_run_layer_blocks_fit_the_answer_cap(
+    synth_store: Any, monkeypatch: pytest.MonkeyPatch, cap: int, blocks: tuple[int, ...]
+) -> None:
+    # 3 runs: 3 pairs, so one layer of the (3 metrics, pairs, layers) float64 answer is
+    # 3 * 3 * 8 = 72 bytes; blocks hold as many layers as fit under the cap (at least one).
+    runs = synth_store.runs(["all"])
+    expected = C.inter_run(runs, sources=["hidden_out"])
+    monkeypatch.setattr(C, "_CHUNK_BYTES", cap)
+    plan = C.inter_run_plan(runs, sources=["hidden_out"])
+    for piece in plan.pieces.values():
+        assert piece.shape == (3, 3, 4) and piece.chunks[2] == blocks
+    pd.testing.assert_frame_equal(plan.compute(), expected)

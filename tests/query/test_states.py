@@ -144,3 +144,61 @@ def test_state_pair_errors_name_the_text_and_what_is_wrong() -> None:
     for text, msg in cases.items():
         with pytest.raises(SelectionError, match=msg):
             S.parse_state_pair(text)
+
+
+def test_state_names_and_selection_messages(synth_store: Any) -> None:
+    run = synth_store.runs(["all"])[0]
+    assert str(S.State("final")) == "final" and str(S.State("snapshot", "2")) == "snapshot:2"
+    with pytest.raises(SelectionError, match=rf"^run {run.id} has steps 0\.\.{run.n_steps - 1}, not 99$"):
+        S.step_index(run, 99)
+    with pytest.raises(SelectionError, match=rf"^run {run.id} has no reference 'nope'; it has: joy, fear, calm$"):
+        S.state_vectors(run, "reference:nope", "hidden_out")
+    with pytest.raises(SelectionError, match=rf"^run {run.id} has snapshots 0\.\.4, not 5$"):
+        S.snapshot_row(run, "5", 5)
+    with pytest.raises(SelectionError, match=r"^'snapshot:x': 'x' is not a whole number$"):
+        S.snapshot_row(run, "x", 5)
+    with pytest.raises(SelectionError, match=r"^'snapshot:': '' is not a whole number$"):
+        S.state_vectors(run, S.State("snapshot"), "hidden_out")  # a snapshot state without its row
+
+
+def test_generated_reply_snapshot(tmp_path: Any) -> None:
+    from actstore.store.store import ActStore
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    rid = write_synthetic_run(store, n_layers=2, prompt_len=4, n_steps=2, width=8, n_snapshots=4, labels=("a",))
+    run = store.run(rid)
+    with pytest.raises(SelectionError, match=rf"^run {rid} has no generated-reply snapshot \(.*\); its snapshots are 0\.\.3$"):
+        S.state_vectors(run, "snapshot:generated", "hidden_out")
+    g = zarr.open_group(store=run.group.store, path=run.group.path, mode="r+")
+    meta = dict(g.attrs["run"])
+    meta["snapshots"][2]["generated"] = True  # the row the index marks, not the last one
+    g.attrs["run"] = meta
+    run = store.run(rid)
+    assert S.snapshot_row(run, "generated", 4) == 2
+    np.testing.assert_array_equal(
+        S.state_vectors(run, "snapshot:generated", "hidden_out").compute().astype(np.float64),
+        raw_stack(run, "snapshots", "hidden_out")[2],
+    )
+
+
+def test_global_sources_and_attention_as_xarray(tiny: Any) -> None:
+    run = tiny.run
+    g = zarr.open_group(store=run.group.store, path=run.group.path, mode="r")
+    steps = np.asarray(g["position_step"][...])  # the step of each position, as stored
+    for source in ("embeddings", "logits"):
+        stored = np.asarray(g[f"acts/{source}"][...], dtype=np.float64)  # (T, W)
+        v = S.state_vectors(run, "final", source).compute()  # no layer axis: one vector
+        np.testing.assert_array_equal(v.astype(np.float64), stored[run.final_position])
+        x = S.as_xarray(run, source)
+        assert x.dims == ("position", "width") and x.name == source and x.attrs == {"run": run.id}
+        assert list(x.position.values) == list(range(run.n_positions))
+        assert x.step.dims == ("position",) and x.step.dtype == np.int64
+        np.testing.assert_array_equal(x.step.values, steps)
+        np.testing.assert_array_equal(x.values.astype(np.float64), stored)
+    att = S.as_xarray(run, "attn_weights")
+    assert att.dims == ("layer", "head", "query", "key") and att.name == "attn_weights"
+    assert list(att.layer.values) == run.layers and att.attrs == {"run": run.id}
+    assert list(att.coords["query"].values) == list(range(run.n_positions)) == list(att.coords["key"].values)
+    assert att.step.dims == ("query",) and int(att.step[-1]) == run.n_steps - 1
+    np.testing.assert_array_equal(att.step.values, steps)
+    np.testing.assert_array_equal(att.sel(layer=run.layers[0]).values, g["acts/attn_weights"][0])

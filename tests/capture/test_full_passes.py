@@ -242,11 +242,11 @@ class Captured:
         return self._oracles[(kind, key)]
 
 
-def _capture(tmp_path_factory: Any, family: str, **capture: Any) -> Captured:
+def _capture(tmp_path_factory: Any, family: str, references: Any = REFERENCES, **capture: Any) -> Captured:
     loaded = loaded_tiny(family)
     location = str(tmp_path_factory.mktemp(f"passes-{family}") / "store.zarr")
     store = ActStore.open(location, create=True)
-    sc = make_scenario(generation={"max_new_tokens": NEW_TOKENS}, capture=capture)
+    sc = make_scenario(generation={"max_new_tokens": NEW_TOKENS}, capture=capture, reference_states=references)
     run = store.run(capture_run(sc, store, loaded, progress=False).run_id)
     tok = loaded.tokenizer
     cap = Captured(family, run, loaded, location)
@@ -254,7 +254,7 @@ def _capture(tmp_path_factory: Any, family: str, **capture: Any) -> Captured:
     for k in range(len(MESSAGES)):
         cap.passes[("snapshot", k)] = (MESSAGES[: k + 1], render_ids(tok, MESSAGES[: k + 1]))
     cap.passes[("snapshot", "generated")] = ([*MESSAGES, reply], render_ids(tok, [*MESSAGES, reply]))
-    for ref in REFERENCES:
+    for ref in references:
         cap.passes[("reference", ref["label"])] = (ref["messages"], render_ids(tok, ref["messages"]))
     return cap
 
@@ -389,16 +389,24 @@ def test_each_pass_shares_all_it_can(f32: Captured) -> None:
     would still be correct, only stored twice."""
     if f32.family == "gemma2":
         return
-    run = f32.run
+    _assert_shares_all_it_can(f32, REFERENCES)
+
+
+def _assert_shares_all_it_can(cap: Captured, references: Any) -> None:
+    run = cap.run
     run_tokens = run.tokens().tolist()
-    refs = [f32.passes[("reference", r["label"])][1] for r in REFERENCES]
-    for (kind, key), (_, ids) in f32.passes.items():
+    refs = [cap.passes[("reference", r["label"])][1] for r in references]
+    ref_index = {r["label"]: run.passes.index(run.pass_info("reference", r["label"])) for r in references}
+    for (kind, key), (_, ids) in cap.passes.items():
         info = run.pass_info(kind, key)
         prior = refs[: refs.index(ids)] if kind == "reference" else []
         best = max(min(_common(ids, c), len(ids) - 1) for c in [run_tokens, *prior])
         if _common(ids, run_tokens) == len(ids):
             best = len(ids)  # held whole by the run: every position is borrowed
         assert info.shared == best, (kind, key, info.shared, best)
+        if kind == "reference" and info.base is not None:  # the first earlier reference sharing that much
+            first = next(i for i, c in enumerate(prior) if min(_common(ids, c), len(ids) - 1) == best)
+            assert info.base == ref_index[references[first]["label"]], (key, info.base)
 
 
 def test_pass_tokens_are_the_rendered_prefixes(f32: Captured) -> None:
@@ -438,7 +446,7 @@ def _assert_stacks_are_last_rows(cap: Captured) -> float:
     run = cap.run
     tol = _one_rounding(np.dtype(run.meta["store_dtype"]))
     worst = 0.0
-    labels = [r["label"] for r in REFERENCES]
+    labels = [key for kind, key in cap.passes if kind == "reference"]
     for source in naming.RESIDUAL_SOURCES:
         snaps = run.snapshots(source).compute()
         refs = run.references(source).compute()
@@ -500,3 +508,73 @@ def test_sliding_window_passes_are_full_prefills(f32: Captured) -> None:
     assert all(cfg.sliding_window < p.length for p in run.passes)
     for p in run.passes:
         assert (p.shared, p.base, p.rows) == (0, None, p.length), p
+
+
+# ---- 5. snapshots packed into shared forward passes -----------------------------------------
+@pytest.mark.parametrize("pack_tokens", [None, 6])
+def test_packed_snapshot_passes_equal_separate_prefills(
+    pack_tokens: int | None, tmp_path_factory: Any, one_thread: Any, monkeypatch: Any
+) -> None:
+    """The conversation snapshots extending the prompt run side by side in one forward
+    pass (or, with a small pack size, in several), and every row of them still equals a
+    separate prefill of its prefix."""
+    from actstore.capture import prefixes
+
+    if pack_tokens is not None:
+        monkeypatch.setattr(prefixes, "PACK_TOKENS", pack_tokens)
+    packed: list[int] = []  # tokens fed by each packed forward pass
+    real = prefixes.forward
+
+    def counting(model: Any, input_ids: torch.Tensor, **kw: Any) -> Any:
+        if "attention_mask" in kw:
+            packed.append(input_ids.shape[1])
+        return real(model, input_ids, **kw)
+
+    monkeypatch.setattr(prefixes, "forward", counting)
+    cap = _capture(tmp_path_factory, "qwen2", store_dtype="float32")
+    snaps = [p for p in cap.run.passes if p.kind == "snapshot" and p.key != len(MESSAGES)]  # not the reply
+    fed = sum(p.length - min(p.shared, p.length - 1) for p in snaps)  # covered ones feed their last token
+    if pack_tokens is None:
+        assert packed == [fed]
+    else:
+        assert len(packed) >= 2 and all(n <= pack_tokens for n in packed) and sum(packed) <= fed, packed
+    _assert_passes_match(cap, f32_tolerance)
+    _assert_stacks_are_last_rows(cap)
+
+
+MORE_REFERENCES = [
+    *REFERENCES,  # "I am so happy!", "I am terrified."
+    {"label": "calm", "messages": [{"role": "user", "content": "I am calm."}]},
+    {"label": "spiders", "messages": [{"role": "user", "content": "I am terrified of spiders."}]},
+    {"label": "late", "messages": [{"role": "user", "content": "You are late."}]},
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_references_seeding_others_run_alone_the_rest_packed(
+    family: str, tmp_path_factory: Any, one_thread: Any, monkeypatch: Any
+) -> None:
+    """joy seeds calm and late (packed together, from joy's cache) and fear; fear seeds
+    spiders: each reference still shares the longest prefix any earlier one offers, and
+    every row equals a separate prefill."""
+    from actstore.capture import prefixes
+
+    packed: list[int] = []
+    real = prefixes.forward
+
+    def counting(model: Any, input_ids: torch.Tensor, **kw: Any) -> Any:
+        if "attention_mask" in kw:
+            packed.append(input_ids.shape[1])
+        return real(model, input_ids, **kw)
+
+    monkeypatch.setattr(prefixes, "forward", counting)
+    cap = _capture(tmp_path_factory, family, references=MORE_REFERENCES, store_dtype="float32")
+    run = cap.run
+    base_of = {p.key: p.base for p in run.passes if p.kind == "reference"}
+    index = {p.key: i for i, p in enumerate(run.passes) if p.kind == "reference"}
+    assert base_of["fear"] == base_of["calm"] == index["joy"] and base_of["spiders"] == index["fear"]
+    calm_late = [run.pass_info("reference", k) for k in ("calm", "late")]
+    assert sum(p.length - p.shared for p in calm_late) in packed  # one forward pass for both
+    _assert_shares_all_it_can(cap, MORE_REFERENCES)
+    _assert_passes_match(cap, f32_tolerance)
+    _assert_stacks_are_last_rows(cap)

@@ -9,7 +9,8 @@ host sync) and put it in a dict. Two modes:
 * ``"step"``: every position of the pass, every planned source, for the writer;
 * ``"last"``: only the last position of the residual-stream sources;
 * ``"full"``: both at once, for full snapshot and reference passes: every position of
-  every planned source in ``.tensors``, the last position in ``.last``;
+  every planned source in ``.tensors``, the last position in ``.last`` (with
+  ``last_rows`` set, those rows instead: the last of each sequence packed into one pass);
 * ``None``: hooks return at once (uncaptured passes such as a shared prefix).
 
 Keys are ``(source, layer)`` for per-layer sources, ``("residual", boundary)`` for the
@@ -51,6 +52,7 @@ class Recorder:
         self.dtype = store_dtype
         self.keep_last = keep_last  # snapshots/references need the residual sources
         self.mode: str | None = None
+        self.last_rows: list[int] | None = None  # "full" mode: rows kept in .last (default: the last)
         self.tensors: dict[Key, torch.Tensor] = {}
         self.last: dict[Key, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -117,7 +119,8 @@ class Recorder:
             if kind in self.sources or (kind == "residual" and "hidden_in" in self.sources):
                 self.tensors[key] = t[0].detach().to(self.dtype)
         if self.mode in ("last", "full") and kind in LAST_SOURCES:
-            (self.last if self.mode == "full" else self.tensors)[key] = t[0, -1].detach().float()
+            rows = -1 if self.last_rows is None or self.mode != "full" else self.last_rows
+            (self.last if self.mode == "full" else self.tensors)[key] = t[0, rows].detach().float()
 
     def _out(self, module: nn.Module, key: Key, kind: str) -> None:
         def hook(_m: nn.Module, _args: Any, output: Any) -> None:

@@ -113,8 +113,9 @@ def capture(
     scenario_run, refs = store.new_run_id(scenario.name), SharedReferences()
     try:
         return [
-            capture_run(sub, store, loaded, progress=progress, force=force, scenario_run=scenario_run,
-                        references=refs)  # fmt: skip
+            capture_run(
+                sub, store, loaded, progress=progress, force=force, scenario_run=scenario_run, references=refs
+            )  # fmt: skip
             for sub in scenario.runs()
         ]
     except BaseException:
@@ -128,7 +129,9 @@ def _remove_if_unused(folder: Path) -> None:
     no other writer has a run group in it (best effort, like discard)."""
     try:
         runs, catalog = folder / naming.RUNS_PREFIX, folder / naming.CATALOG_PREFIX
-        if (catalog.is_dir() and any(catalog.iterdir())) or (runs.is_dir() and any(p.is_dir() for p in runs.iterdir())):
+        if (catalog.is_dir() and any(catalog.iterdir())) or (
+            runs.is_dir() and any(p.is_dir() for p in runs.iterdir())
+        ):
             return
         shutil.rmtree(folder, ignore_errors=True)
     except OSError:
@@ -292,8 +295,13 @@ def capture_run(
                     # Snapshots reuse this prefill's KV cache before decoding extends it.
                     main = prefixes.Base(prompt_ids, cache)
                     snap_states = []
-                    for k, snap in enumerate(snapshot_ids):
-                        done = prefixes.full_pass(model, rec, snap, [main], device, logits_dtype)
+                    for k, (snap, done) in enumerate(
+                        zip(
+                            snapshot_ids,
+                            prefixes.base_passes(model, rec, snapshot_ids, main, device, logits_dtype),
+                            strict=True,
+                        )
+                    ):
                         log.add("snapshot", k, snap, done)
                         snap_states.append(_covered_last(done, tensors, len(snap)))
                         bar.update()
@@ -307,10 +315,21 @@ def capture_run(
             reply_ids = _reply_snapshot_ids(scenario, loaded, messages, text, plan.limit)
             if reply_ids is not None:
                 fed = (prompt_ids + generated)[:position]
-                done = prefixes.full_pass(model, rec, reply_ids, [prefixes.Base(fed, cache)], device, logits_dtype)
+                done = prefixes.full_pass(
+                    model, rec, reply_ids, [prefixes.Base(fed, cache)], device, logits_dtype
+                )
                 log.add("snapshot", len(messages), reply_ids, done)
                 snap_states.append(done.last)
                 bar.update()
+            # Every pass's length is known now: write the passes from here on, while the
+            # references run and the main writer drains.
+            own_refs = ref_ids if shared_refs is None else []
+            log.start(
+                group,
+                lambda own, rows, width: _plans(own, sources, layers, rows, cap.store_dtype, attn_cols=width),
+                width=max(len(ids) for ids in [*snapshot_ids, reply_ids or [], *own_refs]),
+                max_rows=log.rows + sum(len(ids) for ids in own_refs),
+            )
             if shared_refs is None:
                 labels = [r.label for r in scenario.reference_states]
                 ref_states = _reference_passes(
@@ -332,9 +351,7 @@ def capture_run(
             )
         _write_stacked(group, naming.SNAPSHOTS_GROUP, snap_states, layers, cap.store_dtype, store_dtype)
         _write_stacked(group, naming.REFERENCES_GROUP, ref_states, layers, cap.store_dtype, store_dtype)
-        pass_records = log.write(
-            group, lambda own, rows, width: _plans(own, sources, layers, rows, cap.store_dtype, attn_cols=width)
-        )
+        pass_records = log.finish()
         meta = _run_meta(
             scenario, loaded, sites, layers, sources, prompt_ids, position, steps, text, snapshot_meta
         )
@@ -355,6 +372,7 @@ def capture_run(
     except BaseException as e:
         if writer is not None:
             writer.abort()
+        log.abort()
         store.discard(run_id)
         cause = user_error_in(e)  # full disk, read-only store: the user's to fix
         if cause is not None:
@@ -379,17 +397,40 @@ def _reference_passes(
     model: Any, rec: Recorder, prompt_ids: list[int], cache: Any, refs: dict[str, list[int]],
     device: torch.device, log: PassLog, logits_dtype: torch.dtype | None, on_done: Any,
 ) -> list[dict[Key, torch.Tensor]]:  # fmt: skip
-    """Full passes of the references into ``log``, each seeded by the prompt's cache or
-    an earlier reference's (they share their system preamble); returns their last-token
-    states."""
-    bases = [prefixes.Base(prompt_ids, cache)]
-    states = []
-    for label, ids in refs.items():
-        done = prefixes.full_pass(model, rec, ids, bases, device, logits_dtype)
-        bases.append(log.add("reference", label, ids, done))
-        states.append(done.last)
+    """Full passes of the references into ``log``, in order; returns their last-token
+    states. Each is seeded by the prompt's cache or the earlier reference it shares most
+    with (they share their system preamble). A reference that seeds another runs on its
+    own, to keep its cache; the others are packed per seed (prefixes.base_passes)."""
+    labels, seqs = list(refs), list(refs.values())
+    prompt = prefixes.Base(prompt_ids, cache)
+    # seed[k]: 0 the prompt, j + 1 reference j, None nothing shared
+    seed = [prefixes.best_base_index(ids, [prompt_ids, *seqs[:k]]) for k, ids in enumerate(seqs)]
+    seeds: dict[int, prefixes.Base] = {0: prompt}
+    done: dict[int, prefixes.Pass] = {}
+    leaves: dict[int, list[int]] = {}
+    for k, ids in enumerate(seqs):
+        s = seed[k]
+        if s is not None and k + 1 not in seed:
+            leaves.setdefault(s, []).append(k)
+            continue
+        done[k] = prefixes.full_pass(
+            model, rec, ids, [seeds[s]] if s is not None else [], device, logits_dtype
+        )
+        seeds[k + 1] = prefixes.Base(ids, done[k].cache)
         on_done()
-    return states
+    for s, ks in leaves.items():
+        for k, result in zip(
+            ks,
+            prefixes.base_passes(model, rec, [seqs[k] for k in ks], seeds[s], device, logits_dtype),
+            strict=True,
+        ):
+            done[k] = result
+            on_done()
+    for k in range(len(seqs)):
+        added = log.add("reference", labels[k], seqs[k], done[k])
+        if k + 1 in seeds:
+            seeds[k + 1].index = added.index  # the store index later references name as base
+    return [done[k].last for k in range(len(seqs))]
 
 
 def _available_sources(wanted: tuple[str, ...], sites: ModelSites) -> list[str]:
@@ -409,7 +450,11 @@ def _eos_ids(model: Any, tok: Any) -> set[int]:
 
 
 def _plans(
-    tensors: dict[Key, Any], sources: set[str], layers: list[int], n_max: int, store_dtype: str,
+    tensors: dict[Key, Any],
+    sources: set[str],
+    layers: list[int],
+    n_max: int,
+    store_dtype: str,
     attn_cols: int | None = None,
 ) -> list[ArrayPlan]:
     """Array plans from the first pass's tensors (their widths are the truth). With

@@ -118,7 +118,11 @@ def write(results: dict[str, list[dict[str, Any]]], args: Any) -> None:
         f"(positions not shared with the run or an earlier reference) in {pass_mb:.1f} MB, "
         f"about {per_row:.2f} MB per row; the run itself has {after[0]['positions']} positions. "
         f"Snapshots alone: about {rows['snapshot'] * per_row:.1f} MB, "
-        f"{(b0 + rows['snapshot'] * per_row * 1e6) / b0:.3f}x the bytes before.",
+        f"{(b0 + rows['snapshot'] * per_row * 1e6) / b0:.3f}x the bytes before. "
+        "The reference rows have nothing to share: a reference is rendered with its own "
+        "system preamble (the template's default, as Activation Lab renders it), which the "
+        "conversation does not contain, so its positions exist nowhere else in the run; "
+        "they are the bytes above 1.05x.",
     ]
     out = HERE / "results" / "passes.md"
     out.write_text("\n".join(lines) + "\n")

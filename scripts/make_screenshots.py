@@ -12,7 +12,10 @@ browser test does), and writes:
 * ``heatmap_mlp_act.png``: the MLP activation of decode step 5 at a middle layer, its
   width drawn as a grid (``actstore heatmap RUN --source mlp_act --steps 5
   --normalize signed --cmap RdBu_r``); hidden_out when the run has no MLP capture;
-* ``view.png``: ``actstore view`` on the run (its server on loopback, same browser).
+* ``view.png``: ``actstore view`` on the run (its server on loopback, same browser);
+* ``view_pair.png``, ``view_group.png``, ``view_depth.png``: its compare panel with two
+  conversation snapshots, then with snapshots and references as a group, and its depth
+  panel on a snapshot's full pass.
 
 Needs the dev extra (playwright) and a Chromium binary (``apt-get install chromium``).
 """
@@ -99,6 +102,7 @@ def main() -> None:
                                out=tmp / "heatmaps", progress=False)  # fmt: skip
         shutil.copyfile(png, out / f"heatmap_{source}.png")
         view_screenshot(store, run_id, out / "view.png")
+        compare_screenshots(store, run_id, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for p in sorted(out.glob("*.png")):
@@ -117,6 +121,37 @@ def view_screenshot(store: object, run_id: str, path: Path) -> None:
             page.screenshot(path=str(path))
             if log.errors or log.blocked:
                 print(f"warning (view): {log.errors[:3]} {log.blocked[:3]}", file=sys.stderr)
+    finally:
+        server.shutdown()
+
+
+def compare_screenshots(store: object, run_id: str, out: Path) -> None:
+    """The compare panel (a pair, then a group) and the depth panel, opened from the
+    address the page keeps its selection in."""
+    from urllib.parse import quote
+
+    from actstore.report.browser import open_page
+    from actstore.view import serve
+
+    run = store.run(run_id)  # type: ignore[attr-defined]
+    snaps = [f"snapshot:{s['index']}" for s in run.snapshot_index if not s.get("generated")]
+    refs = [f"reference:{label}" for label in run.reference_labels]
+    pair = snaps[-2:] if len(snaps) >= 2 else (snaps + refs)[:2]
+    group = snaps[-4:] + refs[:4]
+    server = serve(store, run_id, port=0)
+    try:
+        for name, states, section in (("view_pair", pair, "#compare"), ("view_group", group, "#compare"),
+                                      ("view_depth", pair[:1], "#depth")):  # fmt: skip
+            url = server.url + ("&" if "?" in server.url else "?") + "&".join(
+                "cmp=" + quote(f"{run_id}@{s}") for s in states
+            )
+            with open_page(url, width=1500, height=1250) as (page, log):
+                page.wait_for_function("window.actstoreView && window.actstoreView.idle()", timeout=300_000)
+                page.add_style_tag(content="header.top, .controls { position: static !important; }")  # not over the panel
+                page.wait_for_timeout(800)
+                page.locator(section).screenshot(path=str(out / f"{name}.png"))
+                if log.errors or log.blocked:
+                    print(f"warning ({name}): {log.errors[:3]} {log.blocked[:3]}", file=sys.stderr)
     finally:
         server.shutdown()
 

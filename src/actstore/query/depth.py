@@ -121,12 +121,16 @@ def attention_entropy(sel: Selected, layers: list[int] | None = None, per_head: 
     Columns: run, state, layer, (head,) entropy, queries, keys.
     """
     lay, idx = _layers(sel.run, layers)
-    (w,) = dask.compute(full_pass(sel, "attn_weights")[idx])  # (L, H, T, K)
-    p = np.asarray(w, dtype=np.float64)
-    logp = np.log(np.where(p > 0, p, 1.0))  # ln 1 = 0 where p = 0
-    ent = -(p * logp).sum(axis=-1).mean(axis=-1)  # (L, H): mean over query rows
-    heads = p.shape[1]
-    base = {**_base(sel), "queries": p.shape[2], "keys": p.shape[3]}
+    weights = full_pass(sel, "attn_weights")  # (L, H, T, K), lazy
+    per_layer = []
+    for i in idx:  # one layer's (H, T, K) in memory at a time
+        (w,) = dask.compute(weights[i])
+        p = np.asarray(w, dtype=np.float64)
+        logp = np.log(np.where(p > 0, p, 1.0))  # ln 1 = 0 where p = 0
+        per_layer.append(-(p * logp).sum(axis=-1).mean(axis=-1))  # (H,): mean over query rows
+    ent = np.stack(per_layer)  # (L, H)
+    heads = ent.shape[1]
+    base = {**_base(sel), "queries": weights.shape[2], "keys": weights.shape[3]}
     if per_head:
         df = pd.DataFrame({**base, "layer": np.repeat(lay, heads), "head": np.tile(np.arange(heads), len(lay)),
                            "entropy": ent.ravel()})  # fmt: skip

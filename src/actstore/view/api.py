@@ -97,7 +97,30 @@ def summary(run: Any) -> dict[str, Any]:
         "generated_text": run.meta.get("generated_text", ""),
         "has_decomposition": all(s in run.sources for s in ("hidden_in", "attn_out", "mlp_down_out")),
         "has_lens": "hidden_out" in run.sources,
+        "states": states(run),
     }  # fmt: skip
+
+
+def states(run: Any) -> list[dict[str, Any]]:
+    """Every state of the run a comparison can pick (``query.states`` names), with a
+    label for the picker and whether it is a full pass (depth views need one)."""
+    try:
+        full_kinds = {p.kind for p in run.passes}
+    except SelectionError:  # a reference run that is gone: its snapshots still read
+        full_kinds = set()
+    out = [{"state": "initial", "label": "initial (last prompt token)", "full": True},
+           {"state": "final", "label": "final (last step)", "full": True}]  # fmt: skip
+    for st in run.steps:
+        k = int(st["step"])
+        chose = display_token(st.get("generated_token") or "")
+        out.append({"state": f"step:{k}", "label": f"step {k} (chose {chose!r})", "full": True})
+    for snap in run.snapshot_index:
+        key = "generated" if snap.get("generated") else snap["index"]
+        out.append({"state": f"snapshot:{key}", "label": f"snapshot {key} ({snap.get('role', '')})",
+                    "full": "snapshot" in full_kinds})  # fmt: skip
+    for label in run.reference_labels:
+        out.append({"state": f"reference:{label}", "label": f"reference {label}", "full": "reference" in full_kinds})
+    return out
 
 
 def heatmap(
@@ -263,15 +286,17 @@ def _map_pair(a: Any, b: Any, kind: str, layer: int | None, head: int | None,
 
 def _binned_maps(maps: dict[str, np.ndarray], row_labels: list[int], bins: int | None) -> dict[str, Any]:
     """Equal-shaped maps binned like a heatmap: ``maps`` (name -> rows of numbers),
-    ``block``, ``rows`` (each bin's first row label), ``cols``."""
+    ``shape`` (unbinned), ``block``, ``rows`` (each bin's first row label), ``cols``, and the diverging
+    ``colorscale`` signed maps are drawn with (positive red)."""
     out: dict[str, Any] = {}
     fr = fc = 1
-    cols = 0
+    shape = (0, 0)
     for name, m in maps.items():
         data, fr, fc = slices.block_means(m, bins or MAX_ROWS, bins or MAX_COLS)
         out[name] = _nums(data)
-        cols = m.shape[1]
-    return {"maps": out, "block": [fr, fc], "rows": row_labels[::fr], "cols": list(range(0, cols, fc))}
+        shape = m.shape
+    return {"maps": out, "shape": list(shape), "block": [fr, fc], "rows": row_labels[::fr],
+            "cols": list(range(0, shape[1], fc)), "colorscale": DIVERGING_SCALE}  # fmt: skip
 
 
 def pair(
@@ -349,7 +374,8 @@ def depth(
         conv = D.convergence(sel, source, layers)
         return out | {"table": frame(conv if what == "convergence" else D.effective_depth(conv, threshold))}
     if what in ("entropy", "head-entropy"):
-        _budget(2.0 * n_layers * _heads(run) * rows * keys * 8, f"attention entropy over {sel.label}", command)
+        # one layer at a time (query.depth.attention_entropy)
+        _budget(3.0 * _heads(run) * rows * keys * 8, f"attention entropy over {sel.label}", command)
         return out | {"table": frame(D.attention_entropy(sel, layers, per_head=what == "head-entropy"))}
     if what == "qkv-last":
         return out | {"table": frame(D.qkv_last(sel, layers))}

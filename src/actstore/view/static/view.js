@@ -3,6 +3,9 @@
   "use strict";
   var state = { run: null, S: null, source: null, layer: null, step: 0, head: "", reduce: "signed", neuron: null };
   var view = (window.actstoreView = { busy: 0, loaded: false, requests: [], idle: function () { return view.loaded && view.busy === 0; } });
+  // what the compare and depth panels (compare.js) share with this page
+  view.lib = { api: function (r, p, post) { return api(r, p, post); }, state: state, showError: function (e) { showError(e); },
+               fill: function (s, v, c) { fill(s, v, c); }, escapeHtml: function (t) { return escapeHtml(t); }, config: CONFIG };
   var $ = function (id) { return document.getElementById(id); };
   var CONFIG = { displaylogo: false, responsive: true };
 
@@ -18,7 +21,13 @@
   var RETRIES = 60;  // a busy server answers 503 with Retry-After: ask again, this often at most
 
   function request(route, params, post, tries) {
-    var q = Object.assign({ run: state.run || "" }, params || {});
+    var q;
+    if (params instanceof URLSearchParams) {  // a name given more than once (a group's states)
+      q = new URLSearchParams(params);
+      if (!q.has("run")) q.set("run", state.run || "");
+    } else {
+      q = Object.assign({ run: state.run || "" }, params || {});
+    }
     var init = post
       ? { method: "POST", headers: { "Content-Type": "application/json", "X-Actstore-Token": TOKEN }, body: JSON.stringify(q) }
       : { method: "GET" };
@@ -285,7 +294,7 @@
   $("step").addEventListener("input", refresh);
   $("run-select").addEventListener("change", function () {
     history.replaceState(null, "", "?run=" + encodeURIComponent($("run-select").value));  // the token stays in its cookie
-    loadRun($("run-select").value).catch(showError);
+    loadRun($("run-select").value).then(function () { return view.onRun ? view.onRun() : null; }).catch(showError);
   });
   $("tokens").addEventListener("click", function (e) {
     var el = e.target.closest(".tok");
@@ -305,6 +314,7 @@
   }
 
   loadRuns()
-    .then(function () { wireHeatmapClicks(); view.loaded = true; })
+    .then(function () { wireHeatmapClicks(); return view.onRun ? view.onRun() : null; })
+    .then(function () { view.loaded = true; })
     .catch(function (err) { showError(err); view.loaded = true; });
 })();

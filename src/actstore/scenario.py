@@ -50,9 +50,17 @@ _DEVICE = re.compile(r"^(auto|cuda|mps|cpu|cuda:\d+)$")
 class _Invalid(ValueError):
     """A validator failure that carries its own fix and, optionally, a deeper field path."""
 
-    def __init__(self, what: str, fix: str, at: tuple[str | int, ...] = ()) -> None:
+    def __init__(self, what: str, fix: str, at: tuple[str | int, ...] = (), others: tuple[_Invalid, ...] = ()) -> None:
         super().__init__(f"{what} ({fix})")
         self.what, self.fix, self.at = what, fix, at
+        self.others = others  # more failures of the same validator, each at its own field
+
+    @classmethod
+    def raise_all(cls, found: list[_Invalid]) -> None:
+        """Raise the first of ``found`` carrying the others (pydantic takes one error per
+        validator); nothing when it is empty."""
+        if found:
+            raise cls(found[0].what, found[0].fix, found[0].at, tuple(found[1:]))
 
 
 def _check_safe_name(value: str, kind: str, example: str) -> str:
@@ -128,15 +136,17 @@ class GenerationConfig(_Strict):
         if not self.do_sample:
             return self
         fix = "or set do_sample: false"
+        found = []
         if self.temperature <= 0:
-            raise _Invalid(f"must be > 0 when do_sample is true, got {_show(self.temperature)}",
-                           f"use a value > 0, {fix}", ("temperature",))  # fmt: skip
+            found.append(_Invalid(f"must be > 0 when do_sample is true, got {_show(self.temperature)}",
+                                  f"use a value > 0, {fix}", ("temperature",)))  # fmt: skip
         if self.top_k is not None and self.top_k < 1:
-            raise _Invalid(f"must be >= 1 when do_sample is true, got {self.top_k}",
-                           f"use a value >= 1 or null, {fix}", ("top_k",))  # fmt: skip
+            found.append(_Invalid(f"must be >= 1 when do_sample is true, got {self.top_k}",
+                                  f"use a value >= 1 or null, {fix}", ("top_k",)))  # fmt: skip
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise _Invalid(f"must be > 0 and <= 1 when do_sample is true, got {_show(self.top_p)}",
-                           f"use a value in (0, 1] or null, {fix}", ("top_p",))  # fmt: skip
+            found.append(_Invalid(f"must be > 0 and <= 1 when do_sample is true, got {_show(self.top_p)}",
+                                  f"use a value in (0, 1] or null, {fix}", ("top_p",)))  # fmt: skip
+        _Invalid.raise_all(found)
         return self
 
 
@@ -453,6 +463,10 @@ def _pydantic_problems(exc: ValidationError, source: str) -> list[Problem]:
     for err in exc.errors():
         loc, what, fix = _describe(err)
         problems.append(Problem(source, _field_name(loc), what, fix))
+        invalid = (err.get("ctx") or {}).get("error")
+        if isinstance(invalid, _Invalid):  # the same validator's other failures
+            base = loc[: len(loc) - len(invalid.at)]
+            problems += [Problem(source, _field_name(base + o.at), o.what, o.fix) for o in invalid.others]
     return problems
 
 
@@ -566,21 +580,28 @@ def check_data(data: Any, source: str = "<dict>", *, strict: bool = False) -> tu
         got = "an empty file" if data is None else _show(data)
         return None, [Problem(source, "", f"expected a mapping of scenario keys at the top level, got {got}",
                               "start the file with 'name: ...', 'model:' and 'prompt:'")]  # fmt: skip
+    # Unknown keys are dropped even when strict (then each is an error), so the rest of
+    # the file is checked in full: pydantic skips a model's own checks (the sampling
+    # numbers) once one of its keys failed.
     unknown: list[tuple[tuple[str | int, ...], str]] = []
-    if not strict:
-        data = _drop_unknown(data, Scenario, (), unknown)
-    problems = [
-        Problem(source, _field_name(loc), f"unknown key {loc[-1]!r} ignored, nearest known key {near!r}",
-                "fix or remove it; --strict makes this an error", "warning")  # fmt: skip
-        for loc, near in unknown
-    ]
+    data = _drop_unknown(data, Scenario, (), unknown)
+    if strict:
+        problems = [_unknown_error(loc, source) for loc, _ in unknown]
+    else:
+        problems = [
+            Problem(source, _field_name(loc), f"unknown key {loc[-1]!r} ignored, nearest known key {near!r}",
+                    "fix or remove it; --strict makes this an error", "warning")  # fmt: skip
+            for loc, near in unknown
+        ]
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         return None, problems + _pydantic_problems(exc, source)
+    if strict and unknown:
+        return None, problems
     if source != "<dict>":
         scenario._source_path = Path(source)
-    scenario._unknown = tuple(_unknown_error(loc, source) for loc, _ in unknown)
+    scenario._unknown = tuple(_unknown_error(loc, source).line() for loc, _ in unknown)
     return scenario, problems
 
 
@@ -617,10 +638,10 @@ def scenario_from_dict(data: Any, source: str = "<dict>", *, strict: bool = Fals
     return _loaded(*check_data(data, source, strict=strict))
 
 
-def _unknown_error(loc: tuple[str | int, ...], source: str) -> str:
+def _unknown_error(loc: tuple[str | int, ...], source: str) -> Problem:
     """The error ``strict=True`` gives for an unknown key at ``loc``."""
     _, what, fix = _describe({"loc": loc, "type": "extra_forbidden"})
-    return Problem(source, _field_name(loc), what, fix).line()
+    return Problem(source, _field_name(loc), what, fix)
 
 
 def load_scenario(path: str | Path, *, strict: bool = False) -> Scenario:

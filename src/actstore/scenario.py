@@ -17,7 +17,7 @@ import difflib
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -343,7 +343,7 @@ class Problem:
 
     def to_dict(self) -> dict[str, str]:
         """The problem as JSON-ready keys: file, field, severity, message, fix."""
-        return asdict(self)
+        return {k: getattr(self, k) for k in ("file", "field", "severity", "message", "fix")}
 
 
 

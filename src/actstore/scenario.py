@@ -1,8 +1,10 @@
 """Scenario files: the seed's YAML format, validated, with every default in one place.
 
 A scenario says which model to load, which conversation to feed it, how to generate and
-what to capture. This module parses YAML into frozen pydantic models and turns every
-validation failure into one ``ScenarioError`` line: ``<file>: <field.path>: <what> (<fix>)``.
+what to capture. This module parses YAML into frozen pydantic models and collects every
+validation failure as a :class:`Problem` at its field (``check_file``, ``check_data``:
+what ``actstore validate`` prints); loading raises the first as one ``ScenarioError``
+line: ``<file>: <field.path>: <what> (<fix>)``.
 The format is the seed's unchanged, plus ``output.store`` (where the Zarr store goes).
 
 Every file Activation Lab accepts loads and means the same: ``prompt`` may be a list of
@@ -448,13 +450,6 @@ def _describe(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str, str]:
         )
     # Anything unforeseen: pydantic's own short message, without its URL or traceback.
     return loc, str(err["msg"]).rstrip("."), "see the scenario format in the README"
-
-
-def _translate(exc: ValidationError, source: str) -> ScenarioError:
-    """The one-line error for a failed validation: its first problem, and how many more."""
-    error = _first_error(_pydantic_problems(exc, source))
-    assert error is not None  # a ValidationError holds at least one error
-    return error
 
 
 def _pydantic_problems(exc: ValidationError, source: str) -> list[Problem]:

@@ -239,7 +239,7 @@ def test_duplicate_yaml_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just text\n", ""])
 def test_top_level_not_mapping(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
-    assert_one_line(error_for(path), path, "<top level>: expected a mapping")
+    assert_one_line(error_for(path), path, "expected a mapping of scenario keys at the top level")
 
 
 # (yaml text, field path expected in the message, another fragment expected)

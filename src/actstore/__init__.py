@@ -12,7 +12,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "capture_scenario", "load_scenario", "load_scenarios", "open_store"]
+__all__ = ["__version__", "capture_scenario", "load_scenario", "load_scenarios", "open_store", "Problem", "validate_scenario"]
 
 
 def open_store(location: str, *, create: bool = False, storage_options: dict[str, Any] | None = None) -> Any:
@@ -47,3 +47,22 @@ def capture_scenario(scenario: Any, store: Any = None, *, strict: bool = False, 
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(str(scenario), strict=strict)
     return _capture(scenario, store, strict=strict, **kwargs)
+
+
+def validate_scenario(path_or_dict: Any, *, strict: bool = False, model: str | bool | None = None) -> Any:
+    """Every problem of a scenario file (or parsed mapping) as a list of Problem (file,
+    field, message, fix, severity; ``.line()``), not only the first; [] means it loads.
+    ``model``: also check layers and context against a model's config and tokenizer
+    (True: the scenario's own model). See actstore.scenario_check."""
+    from actstore.scenario_check import validate_scenario as _validate
+
+    return _validate(path_or_dict, strict=strict, model=model)
+
+
+def __getattr__(name: str) -> Any:
+    # Problem, the class validate_scenario returns, without importing pydantic on `import actstore`
+    if name == "Problem":
+        from actstore.scenario import Problem
+
+        return Problem
+    raise AttributeError(f"module 'actstore' has no attribute {name!r}")

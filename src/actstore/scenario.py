@@ -1,8 +1,10 @@
 """Scenario files: the seed's YAML format, validated, with every default in one place.
 
 A scenario says which model to load, which conversation to feed it, how to generate and
-what to capture. This module parses YAML into frozen pydantic models and turns every
-validation failure into one ``ScenarioError`` line: ``<file>: <field.path>: <what> (<fix>)``.
+what to capture. This module parses YAML into frozen pydantic models and collects every
+validation failure as a :class:`Problem` at its field (``check_file``, ``check_data``:
+what ``actstore validate`` prints); loading raises the first as one ``ScenarioError``
+line: ``<file>: <field.path>: <what> (<fix>)``.
 The format is the seed's unchanged, plus ``output.store`` (where the Zarr store goes).
 
 Every file Activation Lab accepts loads and means the same: ``prompt`` may be a list of
@@ -17,6 +19,7 @@ import difflib
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -49,9 +52,17 @@ _DEVICE = re.compile(r"^(auto|cuda|mps|cpu|cuda:\d+)$")
 class _Invalid(ValueError):
     """A validator failure that carries its own fix and, optionally, a deeper field path."""
 
-    def __init__(self, what: str, fix: str, at: tuple[str | int, ...] = ()) -> None:
+    def __init__(self, what: str, fix: str, at: tuple[str | int, ...] = (), others: tuple[_Invalid, ...] = ()) -> None:
         super().__init__(f"{what} ({fix})")
         self.what, self.fix, self.at = what, fix, at
+        self.others = others  # more failures of the same validator, each at its own field
+
+    @classmethod
+    def raise_all(cls, found: list[_Invalid]) -> None:
+        """Raise the first of ``found`` carrying the others (pydantic takes one error per
+        validator); nothing when it is empty."""
+        if found:
+            raise cls(found[0].what, found[0].fix, found[0].at, tuple(found[1:]))
 
 
 def _check_safe_name(value: str, kind: str, example: str) -> str:
@@ -127,15 +138,17 @@ class GenerationConfig(_Strict):
         if not self.do_sample:
             return self
         fix = "or set do_sample: false"
+        found = []
         if self.temperature <= 0:
-            raise _Invalid(f"must be > 0 when do_sample is true, got {_show(self.temperature)}",
-                           f"use a value > 0, {fix}", ("temperature",))  # fmt: skip
+            found.append(_Invalid(f"must be > 0 when do_sample is true, got {_show(self.temperature)}",
+                                  f"use a value > 0, {fix}", ("temperature",)))  # fmt: skip
         if self.top_k is not None and self.top_k < 1:
-            raise _Invalid(f"must be >= 1 when do_sample is true, got {self.top_k}",
-                           f"use a value >= 1 or null, {fix}", ("top_k",))  # fmt: skip
+            found.append(_Invalid(f"must be >= 1 when do_sample is true, got {self.top_k}",
+                                  f"use a value >= 1 or null, {fix}", ("top_k",)))  # fmt: skip
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise _Invalid(f"must be > 0 and <= 1 when do_sample is true, got {_show(self.top_p)}",
-                           f"use a value in (0, 1] or null, {fix}", ("top_p",))  # fmt: skip
+            found.append(_Invalid(f"must be > 0 and <= 1 when do_sample is true, got {_show(self.top_p)}",
+                                  f"use a value in (0, 1] or null, {fix}", ("top_p",)))  # fmt: skip
+        _Invalid.raise_all(found)
         return self
 
 
@@ -307,6 +320,35 @@ class Scenario(_Strict):
 # ---------------------------------------------------------------------------- errors
 
 
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a scenario, at its field.
+
+    ``field`` is the dotted path as the file spells it (``generation.temperature``,
+    ``prompt[1].messages[0].role``), or "" for the file as a whole (unreadable, invalid
+    YAML, not a mapping). An error stops the scenario from loading; a warning (an unknown
+    key, ignored unless ``strict``) does not."""
+
+    file: str  # the file's path as given, or "<dict>"
+    field: str
+    message: str  # what is wrong
+    fix: str  # how to fix it
+    severity: Severity = "error"
+
+    def line(self) -> str:
+        """The one-line text of CLI errors: ``FILE: FIELD: MESSAGE (FIX)``."""
+        where = f"{self.file}: {self.field}: " if self.field else f"{self.file}: "
+        return _one_line(f"{where}{self.message} ({self.fix})")
+
+    def to_dict(self) -> dict[str, str]:
+        """The problem as JSON-ready keys: file, field, severity, message, fix."""
+        return {k: getattr(self, k) for k in ("file", "field", "severity", "message", "fix")}
+
+
+
 def _show(value: Any) -> str:
     """A value as the user wrote it in YAML, kept short."""
     if value is None:
@@ -326,11 +368,16 @@ def _strip_tags(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
     return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "prompt" and p in _PROMPT_TAGS))
 
 
-def _field_path(loc: tuple[str | int, ...]) -> str:
+def _field_name(loc: tuple[str | int, ...]) -> str:
+    """A field's path as the user reads it: ``prompt[1].messages[0].role`` ("" for the file)."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top level>"
+    return out
+
+
+def _field_path(loc: tuple[str | int, ...]) -> str:
+    return _field_name(loc) or "<top level>"
 
 
 def _submodel(ann: Any) -> type[BaseModel] | None:
@@ -405,11 +452,27 @@ def _describe(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str, str]:
     return loc, str(err["msg"]).rstrip("."), "see the scenario format in the README"
 
 
-def _translate(exc: ValidationError, source: str) -> ScenarioError:
-    errors = exc.errors()
-    loc, what, fix = _describe(errors[0])
+def _pydantic_problems(exc: ValidationError, source: str) -> list[Problem]:
+    """Every error pydantic collected, each at its field."""
+    problems = []
+    for err in exc.errors():
+        loc, what, fix = _describe(err)
+        problems.append(Problem(source, _field_name(loc), what, fix))
+        invalid = (err.get("ctx") or {}).get("error")
+        if isinstance(invalid, _Invalid):  # the same validator's other failures
+            base = loc[: len(loc) - len(invalid.at)]
+            problems += [Problem(source, _field_name(base + o.at), o.what, o.fix) for o in invalid.others]
+    return problems
+
+
+def _first_error(problems: list[Problem]) -> ScenarioError | None:
+    """The ScenarioError loading raises for ``problems``: the first error's line, with a
+    count of the others; None when none is an error."""
+    errors = [p for p in problems if p.severity == "error"]
+    if not errors:
+        return None
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return ScenarioError(_one_line(f"{source}: {_field_path(loc)}: {what} ({fix}){more}"))
+    return ScenarioError(errors[0].line() + more)
 
 
 def _one_line(text: str) -> str:
@@ -419,20 +482,66 @@ def _one_line(text: str) -> str:
 # ---------------------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
-    """SafeLoader that refuses repeated keys instead of silently keeping the last one."""
+def _duplicate_keys(node: Any, loc: tuple[str | int, ...], found: list[Problem], source: str,
+                    seen: set[int]) -> None:  # fmt: skip
+    """Every key repeated within one mapping of the composed YAML, at its field and line
+    (YAML itself would silently keep the last one)."""
+    if id(node) in seen:  # an alias: its node was walked where it was anchored
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, loc + (i,), found, source, seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    keys: set[str] = set()
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            _duplicate_keys(value_node, loc, found, source, seen)
+            continue
+        key = str(key_node.value)
+        if key in keys:
+            mark = key_node.start_mark
+            found.append(Problem(source, _field_name(loc + (key,)),
+                                 f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}",
+                                 "keep one of them; YAML would keep only the last"))  # fmt: skip
+        keys.add(key)
+        _duplicate_keys(value_node, loc + (key,), found, source, seen)
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
+
+_UNREAD = object()  # what _read_yaml gives for a file it could not parse
+
+
+def _read_yaml(p: Path) -> tuple[Any, list[Problem]]:
+    """The file's parsed YAML and its problems: repeated keys (the data keeps the last),
+    or the one problem that stops reading it (then the data is ``_UNREAD``)."""
+
+    def unread(message: str, fix: str) -> tuple[Any, list[Problem]]:
+        return _UNREAD, [Problem(str(p), "", message, fix)]
+
+    if p.is_dir():
+        return unread("is a directory", "pass a .yaml file, or use load_scenarios")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return unread("file not found", "check the path")
+    except (OSError, UnicodeDecodeError) as exc:
+        return unread(f"cannot read file: {exc}", "check it is UTF-8 text")
+    loader = yaml.SafeLoader(text)
+    duplicates: list[Problem] = []
+    try:
+        node = loader.get_single_node()
+        _duplicate_keys(node, (), duplicates, str(p), set())
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        return unread(f"{where}: invalid YAML: {exc.problem or exc.context or 'invalid YAML'}", "fix the YAML there")
+    except yaml.YAMLError as exc:
+        return unread(f"YAML error: {exc}", "fix the YAML")
+    finally:
+        loader.dispose()
+    return data, duplicates
 
 
 def _drop_unknown(
@@ -458,90 +567,124 @@ def _drop_unknown(
     return out
 
 
+def check_data(data: Any, source: str = "<dict>", *, strict: bool = False) -> tuple[Scenario | None, list[Problem]]:
+    """Validate parsed YAML (or any mapping), collecting every problem instead of
+    stopping at the first: (the scenario, or None when any problem is an error; the
+    problems). An unknown key is a warning, and is ignored, unless ``strict``."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else _show(data)
+        return None, [Problem(source, "", f"expected a mapping of scenario keys at the top level, got {got}",
+                              "start the file with 'name: ...', 'model:' and 'prompt:'")]  # fmt: skip
+    # Unknown keys are dropped even when strict (then each is an error), so the rest of
+    # the file is checked in full: pydantic skips a model's own checks (the sampling
+    # numbers) once one of its keys failed.
+    unknown: list[tuple[tuple[str | int, ...], str]] = []
+    data = _drop_unknown(data, Scenario, (), unknown)
+    if strict:
+        problems = [_unknown_error(loc, source) for loc, _ in unknown]
+    else:
+        problems = [
+            Problem(source, _field_name(loc), f"unknown key {loc[-1]!r} ignored, nearest known key {near!r}",
+                    "fix or remove it; --strict makes this an error", "warning")  # fmt: skip
+            for loc, near in unknown
+        ]
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        return None, problems + _pydantic_problems(exc, source)
+    if strict and unknown:
+        return None, problems
+    if source != "<dict>":
+        scenario._source_path = Path(source)
+    scenario._unknown = tuple(_unknown_error(loc, source).line() for loc, _ in unknown)
+    return scenario, problems
+
+
+def check_file(path: str | Path, *, strict: bool = False) -> tuple[Scenario | None, list[Problem]]:
+    """Read and validate one scenario file, collecting every problem (see check_data):
+    unreadable file or invalid YAML (one problem), repeated keys, then the fields."""
+    p = Path(path)
+    data, problems = _read_yaml(p)
+    if data is _UNREAD:
+        return None, problems
+    scenario, more = check_data(data, source=str(p), strict=strict)
+    return (scenario if not problems else None), problems + more
+
+
+def _loaded(scenario: Scenario | None, problems: list[Problem]) -> Scenario:
+    """What loading gives: each warning as a ScenarioWarning, then the scenario, or the
+    first error as a ScenarioError."""
+    for problem in problems:
+        if problem.severity == "warning":
+            warnings.warn(problem.line(), ScenarioWarning, stacklevel=3)
+    error = _first_error(problems)
+    if error is not None:
+        raise error
+    assert scenario is not None  # no error: it validated
+    return scenario
+
+
 def scenario_from_dict(data: Any, source: str = "<dict>", *, strict: bool = False) -> Scenario:
     """Validate parsed YAML (or any mapping); errors become one ScenarioError line.
 
     An unknown key is ignored with a one-line ScenarioWarning naming the nearest known
-    key, as Activation Lab ignores it; ``strict=True`` makes it an error."""
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else _show(data)
-        raise ScenarioError(
-            f"{source}: <top level>: expected a mapping of scenario keys, got {got} "
-            f"(start the file with 'name: ...', 'model:' and 'prompt:')"
-        )
-    unknown: list[tuple[tuple[str | int, ...], str]] = []
-    if not strict:
-        data = _drop_unknown(data, Scenario, (), unknown)
-        for loc, near in unknown:
-            warnings.warn(
-                f"{source}: {_field_path(loc)}: unknown key {loc[-1]!r} ignored, nearest known key "
-                f"{near!r} (fix or remove it; --strict makes this an error)",
-                ScenarioWarning,
-                stacklevel=2,
-            )
-    try:
-        scenario = Scenario.model_validate(data)
-    except ValidationError as exc:
-        raise _translate(exc, source) from None
-    if source != "<dict>":
-        scenario._source_path = Path(source)
-    scenario._unknown = tuple(_unknown_error(loc, source) for loc, _ in unknown)
-    return scenario
+    key, as Activation Lab ignores it; ``strict=True`` makes it an error. (Every problem
+    at once, as data: :func:`actstore.validate_scenario`.)"""
+    return _loaded(*check_data(data, source, strict=strict))
 
 
-def _unknown_error(loc: tuple[str | int, ...], source: str) -> str:
+def _unknown_error(loc: tuple[str | int, ...], source: str) -> Problem:
     """The error ``strict=True`` gives for an unknown key at ``loc``."""
     _, what, fix = _describe({"loc": loc, "type": "extra_forbidden"})
-    return f"{source}: {_field_path(loc)}: {what} ({fix})"
+    return Problem(source, _field_name(loc), what, fix)
 
 
 def load_scenario(path: str | Path, *, strict: bool = False) -> Scenario:
     """Read and validate one scenario YAML file (``strict``: see scenario_from_dict)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ScenarioError(f"{p}: is a directory (pass a .yaml file, or use load_scenarios)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError(f"{p}: file not found (check the path)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(_one_line(f"{p}: cannot read file: {exc} (check it is UTF-8 text)")) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ScenarioError(
-            _one_line(f"{p}: {where}: invalid YAML: {problem} (fix the YAML there)")
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ScenarioError(_one_line(f"{p}: YAML error: {exc} (fix the YAML)")) from None
-    return scenario_from_dict(data, source=str(p), strict=strict)
+    return _loaded(*check_file(path, strict=strict))
+
+
+def scenario_files(path_or_dir: str | Path) -> list[Path]:
+    """The files a path names: itself, or every *.yaml/*.yml directly inside a directory,
+    sorted by file name (none: see :func:`no_scenario_files`)."""
+    p = Path(path_or_dir)
+    if not p.is_dir():
+        return [p]
+    return sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml"))
+
+
+def no_scenario_files(directory: str | Path) -> Problem:
+    """The problem of a directory without scenario files."""
+    return Problem(str(directory), "", "no *.yaml or *.yml scenario files in this directory",
+                   "add one or pass a file")  # fmt: skip
 
 
 def load_scenarios(path_or_dir: str | Path, *, strict: bool = False) -> list[Scenario]:
     """One file, or every *.yaml/*.yml directly inside a directory, sorted by file name."""
-    p = Path(path_or_dir)
-    if not p.is_dir():
-        return [load_scenario(p, strict=strict)]
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml"))
+    files = scenario_files(path_or_dir)
     if not files:
-        raise ScenarioError(
-            f"{p}: no *.yaml or *.yml scenario files in this directory (add one or pass a file)"
-        )
+        raise ScenarioError(no_scenario_files(path_or_dir).line())
     return [load_scenario(f, strict=strict) for f in files]
+
+
+def layer_problems(scenario: Scenario, num_layers: int, model_id: str | None = None) -> list[Problem]:
+    """Every index of capture.layers beyond a model with ``num_layers`` layers (the
+    scenario's own model, or ``model_id``)."""
+    layers = scenario.capture.layers
+    if layers == "all":
+        return []
+    return [
+        Problem(scenario.source, f"capture.layers[{i}]",
+                f"layer index {idx} is out of range for {model_id or scenario.model.id} with {num_layers} layers",
+                f"use 0..{num_layers - 1} or all")  # fmt: skip
+        for i, idx in enumerate(layers)
+        if idx >= num_layers
+    ]
 
 
 def check_layers(scenario: Scenario, num_layers: int) -> list[int]:
     """Resolve capture.layers against a model with ``num_layers`` layers."""
-    layers = scenario.capture.layers
-    if layers == "all":
-        return list(range(num_layers))
-    for i, idx in enumerate(layers):
-        if idx >= num_layers:
-            raise ScenarioError(
-                f"{scenario.source}: capture.layers[{i}]: layer index {idx} is out of range for "
-                f"{scenario.model.id} with {num_layers} layers (use 0..{num_layers - 1} or all)"
-            )
-    return list(layers)
+    problems = layer_problems(scenario, num_layers)
+    if problems:
+        raise ScenarioError(problems[0].line())
+    return list(range(num_layers)) if scenario.capture.layers == "all" else list(scenario.capture.layers)

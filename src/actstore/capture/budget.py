@@ -20,6 +20,7 @@ from typing import Any
 
 from actstore import naming
 from actstore.errors import ResourceError, ScenarioError
+from actstore.scenario import Problem
 
 # Config attributes that bound the positions a model can attend over, most specific first.
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
@@ -35,25 +36,36 @@ def context_limit(config: Any) -> int | None:
     return None
 
 
-def check_context(scenario: Any, model_id: str, limit: int | None, prompt_len: int,
-                  ref_lens: Sequence[int]) -> None:  # fmt: skip
-    """Prompt + generated tokens, and every reference prompt, fit the model's context."""
+def context_problems(scenario: Any, model_id: str, limit: int | None, prompt_len: int,
+                     ref_lens: Sequence[int]) -> list[Problem]:  # fmt: skip
+    """Where prompt + generated tokens, or a reference prompt, overflow the model's context."""
     if limit is None:
-        return
+        return []
+    out = []
     gen = scenario.generation.max_new_tokens
     positions = prompt_len + gen - 1  # the last generated token is never fed back
     if positions > limit:
-        raise ScenarioError(
-            f"{scenario.source}: {scenario.prompt_field}.messages: the prompt is {prompt_len} tokens and "
-            f"generation.max_new_tokens is {gen}, {positions} positions, but {model_id} handles "
-            f"{limit} (shorten {scenario.prompt_field}.messages or lower generation.max_new_tokens)"
-        )
+        field = scenario.prompt_field
+        out.append(Problem(
+            scenario.source, f"{field}.messages",
+            f"the prompt is {prompt_len} tokens and generation.max_new_tokens is {gen}, {positions} "
+            f"positions, but {model_id} handles {limit}",
+            f"shorten {field}.messages or lower generation.max_new_tokens",
+        ))  # fmt: skip
     for i, n in enumerate(ref_lens):
         if n > limit:
-            raise ScenarioError(
-                f"{scenario.source}: reference_states[{i}].messages: {n} tokens, but {model_id} "
-                f"handles {limit} (shorten that reference's messages)"
-            )
+            out.append(Problem(scenario.source, f"reference_states[{i}].messages",
+                               f"{n} tokens, but {model_id} handles {limit}",
+                               "shorten that reference's messages"))  # fmt: skip
+    return out
+
+
+def check_context(scenario: Any, model_id: str, limit: int | None, prompt_len: int,
+                  ref_lens: Sequence[int]) -> None:  # fmt: skip
+    """Prompt + generated tokens, and every reference prompt, fit the model's context."""
+    problems = context_problems(scenario, model_id, limit, prompt_len, ref_lens)
+    if problems:
+        raise ScenarioError(problems[0].line())
 
 
 def check_prefix(scenario: Any, model_id: str, limit: int | None, k: int, n: int) -> None:

@@ -136,14 +136,29 @@ def lock_is_free(path: Path) -> bool:
         return True
 
 
-def ensure_embedded_cache() -> Path:
-    """The cached HF folder of the built-in model, de-quantizing its GGUF once."""
+def _embedded() -> tuple[Path, Path, dict[str, Any]]:
+    """The built-in model's GGUF file, cache folder and cache signature."""
     gguf = embedded_gguf_path()
     # The package's file changes only with the package: name and size identify it, and
     # a reinstall (new mtime) does not cost a rebuild.
-    return ensure_gguf_cache(
-        gguf, embedded_cache_dir(), _signature(gguf, with_mtime=False), "the built-in model"
-    )
+    return gguf, embedded_cache_dir(), _signature(gguf, with_mtime=False)
+
+
+def ensure_embedded_cache() -> Path:
+    """The cached HF folder of the built-in model, de-quantizing its GGUF once."""
+    return ensure_gguf_cache(*_embedded(), "the built-in model")
+
+
+def built_embedded_cache() -> tuple[Path, Path | None]:
+    """The built-in model's GGUF file, and its cached HF folder if built (builds nothing)."""
+    gguf, folder, signature = _embedded()
+    return gguf, folder if _cache_is_current(folder, signature) else None
+
+
+def built_gguf_cache(gguf: Path) -> Path | None:
+    """The cached HF folder of ``gguf`` if it is built and current (builds nothing)."""
+    folder = gguf_cache_dir(gguf)
+    return folder if _cache_is_current(folder, _signature(gguf, with_mtime=True)) else None
 
 
 def ensure_gguf_cache(

@@ -20,6 +20,8 @@ one-line message that says what to do.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +32,8 @@ from actstore.errors import ModelLoadError
 from actstore.models.gguf_cache import (
     EMBEDDED_GGUF,
     EMBEDDED_PIP_NAME,
+    built_embedded_cache,
+    built_gguf_cache,
     ensure_embedded_cache,
     ensure_gguf_cache,
 )
@@ -124,33 +128,42 @@ def _is_embedded(model_id: str) -> bool:
     return model_id.strip().lower() in EMBEDDED_NAMES
 
 
-def _resolve_location(model_cfg: ModelConfigLike) -> tuple[str, dict[str, Any], str]:
-    """(path-or-id for from_pretrained, extra kwargs, source description)."""
+def _resolve_location(model_cfg: ModelConfigLike, *, build: bool = True) -> tuple[str, dict[str, Any], str]:
+    """(path-or-id for from_pretrained, extra kwargs, source description).
+
+    ``build=False`` never de-quantizes: a GGUF file without a built cache is read as the
+    GGUF itself, which serves its config and tokenizer cheaply (not its weights)."""
     model_id = str(model_cfg.id)
     gguf_file = getattr(model_cfg, "gguf_file", None)
     if _is_embedded(model_id) and not gguf_file:
-        folder = ensure_embedded_cache()
+        if build:
+            folder: Path | None = ensure_embedded_cache()
+        else:
+            gguf, folder = built_embedded_cache()
+            if folder is None:
+                return str(gguf.parent), {"gguf_file": gguf.name}, f"built-in {EMBEDDED_PIP_NAME} ({gguf})"
         return str(folder), {}, f"built-in {EMBEDDED_PIP_NAME} ({EMBEDDED_GGUF}, cached at {folder})"
+    cached = _cached_gguf if build else _gguf_as_is
 
     path = Path(model_id).expanduser()
     if gguf_file:
         gguf_path = Path(gguf_file).expanduser()
         if gguf_path.is_absolute() and gguf_path.is_file():
-            return _cached_gguf(gguf_path)  # an absolute gguf_file wins; the id only names the model
+            return cached(gguf_path)  # an absolute gguf_file wins; the id only names the model
         if path.is_dir():
             if not (path / gguf_file).is_file():
                 raise ModelLoadError(f"GGUF file {gguf_file!r} not found in folder {path}")
-            return _cached_gguf(path / gguf_file)
+            return cached(path / gguf_file)
         in_hub_cache = _hub_cached_file(model_id, gguf_file)
         if in_hub_cache is not None:
-            return _cached_gguf(in_hub_cache, f"GGUF file {gguf_file} of {model_id} from the local HF cache")
+            return cached(in_hub_cache, f"GGUF file {gguf_file} of {model_id} from the local HF cache")
         return (
             model_id,
             {"gguf_file": gguf_file, "local_files_only": True},
             (f"GGUF file {gguf_file} of {model_id} from the local HF cache"),
         )
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _cached_gguf(path)
+        return cached(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -167,6 +180,14 @@ def _cached_gguf(gguf: Path, what: str | None = None) -> tuple[str, dict[str, An
     what = what or f"GGUF file {gguf}"
     folder = ensure_gguf_cache(gguf, what=what)
     return str(folder), {}, f"{what} (de-quantized once, cached at {folder})"
+
+
+def _gguf_as_is(gguf: Path, what: str | None = None) -> tuple[str, dict[str, Any], str]:
+    """A GGUF file's built cache folder, else the file itself (config and tokenizer only)."""
+    folder = built_gguf_cache(gguf)
+    if folder is not None:
+        return str(folder), {}, f"{what or f'GGUF file {gguf}'} (cached at {folder})"
+    return str(gguf.parent), {"gguf_file": gguf.name}, what or f"GGUF file {gguf}"
 
 
 def _hub_cached_file(repo_id: str, filename: str) -> Path | None:
@@ -202,9 +223,24 @@ def load_model(model_cfg: ModelConfigLike, *, attn_implementation: str | None = 
         model_kwargs["device_map"] = str(device)
     tok_kwargs: dict[str, Any] = dict(extra, trust_remote_code=trust)
 
-    try:
+    with _load_errors(model_id, location, extra):
         tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
         model: Any = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
+
+    if device.type != "cuda":
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source, model_id=model_id
+    )
+
+
+@contextmanager
+def _load_errors(model_id: str, location: str, extra: dict[str, Any]) -> Iterator[None]:
+    """transformers' loading failures as one-line ModelLoadErrors that say what to do."""
+    try:
+        yield
     except ModelLoadError:
         raise
     except OSError as exc:
@@ -221,13 +257,25 @@ def load_model(model_cfg: ModelConfigLike, *, attn_implementation: str | None = 
             f"could not load model {model_id!r} from {location}: {_first_line(exc)}"
         ) from exc
 
-    if device.type != "cuda":
-        model = model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return LoadedModel(
-        model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source, model_id=model_id
-    )
+
+def load_config(model_cfg: ModelConfigLike) -> Any:
+    """The model's config (a transformers PretrainedConfig) without its weights: read from
+    its folder, the local HF cache, or a GGUF file's metadata; never downloads and never
+    de-quantizes. ModelLoadError when it cannot be found."""
+    from transformers import AutoConfig
+
+    location, extra, _ = _resolve_location(model_cfg, build=False)
+    with _load_errors(str(model_cfg.id), location, extra):
+        return AutoConfig.from_pretrained(location, trust_remote_code=bool(model_cfg.trust_remote_code), **extra)
+
+
+def load_tokenizer(model_cfg: ModelConfigLike) -> Any:
+    """The model's tokenizer, found as :func:`load_config` finds the config."""
+    from transformers import AutoTokenizer
+
+    location, extra, _ = _resolve_location(model_cfg, build=False)
+    with _load_errors(str(model_cfg.id), location, extra):
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=bool(model_cfg.trust_remote_code), **extra)
 
 
 def _first_line(exc: BaseException) -> str:

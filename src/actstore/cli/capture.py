@@ -29,13 +29,15 @@ def _quiet_hf_loading() -> None:
 @store_options
 @scheduler_address_option
 @_quiet_option
+@click.option("--progress", "force_progress", is_flag=True,
+              help="progress bars even when stderr is not a terminal (a log file, a background job)")
 @click.option("--force", is_flag=True, help="capture even if the memory estimate exceeds what is available")
 @click.option("--strict", is_flag=True, help="refuse a scenario with an unknown key (default: warn and ignore it)")
 @_interruptible
 @_fail_cleanly
 def capture(
     scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],
-    scheduler_address: str | None, quiet: bool, force: bool, strict: bool,
+    scheduler_address: str | None, quiet: bool, force_progress: bool, force: bool, strict: bool,
 ) -> None:  # fmt: skip
     """Run the model on a scenario file (or every scenario in a folder) and store the runs.
 
@@ -79,7 +81,8 @@ def capture(
             loaded[key] = load_model(sc.model, attn_implementation=attn_implementation(sc))
         # capture() creates the store only once the scenario fits the model (layers,
         # context, memory)
-        for result in do_capture(sc, location, loaded=loaded[key], progress=None if not quiet else False,
+        progress = False if quiet else (True if force_progress else None)  # None: when stderr is a terminal
+        for result in do_capture(sc, location, loaded=loaded[key], progress=progress,
                                  storage_options=opts, force=force):  # fmt: skip
             click.echo(
                 f"{result.run_id}\t{result.store}\t{result.n_steps} steps, "

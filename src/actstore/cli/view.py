@@ -25,14 +25,18 @@ def register(main: click.Group) -> None:
     @click.option("--device", default=None, help="device for the logit lens model (default: the scenario's)")
     @click.option("--token", default=None, envvar="ACTSTORE_VIEW_TOKEN", show_envvar=True,
                   help="access token (default: a random one per start, printed in the address)")  # fmt: skip
+    @click.option("--scenarios", "scenarios", default="scenarios", show_default=True,
+                  type=click.Path(file_okay=False),
+                  help="the scenario builder's folder: the only one it lists, opens and saves into")  # fmt: skip
     @_fail_cleanly
     def view_cmd(
         run: str, host: str, port: int, no_browser: bool, device: str | None, token: str | None,
-        store_location: str | None, storage_options: tuple[str, ...],
+        scenarios: str, store_location: str | None, storage_options: tuple[str, ...],
     ) -> None:  # fmt: skip
         """Explore RUN in the browser: tokens, a heatmap per layer x step, top-k, neuron
-        trajectories, the residual decomposition, the logit lens (a local server; Ctrl-C
-        stops it). The printed address carries an access token: GETs on loopback need
+        trajectories, the residual decomposition, the logit lens, states compared side by
+        side and through depth, and a scenario builder that saves into --scenarios and
+        launches captures (a local server; Ctrl-C stops it). The printed address carries an access token: GETs on loopback need
         none, anything that loads a model does, and so does every request when --host is
         not a loopback address."""
         import os
@@ -50,7 +54,7 @@ def register(main: click.Group) -> None:
             raise OptionError(f"--port {port}: ports are 0-65535 (0: any free port)")
         if token is not None and (len(token) < 8 or not token.isascii() or not token.isprintable() or " " in token):
             raise OptionError("--token: use 8 or more printable ASCII characters without spaces")
-        app = ViewApp(open_store(store_location, storage_options), run, device=device)
+        app = ViewApp(open_store(store_location, storage_options), run, device=device, scenarios=scenarios)
         try:
             server = ViewServer(app, host, port, token=token)
         except OSError as e:

@@ -17,20 +17,22 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from actstore.errors import SelectionError
-from actstore.view import api
+from actstore.view import api, builder
 
 
 @dataclass(frozen=True)
 class RouteInfo:
     method: str  # "GET" (reads the store) or "POST" (loads a model, writes, starts a job)
     heavy: bool  # reads or computes more than metadata: runs in one of the server's slots
+    cached: bool = True  # a GET whose answer only changes with its parameters (runs are immutable)
 
 
 ROUTES: dict[str, RouteInfo] = {
-    "runs": RouteInfo("GET", False),
+    "runs": RouteInfo("GET", False, cached=False),  # a capture job adds runs
     "summary": RouteInfo("GET", False),
     "heatmap": RouteInfo("GET", True),
     "top_neurons": RouteInfo("GET", True),
@@ -41,6 +43,17 @@ ROUTES: dict[str, RouteInfo] = {
     "depth": RouteInfo("GET", True),
     "next_token": RouteInfo("GET", True),
     "logit_lens": RouteInfo("POST", True),
+    # the scenario builder (view/builder.py): files of the scenarios folder, models, jobs
+    "scenarios": RouteInfo("GET", False, cached=False),
+    "scenario": RouteInfo("GET", False, cached=False),
+    "clone": RouteInfo("GET", False),
+    "models": RouteInfo("GET", False, cached=False),
+    "jobs": RouteInfo("GET", False, cached=False),
+    "validate": RouteInfo("POST", False),
+    "render": RouteInfo("POST", False),
+    "save": RouteInfo("POST", False),
+    "launch": RouteInfo("POST", False),
+    "cancel": RouteInfo("POST", False),
 }
 MAX_VALUES = 256  # parameters in one request (a group's states are the most)
 
@@ -133,8 +146,14 @@ class ViewApp:
 
     MAX_OPEN_RUNS = 64
 
-    def __init__(self, store: Any, default_run: str = "latest", model: Any = None, device: str | None = None):
+    def __init__(
+        self, store: Any, default_run: str = "latest", model: Any = None, device: str | None = None,
+        scenarios: str | Path | None = None,
+    ):  # fmt: skip
         self.store = store
+        # The scenario builder's folder (None: the builder only validates and clones)
+        self.scenarios = builder.ScenarioFolder(scenarios) if scenarios is not None else None
+        self._jobs: builder.CaptureJobs | None = None
         self.default = store.run(default_run).id  # fails now, not on the first request
         self._runs: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -208,12 +227,64 @@ class ViewApp:
             "group": lambda: self._group(q),
             "depth": lambda: self._depth(q),
             "next_token": lambda: api.next_token(self.run(q.get("run")), parse_steps(q.get("steps"))),
+            "scenarios": lambda: self._scenario_files(),
+            "scenario": lambda: self._scenario_file(q.text("name", "")),
+            "clone": lambda: builder.clone(self.run(q.get("run"))),
+            "models": lambda: {"models": builder.available_models()},
+            "jobs": lambda: self._job_list(q),
+            "validate": lambda: {"problems": builder.problems(q.text("text", ""), q.text("name", "scenario.yaml")),
+                                 "data": builder.parsed(q.text("text", ""))},
+            "render": lambda: builder.render(q.text("data", "{}")),
+            "save": lambda: self._save(q),
+            "launch": lambda: self.jobs().launch(q.text("name", "")),
+            "cancel": lambda: self.jobs().cancel(q.req_int("job")),
         }  # fmt: skip
         return handlers[route]()
 
+    # ---- the scenario builder ------------------------------------------------------------
+    def folder(self) -> builder.ScenarioFolder:
+        if self.scenarios is None:
+            raise SelectionError("no scenarios folder: start actstore view with --scenarios DIR")
+        return self.scenarios
+
+    def jobs(self) -> builder.CaptureJobs:
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = builder.CaptureJobs(self.folder(), str(self.store.location))
+            return self._jobs
+
+    def close(self) -> None:
+        """Stop the capture jobs (a running one is cancelled)."""
+        if self._jobs is not None:
+            self._jobs.close()
+
+    def _scenario_files(self) -> dict[str, Any]:
+        if self.scenarios is None:  # a page without a builder folder is no error
+            return {"folder": None, "files": []}
+        return {"folder": self.scenarios.root.name, "files": self.scenarios.files()}
+
+    def _scenario_file(self, name: str) -> dict[str, Any]:
+        text = self.folder().read(name)
+        return {"name": name, "text": text, "problems": builder.problems(text, name)}
+
+    def _save(self, q: Params) -> dict[str, Any]:
+        name, text = q.text("name", ""), q.text("text", "")
+        problems = builder.problems(text, name)
+        if any(p["severity"] == "error" for p in problems) and not q.flag("anyway"):
+            raise SelectionError(f"{name}: not saved: the scenario has errors (fix them, or save anyway)")
+        return self.folder().save(name, text, overwrite=q.flag("overwrite")) | {"problems": problems}
+
+    def _job_list(self, q: Params) -> dict[str, Any]:
+        if self._jobs is None:
+            return {"jobs": []}
+        job = q.as_int("job")
+        return {"jobs": self._jobs.all()} if job is None else {"job": self._jobs.get(job)}
+
     def _lens(self, q: Params) -> Any:
         run = self.run(q.get("run"))
-        return api.logit_lens_step(run, self.loaded_model(run), q.as_int("step", 0) or 0)
+        position = q.as_int("position")
+        return api.logit_lens_step(run, self.loaded_model(run), q.as_int("step", 0) or 0, q.as_int("top_k", 5) or 5,
+                                   -1 if position is None else position)  # fmt: skip
 
     def _sources(self, q: Params) -> list[str] | None:
         return q.all("source") or None

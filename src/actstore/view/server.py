@@ -317,7 +317,7 @@ class _Handlers:
 
     def _compute(self, route: str, params: Params, method: str) -> tuple[int, bytes]:
         """(status, JSON body) of one answer, in a worker thread (GET answers cached)."""
-        if method == "GET":
+        if method == "GET" and ROUTES[route].cached:
             return self.cache.get_or_compute((route, params.key()), lambda: self._answer(route, params, method))
         return self._answer(route, params, method)
 
@@ -495,17 +495,18 @@ class ViewServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.sock.close()
+        self.app.close()  # a capture job still running is cancelled
 
 
 def serve(
     store: Any, run: str = "latest", host: str = "127.0.0.1", port: int = 0, model: Any = None,
-    token: str | None = None,
+    token: str | None = None, scenarios: str | Path | None = None,
 ) -> ViewServer:  # fmt: skip
     """Start the viewer for ``run`` of ``store`` in a background thread (``port=0``: any
     free port); ``.url`` is where to point a browser (it carries the access token),
     ``.shutdown()`` stops it. ``model``: a LoadedModel for the logit lens (else each
-    run's own model is loaded when asked)."""
-    return ViewServer(ViewApp(store, run, model), host, port, token=token).start()
+    run's own model is loaded when asked). ``scenarios``: the scenario builder's folder."""
+    return ViewServer(ViewApp(store, run, model, scenarios=scenarios), host, port, token=token).start()
 
 
 __all__ = ["TOKEN_HEADER", "ViewApp", "ViewServer", "build_app", "scrub", "serve"]

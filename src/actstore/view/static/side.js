@@ -1,0 +1,66 @@
+// actstore view: other runs side by side, each a column drawn with the main controls.
+(function () {
+  "use strict";
+  var view = window.actstoreView;
+  var lib = view.lib;
+  var $ = function (id) { return document.getElementById(id); };
+  var steps = {};  // run id -> number of steps (from its summary)
+
+  function picked() {
+    return Array.prototype.filter.call($("side-runs").options, function (o) { return o.selected; }).map(function (o) { return o.value; });
+  }
+
+  function column(run) {
+    var id = "side-" + run.replace(/[^A-Za-z0-9_-]/g, "_");
+    var col = document.getElementById(id);
+    if (!col) {
+      col = document.createElement("div");
+      col.className = "col";
+      col.id = id;
+      col.innerHTML = '<h3></h3><div class="chart"></div>';
+      $("side-cols").appendChild(col);
+    }
+    return col;
+  }
+
+  function nSteps(run) {
+    if (steps[run] !== undefined) return Promise.resolve(steps[run]);
+    return lib.api("summary", { run: run }).then(function (S) { steps[run] = S.steps.length; return steps[run]; });
+  }
+
+  function draw() {
+    var runs = picked();
+    Array.prototype.forEach.call($("side-cols").children, function (c) {
+      if (runs.map(function (r) { return "side-" + r.replace(/[^A-Za-z0-9_-]/g, "_"); }).indexOf(c.id) < 0) c.remove();
+    });
+    var s = lib.state;
+    return Promise.all(runs.map(function (run) {
+      var col = column(run);
+      return nSteps(run).then(function (n) {
+        var params = { run: run, source: s.source, layer: s.layer, step: Math.min(s.step, n - 1), head: s.head, reduce: s.reduce };
+        return lib.api("heatmap", params).then(function (h) {
+          col.querySelector("h3").textContent = run + " · " + h.source + (h.layer === null ? "" : " · layer " + h.layer) +
+            " · step " + h.step + " · " + lib.readout(h);
+          var trace = lib.colours({ type: "heatmap", z: h.z, hoverongaps: false }, h);
+          return Plotly.react(col.querySelector(".chart"), [trace], { margin: { l: 50, r: 10, t: 10, b: 40 }, height: 380,
+            yaxis: { autorange: "reversed", title: { text: h.ylabel } }, xaxis: { title: { text: h.xlabel } } }, lib.config);
+        });
+      }).catch(function (err) { col.querySelector(".chart").innerHTML = '<p class="note">' + lib.escapeHtml(err.message) + "</p>"; });
+    }));
+  }
+
+  view.afterRefresh = function () { return picked().length ? draw() : null; };
+  $("side-runs").addEventListener("change", function () { draw().catch(lib.showError); });
+
+  var previous = view.onRun;
+  view.onRun = function () {
+    return Promise.resolve(previous ? previous() : null).then(function () {
+      return lib.api("runs").then(function (res) {
+        var chosen = picked();
+        lib.fill($("side-runs"), res.runs.filter(function (r) { return r.id !== lib.state.run; }).map(function (r) { return [r.id, r.id + "  (" + r.scenario + ")"]; }));
+        Array.prototype.forEach.call($("side-runs").options, function (o) { o.selected = chosen.indexOf(o.value) >= 0; });
+        return draw();
+      });
+    });
+  };
+})();

@@ -51,6 +51,18 @@ def test_viewer_draws_and_follows_the_controls(
             n_layers = len(two_run_store.run(first).layers)
             assert page.locator("#lens table.lens tbody tr").count() == n_layers
             assert page.locator("#lens tbody tr").last.locator("td").nth(3).inner_text() == "0"  # last layer: KL 0
+            assert page.evaluate(MARKS_JS, "lens-kl") > 0
+            # the lens at another position of the step, with more candidates
+            step = int(page.input_value("#step"))
+            if page.locator("#lens-position option").count() > 1:
+                page.select_option("#lens-position", "0")
+                _idle(page)
+                assert page.evaluate("window.actstoreView.lens.position") == page.evaluate(
+                    f"window.actstoreView.lib.state.S.steps[{step}].positions[0]")
+            page.select_option("#lens-topk", "10")
+            _idle(page)
+            assert page.evaluate("window.actstoreView.lens.top[0].length") == 10
+            assert page.inner_text("#lens th:last-child") == "top 10"
             # the signed scale as drawn: the max is red, the min blue (Activation Lab's RdBu_r)
             trace = page.evaluate("(({colorscale, reversescale}) => ({colorscale, reversescale}))"
                                   "(document.getElementById('heatmap')._fullData[0])")  # fmt: skip

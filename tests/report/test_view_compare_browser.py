@@ -57,7 +57,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore, loaded: Any) -> None:
+def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore, loaded: Any, tmp_path: Any) -> None:
     first, second = two_run_store.run_ids()[:2]
     a, b, c = f"{first}@snapshot:1", f"{second}@reference:joy", f"{first}@snapshot:generated"
     server = serve(two_run_store, first, port=0, model=loaded)  # the runs' tiny model, for the logit lens
@@ -65,6 +65,21 @@ def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore
         with open_page(server.url) as (page, log):
             _idle(page)
             assert page.is_hidden("#pair-view") and page.is_hidden("#group-view")
+
+            # another run side by side, driven by the main controls
+            page.select_option("#side-runs", [second])
+            _idle(page)
+            assert page.locator("#side-cols .col").count() == 1
+            assert page.evaluate("document.querySelectorAll('#side-cols .heatmaplayer image').length") == 1
+            page.select_option("#layer", "0")
+            page.select_option("#cmap", "Greys")
+            _idle(page)
+            title = page.inner_text("#side-cols .col h3")
+            assert title.startswith(second) and "layer 0" in title and "min" in title and "max" in title
+            assert page.evaluate("document.querySelector('#side-cols .chart').data[0].colorscale") == "Greys"
+            assert page.evaluate("document.getElementById('heatmap').data[0].colorscale") == "Greys"
+            assert "min" in page.inner_text("#heatmap-title")
+
             _pick(page, first, "snapshot:1")
             _pick(page, second, "reference:joy")
 
@@ -106,12 +121,27 @@ def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore
                 i, j = matrix["states"].index(want["state_a"]), matrix["states"].index(want["state_b"])
                 assert matrix["z"][i][j] == pytest.approx(want["cosine"], rel=1e-4)
 
-            # the address keeps the selection: reopening it shows the same group
+            # pin a curve: it is overlaid in the pinned chart
+            assert page.is_hidden("#pinned-section")
+            page.locator("#group-divergence").locator("xpath=preceding-sibling::button[1]").click()
+            page.wait_for_timeout(200)
+            assert page.is_visible("#pinned-section") and page.evaluate(DRAWN_JS, "pinned") > 0
+            assert page.evaluate("window.actstoreView.keep.pinned.length") == 1
+
+            # save the comparison as one page that opens offline, charts and numbers in it
+            with page.expect_download() as download:
+                page.click("#compare h2 button.save-html")
+            saved = tmp_path / "compare.html"
+            download.value.save_as(saved)
+            assert f"{matrix['z'][0][1]}" in saved.read_text()  # the numbers travel with the page (opened below)
+
+            # the address keeps the selection and the controls: reopening it shows the same view
             url = page.url
-            assert url.count("cmp=") == 3
+            assert url.count("cmp=") == 3 and "layer=0" in url and "cmap=Greys" in url
             page.goto(url)
             _idle(page)
             assert page.locator("#selection .chip").count() == 3 and page.is_visible("#group-view")
+            assert page.input_value("#layer") == "0" and page.input_value("#cmap") == "Greys"
 
             # depth of a picked full pass: the CLI's convergence
             page.select_option("#depth-state", a)
@@ -133,5 +163,73 @@ def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore
             assert page.is_hidden("#error"), page.inner_text("#error")
             assert log.blocked == [], f"the page tried the network: {log.blocked[:5]}"
             assert log.errors == [], log.errors
+    finally:
+        server.shutdown()
+    with open_page(saved) as (offline, offline_log):  # the saved page, with no server and no network
+        offline.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 6")
+        assert offline.inner_text("h1").startswith("Compare states")
+        assert offline_log.errors == [] and offline_log.blocked == []
+
+
+def test_scenario_builder_from_form_to_a_new_run(tmp_path: Any) -> None:
+    """Build a scenario in the form (a mistake shows at its field, then goes), save it,
+    launch it (a real SmolLM2 capture in the background), and open the new run."""
+    import actstore
+    from actstore.scenario import load_scenario, scenario_from_dict
+
+    location = tmp_path / "store.zarr"
+    start = scenario_from_dict({
+        "name": "start", "model": {"id": "smollm2", "dtype": "float32", "device": "cpu"},
+        "prompt": {"messages": [{"role": "user", "content": "Hi."}]}, "generation": {"max_new_tokens": 2},
+        "capture": {"layers": [0], "attention_weights": False, "qkv": False, "mlp": False},
+    })  # fmt: skip
+    [first] = actstore.capture_scenario(start, str(location), progress=False)
+    store = ActStore.open(location)
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    server = serve(store, first.run_id, port=0, scenarios=folder)  # each run's own model for the lens
+    try:
+        with open_page(server.url) as (page, log):
+            _idle(page)
+            bad: list[str] = []
+            page.on("response", lambda r: bad.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+            page.click("#b-new")
+            page.wait_for_function("window.actstoreView.builder.problems.length === 0 && "
+                                   "document.getElementById('b-yaml').value.includes('my_scenario')")  # fmt: skip
+            # the form writes the YAML
+            page.fill('[data-field="name"]', "built_here")
+            page.fill('[data-field="generation.max_new_tokens"]', "2")
+            page.fill('[data-field="capture.layers"]', "0")
+            page.fill('[data-field="prompt.messages[0].content"]', "Say hi.")
+            page.wait_for_function("document.getElementById('b-yaml').value.includes('name: built_here')")
+            # a mistake: shown at its field, and in the list
+            page.check('[data-field="generation.do_sample"]')
+            page.fill('[data-field="generation.temperature"]', "-1")
+            page.wait_for_selector('.field-error[data-for="generation.temperature"]')
+            assert page.locator('[data-field="generation.temperature"]').evaluate("e => e.classList.contains('invalid')")
+            page.fill('[data-field="generation.temperature"]', "0.7")
+            page.wait_for_function("window.actstoreView.builder.problems.length === 0")
+            assert page.locator(".field-error").count() == 0
+            # the YAML writes the form
+            text = page.input_value("#b-yaml").replace("name: built_here", "name: built_in_yaml")
+            page.fill("#b-yaml", text)
+            page.wait_for_function("document.querySelector('[data-field=\"name\"]').value === 'built_in_yaml'")
+            # save: a file capture accepts
+            page.fill("#b-name", "built.yaml")
+            page.click("#b-save")
+            page.wait_for_function("document.getElementById('b-status').textContent.startsWith('saved built.yaml')")
+            sc = load_scenario(folder / "built.yaml")
+            assert sc.name == "built_in_yaml" and sc.generation.max_new_tokens == 2 and sc.generation.temperature == 0.7
+            # launch, watch, open the new run
+            page.click("#b-launch")
+            page.wait_for_selector(".job.done .open-run", timeout=240_000)
+            new = store.run_ids()[-1]
+            assert new != first.run_id and new.startswith("built_in_yaml")
+            page.click(".job.done .open-run")
+            page.wait_for_function("(r) => document.getElementById('run-title').textContent.includes(r)", arg=new)
+            _idle(page)
+            assert page.is_hidden("#error"), page.inner_text("#error")
+            assert log.blocked == [], f"the page tried the network: {log.blocked[:5]}"
+            assert log.errors == [], (log.errors, bad)
     finally:
         server.shutdown()

@@ -194,14 +194,17 @@ def decomposition(run: Any, step: int) -> dict[str, Any]:
             **{c: [_num(v) for v in df[c]] for c in cols}}  # fmt: skip
 
 
-def logit_lens_step(run: Any, loaded: Any, step: int, top_k: int = 5) -> dict[str, Any]:
-    """What each layer's residual stream would predict at the step's last position
-    (``query.logit_lens.logit_lens``): per layer the argmax token, its probability,
-    KL(layer || final) (Activation Lab's direction) and the top ``top_k``."""
+def logit_lens_step(run: Any, loaded: Any, step: int, top_k: int = 5, position: int = -1) -> dict[str, Any]:
+    """What each layer's residual stream would predict at one position the step
+    computed (``position``: an index into them, -1 the last; ``query.logit_lens``): per
+    layer the argmax token, its probability, KL(layer || final) (Activation Lab's
+    direction) and the top ``top_k``."""
     from actstore.query.logit_lens import logit_lens
 
     step = step_index(run, step)
-    df = logit_lens(run, loaded, steps=[step], top_k=top_k)
+    if not 1 <= top_k <= 50:
+        raise SelectionError(f"top_k must be 1..50, not {top_k}")
+    df = logit_lens(run, loaded, steps=[step], top_k=top_k, position=position)
     return {"step": step, "position": int(df["position"].iloc[0]), "layer": df["layer"].tolist(),
             "argmax": [display_token(t) for t in df["argmax_token"]],
             "p": [_num(math.exp(v)) for v in df["argmax_logprob"]],

@@ -168,7 +168,10 @@
   }
 
   // ---- the two directions -------------------------------------------------------------------
+  var formEdits = 0;  // a check that started before the last form edit must not refill the form
+
   function formChanged(redraw) {
+    formEdits += 1;
     Array.prototype.forEach.call(simpleInputs(), function (el) { setPath(doc, el.dataset.field, readInput(el)); });
     if (redraw) { drawPrompts(); drawRefs(); }
     later("render", function () {
@@ -185,10 +188,11 @@
   function check(refill) {
     var text = $("b-yaml").value;
     var name = $("b-name").value.trim() || "scenario.yaml";
+    var edits = formEdits;
     b.checks += 1;
     return api("validate", { text: text, name: name }, true).then(function (res) {
       if ($("b-yaml").value !== text) return;  // edited since: the next check answers
-      if (refill && res.data) { doc = res.data; fillForm(); }
+      if (refill && res.data && edits === formEdits) { doc = res.data; fillForm(); }
       showProblems(res.problems);
     });
   }

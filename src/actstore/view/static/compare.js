@@ -49,7 +49,12 @@
     return api("summary", { run: run }).then(function (S) { remember(S); return S.states; });
   }
 
-  function remember(S) { runInfo[S.id] = { states: S.states, sources: S.sources }; }
+  function remember(S) { runInfo[S.id] = { states: S.states, sources: S.sources, layers: S.layers }; }
+
+  function layerCount(item) {
+    var info = runInfo[item.slice(0, item.indexOf("@"))];
+    return info ? info.layers.length : Infinity;
+  }
 
   function isFull(item) {  // is "RUN@STATE" a full pass (a step, or a snapshot/reference stored whole)?
     var info = runInfo[item.slice(0, item.indexOf("@"))];
@@ -293,7 +298,7 @@
     var run = lib.state.run;
     var own = ((runInfo[run] || {}).states || []).filter(function (s) { return s.full; }).map(function (s) { return [run + "@" + s.state, s.label]; });
     var picked = sel.items.map(function (it) { return [it, "picked: " + shortRun(it)]; });
-    var before = $("depth-state").value;
+    var before = $("depth-state").value || new URLSearchParams(location.search).get("depth");
     lib.fill($("depth-state"), picked.concat(own));
     if (before && Array.prototype.some.call($("depth-state").options, function (o) { return o.value === before; })) $("depth-state").value = before;
   }
@@ -303,11 +308,12 @@
     if (!state) return Promise.resolve();
     var at = { state: state };
     var attention = has(state, "attn_weights"), qk = has(state, "q") && has(state, "k");
-    if (!has(state, "hidden_out")) note("depth-convergence", "Needs hidden_out.");
+    var converges = has(state, "hidden_out") && layerCount(state) >= 2;
+    if (!converges) note("depth-convergence", "Needs hidden_out at two or more layers.");
     if (!attention) { note("depth-entropy", "Needs attention weights."); note("depth-heads", "Needs attention weights."); }
     if (!qk) note("depth-scores", "Needs q and k.");
     return Promise.all([
-      !has(state, "hidden_out") ? null :
+      !converges ? null :
       Promise.all([api("depth", Object.assign({ what: "convergence" }, at)), api("depth", Object.assign({ what: "effective-depth" }, at))]).then(function (res) {
         var r = rows(res[0].table);
         var eff = rows(res[1].table)[0] || {};
@@ -405,5 +411,12 @@
       return api("group", p);
     }).catch(lib.showError);
   });
-  ["depth-state", "depth-layer"].forEach(function (id) { $(id).addEventListener("change", function () { drawDepth().catch(lib.showError); }); });
+  ["depth-state", "depth-layer"].forEach(function (id) {
+    $(id).addEventListener("change", function () {
+      var q = new URLSearchParams(location.search);
+      q.set("depth", $("depth-state").value);  // the link reopens this depth view too
+      history.replaceState(null, "", "?" + q.toString());
+      drawDepth().catch(lib.showError);
+    });
+  });
 })();

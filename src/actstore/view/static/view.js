@@ -5,6 +5,7 @@
   var view = (window.actstoreView = { busy: 0, loaded: false, requests: [], idle: function () { return view.loaded && view.busy === 0; } });
   // what the compare and depth panels (compare.js) share with this page
   view.lib = { api: function (r, p, post) { return api(r, p, post); }, state: state, showError: function (e) { showError(e); },
+               colours: function (t, h) { return colours(t, h); }, readout: function (h) { return readout(h); },
                fill: function (s, v, c) { fill(s, v, c); }, escapeHtml: function (t) { return escapeHtml(t); }, config: CONFIG };
   var $ = function (id) { return document.getElementById(id); };
   var CONFIG = { displaylogo: false, responsive: true };
@@ -89,16 +90,25 @@
       $("run-meta").textContent = S.model + " · " + S.prompt_len + " prompt tokens · " + S.steps.length +
         " forward passes · " + S.layers.length + " layers · generated: " + S.generated_text;
       drawTokens();
-      fill($("source"), S.sources, S.sources.indexOf("hidden_out") >= 0 ? "hidden_out" : S.sources[0]);
-      fill($("layer"), S.layers, S.layers[Math.floor(S.layers.length / 2)]);
+      // the first run shown takes its controls from the address (a saved link), if valid
+      var q = view.restored ? new URLSearchParams() : new URLSearchParams(location.search);
+      view.restored = true;
+      var pick = function (name, allowed, fallback) {
+        var v = q.get(name);
+        return v !== null && allowed.map(String).indexOf(v) >= 0 ? v : fallback;
+      };
+      fill($("source"), S.sources, pick("source", S.sources, S.sources.indexOf("hidden_out") >= 0 ? "hidden_out" : S.sources[0]));
+      fill($("layer"), S.layers, pick("layer", S.layers, S.layers[Math.floor(S.layers.length / 2)]));
       var slider = $("step");
       slider.max = String(S.steps.length - 1);
-      slider.value = String(Math.min(1, S.steps.length - 1));
+      slider.value = pick("step", S.steps.map(function (st) { return st.step; }), String(Math.min(1, S.steps.length - 1)));
       if (S.heads) {
         var heads = [["", "mean of heads"]];
         for (var h = 0; h < S.heads; h++) heads.push([String(h), "head " + h]);
-        fill($("head"), heads, "");
+        fill($("head"), heads, pick("head", heads.map(function (x) { return x[0]; }), ""));
       }
+      $("reduce").value = pick("reduce", ["signed", "abs"], $("reduce").value);
+      $("cmap").value = pick("cmap", Array.prototype.map.call($("cmap").options, function (o) { return o.value; }), $("cmap").value);
       readControls();
       state.neuron = null;
       return refresh();
@@ -151,12 +161,24 @@
       (st.generated ? ", chose " + JSON.stringify(st.generated) : "") + ")";
   }
 
+  // The address reopens this view: the run and the controls (compare.js adds its selection).
+  function saveAddress() {
+    var q = new URLSearchParams(location.search);
+    q.delete("token");
+    q.set("run", state.run);
+    [["source", state.source], ["layer", state.layer], ["step", state.step], ["head", state.head],
+     ["reduce", state.reduce], ["cmap", $("cmap").value]].forEach(function (kv) { q.set(kv[0], String(kv[1])); });
+    history.replaceState(null, "", "?" + q.toString());
+  }
+  view.saveAddress = saveAddress;
+
   function refresh() {
     clearError();
     readControls();
+    saveAddress();
     markTokens();
     drawTopk();
-    var jobs = [drawHeatmap(), drawNeurons(), drawDecomposition(), drawLens()];
+    var jobs = [drawHeatmap(), drawNeurons(), drawDecomposition(), drawLens(), view.afterRefresh ? view.afterRefresh() : null];
     return Promise.all(jobs).catch(showError);
   }
 
@@ -165,8 +187,8 @@
     var params = { source: state.source, layer: state.layer, step: state.step, head: state.head, reduce: state.reduce };
     return api("heatmap", params).then(function (h) {
       // the colour scale comes from the API (positive red, as in the report and actstore heatmap)
-      var trace = { type: "heatmap", z: h.z, colorscale: h.colorscale,
-                    zmid: h.zmid === null ? undefined : h.zmid, hoverongaps: false };
+      var trace = { type: "heatmap", z: h.z, hoverongaps: false };
+      colours(trace, h);
       var layout = { margin: { l: 60, r: 10, t: 10, b: 50 }, height: 520, xaxis: { title: { text: h.xlabel } },
                      yaxis: { title: { text: h.ylabel }, autorange: "reversed" } };
       if (!h.reshaped) {
@@ -189,10 +211,26 @@
       var binned = h.block[0] > 1 || h.block[1] > 1;
       $("heatmap-title").textContent = h.source + where + " · step " + h.step + (h.head !== null ? " · head " + h.head : "") +
         (h.reshaped ? " (one position, drawn as a grid)" : "") +
-        (binned ? " (means of " + h.block[0] + " × " + h.block[1] + " blocks: too large to draw cell by cell)" : "");
+        (binned ? " (means of " + h.block[0] + " × " + h.block[1] + " blocks: too large to draw cell by cell)" : "") +
+        " · " + readout(h);
       view.heatmap = h;
       return Plotly.react("heatmap", [trace], layout, CONFIG);
     });
+  }
+
+  // The colour map the controls ask for: "auto" is the API's (diverging around 0 for
+  // signed values, positive red; Viridis otherwise).
+  function colours(trace, h) {
+    var cmap = $("cmap").value;
+    trace.colorscale = cmap === "auto" ? h.colorscale : cmap;
+    trace.zmid = cmap === "auto" && h.zmid !== null ? h.zmid : undefined;
+    return trace;
+  }
+
+  function readout(h) {  // shape, min and max of what is drawn
+    var lo = Infinity, hi = -Infinity;
+    h.z.forEach(function (row) { row.forEach(function (v) { if (v !== null) { if (v < lo) lo = v; if (v > hi) hi = v; } }); });
+    return h.shape.join(" × ") + (lo === Infinity ? "" : " · min " + lo.toPrecision(4) + ", max " + hi.toPrecision(4));
   }
 
   function drawTopk() {
@@ -273,27 +311,42 @@
       return Promise.resolve();
     }
     var asked = state.step;
+    var st = state.S.steps[asked];
+    var positions = [["-1", "last (" + (st.positions[1] - 1) + ")"]];
+    for (var p = st.positions[0]; p < st.positions[1] - 1; p++) positions.push([String(p - st.positions[0]), "position " + p + " " + JSON.stringify(state.S.tokens[p])]);
+    var sel = $("lens-position");
+    var keepPos = sel.dataset.step === String(asked) ? sel.value : "-1";
+    fill(sel, positions, keepPos);
+    sel.dataset.step = String(asked);
+    var params = { step: asked, position: sel.value, top_k: $("lens-topk").value };
     if (!box.querySelector("table")) box.innerHTML = '<p class="note">loading the model…</p>';
     // a model that cannot be loaded is a note in this panel, not an error for the page
-    return api("logit_lens", { step: asked }, true).then(function (l) {
+    return api("logit_lens", params, true).then(function (l) {
       if (asked !== state.step) return;
+      view.lens = l;
+      Plotly.react("lens-kl", [{ type: "scatter", mode: "lines+markers", x: l.layer, y: l.kl, line: { color: "#dc2626" },
+        text: l.argmax.map(function (t) { return "predicts " + JSON.stringify(t); }), hovertemplate: "layer %{x}: %{y} nats<br>%{text}<extra></extra>" }],
+        { margin: { l: 55, r: 10, t: 10, b: 45 }, height: 300, xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "KL (nats)" } } }, CONFIG);
       var rows = l.layer.map(function (layer, i) {
         var top = l.top[i].map(function (t) { return escapeHtml(JSON.stringify(t.token)) + " " + t.p; }).join(" · ");
         return "<tr><td class=\"num\">" + layer + "</td><td class=\"mono\">" + escapeHtml(JSON.stringify(l.argmax[i])) +
           "</td><td class=\"num\">" + l.p[i] + "</td><td class=\"num\">" + l.kl[i] + "</td><td class=\"mono small\">" + top + "</td></tr>";
       }).join("");
       box.innerHTML = "<table class=\"lens\"><thead><tr><th>layer</th><th>predicts</th><th>p</th><th>KL(layer || last)</th>" +
-        "<th>top 5</th></tr></thead><tbody>" + rows + "</tbody></table>";
+        "<th>top " + escapeHtml($("lens-topk").value) + "</th></tr></thead><tbody>" + rows + "</tbody></table>";
     }).catch(function (err) {
       box.innerHTML = '<p class="note">Logit lens unavailable: ' + escapeHtml(err.message) + "</p>";
     });
   }
 
   // ---- events ---------------------------------------------------------------------------
-  ["source", "layer", "head", "reduce"].forEach(function (id) { $(id).addEventListener("change", refresh); });
+  ["source", "layer", "head", "reduce", "cmap"].forEach(function (id) { $(id).addEventListener("change", refresh); });
+  ["lens-position", "lens-topk"].forEach(function (id) { $(id).addEventListener("change", function () { drawLens(); }); });
   $("step").addEventListener("input", refresh);
   $("run-select").addEventListener("change", function () {
-    history.replaceState(null, "", "?run=" + encodeURIComponent($("run-select").value));  // the token stays in its cookie
+    var q = new URLSearchParams(location.search);  // the token stays in its cookie
+    q.set("run", $("run-select").value);
+    history.replaceState(null, "", "?" + q.toString());
     loadRun($("run-select").value).then(function () { return view.onRun ? view.onRun() : null; }).catch(showError);
   });
   $("tokens").addEventListener("click", function (e) {

@@ -15,7 +15,9 @@ browser test does), and writes:
 * ``view.png``: ``actstore view`` on the run (its server on loopback, same browser);
 * ``view_pair.png``, ``view_group.png``, ``view_depth.png``: its compare panel with two
   conversation snapshots, then with snapshots and references as a group, and its depth
-  panel on a snapshot's full pass.
+  panel on a snapshot's full pass;
+* ``view_builder.png``: the scenario builder with the run's scenario cloned and one
+  mistake made, shown at its field.
 
 Needs the dev extra (playwright) and a Chromium binary (``apt-get install chromium``).
 """
@@ -103,6 +105,7 @@ def main() -> None:
         shutil.copyfile(png, out / f"heatmap_{source}.png")
         view_screenshot(store, run_id, out / "view.png")
         compare_screenshots(store, run_id, out)
+        builder_screenshot(store, run_id, out / "view_builder.png")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for p in sorted(out.glob("*.png")):
@@ -154,6 +157,31 @@ def compare_screenshots(store: object, run_id: str, out: Path) -> None:
                     print(f"warning ({name}): {log.errors[:3]} {log.blocked[:3]}", file=sys.stderr)
     finally:
         server.shutdown()
+
+
+def builder_screenshot(store: object, run_id: str, path: Path) -> None:
+    """The builder with the run's scenario cloned and a sampling temperature below 0."""
+    from actstore.report.browser import open_page
+    from actstore.view import serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = serve(store, run_id, port=0, scenarios=Path(tmp) / "scenarios")
+        try:
+            with open_page(server.url, width=1500, height=1250) as (page, log):
+                page.wait_for_function("window.actstoreView && window.actstoreView.idle()", timeout=300_000)
+                page.click("#b-clone")
+                page.wait_for_function("document.getElementById('b-yaml').value.length > 0", timeout=60_000)
+                page.wait_for_function("window.actstoreView.idle()", timeout=60_000)  # the clone checked
+                page.check('[data-field="generation.do_sample"]')
+                page.fill('[data-field="generation.temperature"]', "-1")
+                page.wait_for_selector('.field-error[data-for="generation.temperature"]', timeout=60_000)
+                page.add_style_tag(content="header.top, .controls { position: static !important; }")
+                page.wait_for_timeout(500)
+                page.locator("#builder").screenshot(path=str(path))
+                if log.errors or log.blocked:
+                    print(f"warning (builder): {log.errors[:3]} {log.blocked[:3]}", file=sys.stderr)
+        finally:
+            server.shutdown()
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ def test_gguf_location_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         loading._resolve_location(cfg(str(tmp_path), gguf_file="missing.gguf"))
 
 
+@pytest.mark.slow  # ~40 s: a real GGUF de-quantized into a fresh cache
 def test_a_gguf_file_is_dequantized_once_then_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded: LoadedModel
 ) -> None:

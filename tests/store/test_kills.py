@@ -266,6 +266,7 @@ def test_killed_import(world: World, tmp_path: Path, sig: int) -> None:
     _mid_write(_writes_store(world, tmp_path, sig, 12, PHASES, _import_cmd(world)), "uncommitted group")
 
 
+@pytest.mark.slow  # 20 s per signal: the export's kill points, each a fresh process
 @pytest.mark.parametrize("sig", KILLS.values(), ids=KILLS.keys())
 def test_killed_export(world: World, tmp_path: Path, sig: int) -> None:
     _mid_write(_exports(world, tmp_path, sig, 13, PHASES), "partial")

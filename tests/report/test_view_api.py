@@ -221,3 +221,37 @@ def test_logit_lens_without_a_loadable_model_is_a_400(two_run_store: ActStore) -
         assert status == 400 and "tiny" in err["error"]
     finally:
         server.shutdown()
+
+
+def test_logit_lens_panel_at_another_position_with_more_candidates(two_run_store: ActStore, loaded: Any) -> None:
+    from actstore.query.logit_lens import logit_lens
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    got = api.logit_lens_step(run, loaded, step=0, top_k=8, position=1)
+    df = logit_lens(run, loaded, steps=[0], top_k=8, position=1)
+    assert got["position"] == 1 and [len(t) for t in got["top"]] == [8] * len(run.layers)
+    _close(got["kl"], df["kl_from_final"].to_numpy())
+    with pytest.raises(SelectionError, match="top_k"):
+        api.logit_lens_step(run, loaded, step=0, top_k=0)
+
+
+def test_cross_layer_and_stacked_scores_against_numpy(two_run_store: ActStore) -> None:
+    from actstore.query.depth import qk_score_array
+    from actstore.query.selection import Selected
+    from actstore.query.states import parse_state
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    sel = Selected(run, parse_state("snapshot:1"))
+    got = api.cross_layer(sel)
+    v = np.asarray(run.snapshots("hidden_out")[1], dtype=np.float64)  # (L, W), read from Zarr
+    want = (v @ v.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
+    assert got["layers"] == run.layers
+    _close(got["z"], want)
+    stacked = api.depth(sel, "scores")  # every layer, one band each, small enough to be unbinned
+    assert stacked["block"] == [1, 1] and stacked["layers"] == run.layers
+    z = np.asarray(stacked["maps"]["score"], dtype=np.float64)
+    for i, layer in enumerate(run.layers):
+        band = z[stacked["layer_starts"][i] : stacked["layer_starts"][i] + stacked["shape"][1]]
+        _close(band, qk_score_array(sel, layer).mean(axis=0))
+    qkv = api.depth(sel, "qkv-last")
+    assert np.asarray(qkv["maps"]["qkv_last"]).shape[0] == len(run.layers)

@@ -152,8 +152,19 @@ def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore
             for got, want in zip(shown, printed, strict=True):
                 assert got["cos_mean"] == pytest.approx(want["cos_mean"], rel=1e-4)
                 assert got["update_last"] == pytest.approx(want["update_last"], rel=1e-4)
-            for chart in ("depth-convergence", "depth-entropy", "depth-heads", "depth-scores", "next-token"):
+            for chart in ("depth-convergence", "depth-entropy", "depth-heads", "depth-scores", "depth-cross",
+                          "depth-qkv", "next-token"):  # fmt: skip
                 assert page.evaluate(DRAWN_JS, chart) > 0, f"{chart} drew nothing"
+            cross = page.evaluate("window.actstoreView.crossLayer")
+            for want in _query(two_run_store, "cross-layer", "--run", first, "--state", "snapshot:1"):
+                i, j = cross["layers"].index(want["layer_a"]), cross["layers"].index(want["layer_b"])
+                assert cross["z"][i][j] == pytest.approx(want["cosine"], rel=1e-4, abs=1e-6)
+            # every layer's scores in one picture: one band of rows per layer
+            page.select_option("#depth-layer", "")
+            _idle(page)
+            stacked = page.evaluate("window.actstoreView.depthScores")
+            assert stacked["layer"] is None and stacked["layers"] == ra.layers
+            assert page.inner_text("#depth-scores-title").startswith("q·k / √d scores, every layer stacked")
 
             # removing a state goes back to the pair view
             page.locator("#selection .chip button").last.click()

@@ -381,15 +381,47 @@ def depth(
         _budget(3.0 * _heads(run) * rows * keys * 8, f"attention entropy over {sel.label}", command)
         return out | {"table": frame(D.attention_entropy(sel, layers, per_head=what == "head-entropy"))}
     if what == "qkv-last":
-        return out | {"table": frame(D.qkv_last(sel, layers))}
-    if layer is None:
-        raise SelectionError("scores are a map of one layer: give layer")
+        lay = [run.layers[i] for i in run.layer_index(layers)]
+        return out | {"layers": lay} | _binned_maps({"qkv_last": D.qkv_last_array(sel, layers)}, lay, bins)
     _budget(2.0 * _heads(run) * rows * keys * 8, f"q.k scores over {sel.label}", command)
+    if layer is None:
+        return out | _stacked_scores(sel, [run.layers[i] for i in run.layer_index(layers)], bins)
     mats = D.qk_score_array(sel, layer)
     if head is not None and not 0 <= head < mats.shape[0]:
         raise SelectionError(f"layer {layer} has heads 0..{mats.shape[0] - 1}, not {head}")
     m = mats.mean(axis=0) if head is None else mats[head]
     return out | {"layer": layer, "head": head} | _binned_maps({"score": m}, list(range(m.shape[0])), bins)
+
+
+def _stacked_scores(sel: Any, layers: list[int], bins: int | None) -> dict[str, Any]:
+    """Every layer's mean-over-heads q.k/sqrt(d) map, one under the other in one picture:
+    each layer binned to its share of the rows, computed one layer at a time."""
+    from actstore.query import depth as D
+
+    rows_each = max(4, (bins or MAX_ROWS) // max(1, len(layers)))
+    parts, starts = [], []
+    fr = fc = 1
+    shape = (0, 0)
+    for layer in layers:
+        m = D.qk_score_array(sel, layer).mean(axis=0)
+        shape = m.shape
+        data, fr, fc = slices.block_means(m, rows_each, bins or MAX_COLS)
+        starts.append(sum(p.shape[0] for p in parts))
+        parts.append(data)
+    stacked = np.concatenate(parts, axis=0)
+    return {"layer": None, "layers": layers, "layer_starts": starts, "maps": {"score": _nums(stacked)},
+            "shape": [len(layers), *shape], "block": [fr, fc], "cols": list(range(0, shape[1], fc)),
+            "colorscale": DIVERGING_SCALE}  # fmt: skip
+
+
+def cross_layer(sel: Any, source: str = "hidden_out", layers: list[int] | None = None) -> dict[str, Any]:
+    """Cosine between every pair of layers' vectors of one state (``actstore query
+    cross-layer``): an L x L map."""
+    from actstore.query.analyses import cross_layer_matrix
+
+    mat = cross_layer_matrix(sel.run, source=source, state=str(sel.state), layers=layers)
+    return {"state": sel.label, "source": source, "layers": [int(c) for c in mat.columns],
+            "z": _nums(mat.to_numpy(dtype=np.float64))}
 
 
 def next_token(run: Any, steps: list[int] | None = None) -> dict[str, Any]:

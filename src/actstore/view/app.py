@@ -42,6 +42,7 @@ ROUTES: dict[str, RouteInfo] = {
     "group": RouteInfo("GET", True),
     "depth": RouteInfo("GET", True),
     "next_token": RouteInfo("GET", True),
+    "cross_layer": RouteInfo("GET", True),
     "logit_lens": RouteInfo("POST", True),
     # the scenario builder (view/builder.py): files of the scenarios folder, models, jobs
     "scenarios": RouteInfo("GET", False, cached=False),
@@ -227,6 +228,7 @@ class ViewApp:
             "group": lambda: self._group(q),
             "depth": lambda: self._depth(q),
             "next_token": lambda: api.next_token(self.run(q.get("run")), parse_steps(q.get("steps"))),
+            "cross_layer": lambda: self._cross_layer(q),
             "scenarios": lambda: self._scenario_files(),
             "scenario": lambda: self._scenario_file(q.text("name", "")),
             "clone": lambda: builder.clone(self.run(q.get("run"))),
@@ -240,6 +242,13 @@ class ViewApp:
             "cancel": lambda: self.jobs().cancel(q.req_int("job")),
         }  # fmt: skip
         return handlers[route]()
+
+    def _cross_layer(self, q: Params) -> Any:
+        state = q.get("state")
+        if not state:
+            raise SelectionError("cross_layer needs a state: state=STATE (or RUN@STATE)")
+        (sel,) = self.selected([state], q.get("run"))
+        return api.cross_layer(sel, q.text("source", "hidden_out"), self.layers(q, [sel.run]))
 
     # ---- the scenario builder ------------------------------------------------------------
     def folder(self) -> builder.ScenarioFolder:

@@ -345,10 +345,25 @@
       }).catch(function (err) { note("depth-heads", "Per-head entropy unavailable: " + err.message); }),
       !qk ? null : api("depth", Object.assign({ what: "scores", layer: $("depth-layer").value }, at)).then(function (res) {
         var z = res.maps.score;
-        $("depth-scores-title").textContent = "q·k / √d scores, layer " + res.layer + " (mean of heads) · " + shape(res) + readout(z);
+        var stacked = res.layer === null;
+        view.depthScores = res;
+        $("depth-scores-title").textContent = "q·k / √d scores, " + (stacked ? "every layer stacked (layer 0 on top)" : "layer " + res.layer) +
+          " (mean of heads) · " + (stacked ? res.shape.join(" × ") : shape(res)) + readout(z);
+        var yaxis = { title: { text: stacked ? "layer (its query positions)" : "query position" }, autorange: "reversed" };
+        if (stacked) { yaxis.tickvals = res.layer_starts; yaxis.ticktext = res.layers.map(String); }
         return plot("depth-scores", [{ type: "heatmap", z: z, colorscale: res.colorscale, zmid: 0, hoverongaps: false }],
-          { height: 420, xaxis: { title: { text: "key position" } }, yaxis: { title: { text: "query position" }, autorange: "reversed" } });
+          { height: stacked ? 640 : 420, xaxis: { title: { text: "key position" } }, yaxis: yaxis });
       }).catch(function (err) { note("depth-scores", "Scores unavailable: " + err.message); }),
+      !converges ? null : api("cross_layer", at).then(function (res) {
+        view.crossLayer = res;
+        return plot("depth-cross", [{ type: "heatmap", z: res.z, x: res.layers, y: res.layers, colorscale: "Viridis",
+          hovertemplate: "layer %{y} · layer %{x}<br>%{z}<extra></extra>" }],
+          { height: 380, xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "layer" }, autorange: "reversed" } });
+      }).catch(function (err) { note("depth-cross", "Cross-layer cosine unavailable: " + err.message); }),
+      !(qk && has(state, "v")) ? note("depth-qkv", "Needs q, k and v.") : api("depth", Object.assign({ what: "qkv-last" }, at)).then(function (res) {
+        return plot("depth-qkv", [{ type: "heatmap", z: res.maps.qkv_last, y: res.layers, colorscale: res.colorscale, zmid: 0, hoverongaps: false }],
+          { height: 380, xaxis: { title: { text: "index (v's width)" } }, yaxis: { title: { text: "layer" }, autorange: "reversed" } });
+      }).catch(function (err) { note("depth-qkv", "qkv_last unavailable: " + err.message); }),
     ]);
   }
 
@@ -376,7 +391,8 @@
       var sources = S.sources.filter(function (s) { return ["attn_weights", "embeddings", "logits"].indexOf(s) < 0; });
       lib.fill($("cmp-source"), [["", "every residual source"]].concat(sources), sel.source);
       lib.fill($("map-layer"), S.layers, $("map-layer").value || S.layers[Math.floor(S.layers.length / 2)]);
-      lib.fill($("depth-layer"), S.layers, $("depth-layer").value || S.layers[Math.floor(S.layers.length / 2)]);
+      lib.fill($("depth-layer"), [["", "all layers, stacked"]].concat(S.layers.map(function (l) { return [String(l), String(l)]; })),
+               $("depth-layer").value || S.layers[Math.floor(S.layers.length / 2)]);
       var heads = [["", "mean of heads"]];
       for (var h = 0; h < (S.heads || 0); h++) heads.push([String(h), "head " + h]);
       lib.fill($("map-head"), heads, "");

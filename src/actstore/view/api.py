@@ -399,7 +399,8 @@ def _stacked_scores(sel: Any, layers: list[int], bins: int | None) -> dict[str, 
     from actstore.query import depth as D
 
     rows_each = max(4, (bins or MAX_ROWS) // max(1, len(layers)))
-    parts, starts = [], []
+    parts: list[np.ndarray] = []
+    starts: list[int] = []
     fr = fc = 1
     shape = (0, 0)
     for layer in layers:

@@ -115,8 +115,8 @@ CAUSES = {
                       "float16, 200 MB decoded; ~1.3 s of reading alone on this machine), one layer in memory "
                       "at a time; a 612-token pass's entropy needs all of it",
     "depth: per-head entropy": "the same read as the attention entropy",
-    "every layer stacked": "q and k of the whole pass and 30 score maps "
-                      "(9 heads x 612 x 612 each), one layer at a time",
+    "every layer stacked": "q and k of every layer over the whole pass, read once, and 30 score maps of "
+                      "612 x 612 (the head mean taken before the products: one product per key head)",
     "depth: convergence": "reads hidden_out of every layer over the whole pass (30 x 612 x 576, a "
                       "snapshot's through the pass view) and takes adjacent-layer cosines at every token; "
                       "near the target, and over it when the machine is busy",

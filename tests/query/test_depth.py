@@ -135,6 +135,26 @@ def test_qk_scores_per_head_with_grouped_keys(tiny: Any) -> None:
     assert (mean["head"] == -1).all()
 
 
+@pytest.mark.parametrize("state", ["step:0", "step:2", "snapshot:1"])
+def test_mean_score_maps_are_the_mean_over_heads(tiny: Any, state: str) -> None:
+    """Summing each key head's query heads before the product is the mean of the
+    per-head maps (plain NumPy on q and k read from Zarr, for step:0; the per-head array
+    for the others)."""
+    from actstore.query.depth import mean_score_maps
+
+    run = tiny.run
+    heads, kv, dim = _arch(run)
+    assert kv < heads  # grouped keys: the grouping matters
+    (sel,) = resolve(tiny.store, [state])
+    maps = dict(mean_score_maps(sel, run.layers))
+    assert list(maps) == run.layers
+    for layer in run.layers:
+        np.testing.assert_allclose(maps[layer], qk_score_array(sel, layer).mean(axis=0), atol=1e-10)
+    if state == "step:0":
+        q, k = raw(run, "q")[1, : run.prompt_len], raw(run, "k")[1, : run.prompt_len]
+        np.testing.assert_allclose(maps[run.layers[1]], np_scores(q, k, heads, kv, dim).mean(axis=0), atol=1e-10)
+
+
 def test_qk_scores_of_a_decode_step_cover_every_earlier_key(tiny: Any) -> None:
     run = tiny.run
     heads, kv, dim = _arch(run)

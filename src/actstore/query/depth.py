@@ -18,7 +18,7 @@ has one; each function says where it departs from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask
@@ -178,6 +178,26 @@ def qk_score_array(sel: Selected, layer: int) -> np.ndarray:
     qh = q.reshape(q.shape[0], heads, dim).transpose(1, 0, 2)  # (H, T, d)
     kh = k.reshape(k.shape[0], kv, dim).transpose(1, 0, 2)[np.arange(heads) // (heads // kv)]
     return np.asarray(qh @ kh.transpose(0, 2, 1) / np.sqrt(dim))
+
+
+def mean_score_maps(sel: Selected, layers: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(layer, (queries, keys) float64) for each layer: :func:`qk_score_array` averaged
+    over heads. q and k of every layer are read once, as stored; the mean is taken before
+    the products (sum_h q_h . k_g(h) = sum_g (sum of g's q heads) . k_g), so a layer costs
+    one product per key head, not per query head."""
+    run = sel.run
+    heads, kv, dim = head_layout(run)
+    idx = run.layer_index(layers)
+    q_all, k_all = dask.compute(full_pass(sel, "q")[idx], full_pass(sel, "k", history=True)[idx])
+    if q_all.shape[-1] != heads * dim or k_all.shape[-1] != kv * dim or heads % kv:
+        raise SelectionError(
+            f"run {run.id}: q width {q_all.shape[-1]} / k width {k_all.shape[-1]} do not fit "
+            f"{heads} heads, {kv} kv heads of dim {dim}"
+        )
+    for j, layer in enumerate(layers):
+        q = np.asarray(q_all[j], dtype=np.float64).reshape(-1, kv, heads // kv, dim).sum(axis=2)  # (T, kv, d)
+        k = np.asarray(k_all[j], dtype=np.float64)  # (K, kv * d)
+        yield layer, (q.reshape(q.shape[0], kv * dim) @ k.T) / (heads * np.sqrt(dim))
 
 
 def _head_frame(sel: Selected, mats: np.ndarray, name: str, head: int | None, layer: int) -> pd.DataFrame:

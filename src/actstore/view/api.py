@@ -386,16 +386,19 @@ def depth(
     _budget(2.0 * _heads(run) * rows * keys * 8, f"q.k scores over {sel.label}", command)
     if layer is None:
         return out | _stacked_scores(sel, [run.layers[i] for i in run.layer_index(layers)], bins)
-    mats = D.qk_score_array(sel, layer)
-    if head is not None and not 0 <= head < mats.shape[0]:
-        raise SelectionError(f"layer {layer} has heads 0..{mats.shape[0] - 1}, not {head}")
-    m = mats.mean(axis=0) if head is None else mats[head]
+    if head is None:  # the mean over heads, without a map per head
+        ((_, m),) = D.mean_score_maps(sel, [layer])
+    else:
+        mats = D.qk_score_array(sel, layer)
+        if not 0 <= head < mats.shape[0]:
+            raise SelectionError(f"layer {layer} has heads 0..{mats.shape[0] - 1}, not {head}")
+        m = mats[head]
     return out | {"layer": layer, "head": head} | _binned_maps({"score": m}, list(range(m.shape[0])), bins)
 
 
 def _stacked_scores(sel: Any, layers: list[int], bins: int | None) -> dict[str, Any]:
     """Every layer's mean-over-heads q.k/sqrt(d) map, one under the other in one picture:
-    each layer binned to its share of the rows, computed one layer at a time."""
+    each layer binned to its share of the rows (``query.depth.mean_score_maps``)."""
     from actstore.query import depth as D
 
     rows_each = max(4, (bins or MAX_ROWS) // max(1, len(layers)))
@@ -403,8 +406,7 @@ def _stacked_scores(sel: Any, layers: list[int], bins: int | None) -> dict[str, 
     starts: list[int] = []
     fr = fc = 1
     shape = (0, 0)
-    for layer in layers:
-        m = D.qk_score_array(sel, layer).mean(axis=0)
+    for _, m in D.mean_score_maps(sel, layers):
         shape = m.shape
         data, fr, fc = slices.block_means(m, rows_each, bins or MAX_COLS)
         starts.append(sum(p.shape[0] for p in parts))

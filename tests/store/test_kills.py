@@ -109,13 +109,20 @@ def _committed(store: Path) -> set[str]:
     )
 
 
-def _kill(proc: subprocess.Popen[str], sig: int, delay: float, ready: Callable[[], bool]) -> bool:
-    """Kill ``proc`` ``delay`` seconds after ``ready()``; False if it finished first."""
+def _kill(
+    proc: subprocess.Popen[str], sig: int, delay: float, ready: Callable[[], bool],
+    before: Callable[[], None] | None = None,
+) -> bool:  # fmt: skip
+    """Kill ``proc`` ``delay`` seconds after ``ready()``; False if it finished first.
+    ``before`` runs just before the signal (to see what the kill interrupts: a SIGTERM'd
+    command cleans up after itself, so looking afterwards shows only the clean result)."""
     if not _wait_for(proc, ready):
         return False
     time.sleep(delay)
     if proc.poll() is not None:
         return False
+    if before is not None:
+        before()
     os.kill(proc.pid, sig)
     return True
 
@@ -191,8 +198,9 @@ def _writes_store(world: World, tmp_path: Path, sig: int, seed: int, phases: tup
         delay = {"start": rng.uniform(0.0, 4.0), "write": rng.uniform(0.0, 0.5), "end": rng.uniform(0, 0.03)}[
             phase
         ]
-        killed = _kill(proc, sig, delay, ready)
-        state = "committed" if new() & _committed(store) else "uncommitted group" if new() else "no group"
+        at_kill: dict[str, bool] = {}
+        killed = _kill(proc, sig, delay, ready, before=lambda at=at_kill, n=new: at.update(group=bool(n())))
+        state = "committed" if new() & _committed(store) else "uncommitted group" if at_kill.get("group") else "no group"
         tally.add(state if killed else "finished")
         _after_kill(store, sig, proc, committed, numbers, f"trial {i} ({phase}, {delay:.2f} s): {state}")
         fresh = _committed(store) - committed
@@ -231,8 +239,9 @@ def _exports(world: World, tmp_path: Path, sig: int, seed: int, phases: tuple[st
         delay = {"start": rng.uniform(0.0, 4.0), "write": rng.uniform(0.0, 1.0), "end": rng.uniform(0, 0.03)}[
             phase
         ]
-        killed = _kill(proc, sig, delay, ready)
-        state = "complete" if target.exists() else "partial" if partial() else "nothing"
+        at_kill: dict[str, bool] = {}
+        killed = _kill(proc, sig, delay, ready, before=lambda at=at_kill, p=partial: at.update(partial=bool(p())))
+        state = "complete" if target.exists() else "partial" if at_kill.get("partial") else "nothing"
         tally.add(state if killed else "finished")
         what = f"trial {i} ({phase}, {delay:.2f} s): {state}"
         _after_kill(world.store, sig, proc, {world.source_id}, numbers, what)

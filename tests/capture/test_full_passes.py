@@ -511,6 +511,22 @@ def test_sliding_window_passes_are_full_prefills(f32: Captured) -> None:
 
 
 # ---- 5. snapshots packed into shared forward passes -----------------------------------------
+def _count_packed(monkeypatch: Any) -> list[int]:
+    """The tokens fed by each packed forward pass (one with a custom mask) from now on."""
+    from actstore.capture import prefixes
+
+    packed: list[int] = []
+    real = prefixes.forward
+
+    def counting(model: Any, input_ids: torch.Tensor, **kw: Any) -> Any:
+        if "attention_mask" in kw:
+            packed.append(input_ids.shape[1])
+        return real(model, input_ids, **kw)
+
+    monkeypatch.setattr(prefixes, "forward", counting)
+    return packed
+
+
 @pytest.mark.parametrize("pack_tokens", [None, 6])
 def test_packed_snapshot_passes_equal_separate_prefills(
     pack_tokens: int | None, tmp_path_factory: Any, one_thread: Any, monkeypatch: Any
@@ -522,15 +538,7 @@ def test_packed_snapshot_passes_equal_separate_prefills(
 
     if pack_tokens is not None:
         monkeypatch.setattr(prefixes, "PACK_TOKENS", pack_tokens)
-    packed: list[int] = []  # tokens fed by each packed forward pass
-    real = prefixes.forward
-
-    def counting(model: Any, input_ids: torch.Tensor, **kw: Any) -> Any:
-        if "attention_mask" in kw:
-            packed.append(input_ids.shape[1])
-        return real(model, input_ids, **kw)
-
-    monkeypatch.setattr(prefixes, "forward", counting)
+    packed = _count_packed(monkeypatch)
     cap = _capture(tmp_path_factory, "qwen2", store_dtype="float32")
     snaps = [p for p in cap.run.passes if p.kind == "snapshot" and p.key != len(MESSAGES)]  # not the reply
     fed = sum(p.length - min(p.shared, p.length - 1) for p in snaps)  # covered ones feed their last token
@@ -557,17 +565,7 @@ def test_references_seeding_others_run_alone_the_rest_packed(
     """joy seeds calm and late (packed together, from joy's cache) and fear; fear seeds
     spiders: each reference still shares the longest prefix any earlier one offers, and
     every row equals a separate prefill."""
-    from actstore.capture import prefixes
-
-    packed: list[int] = []
-    real = prefixes.forward
-
-    def counting(model: Any, input_ids: torch.Tensor, **kw: Any) -> Any:
-        if "attention_mask" in kw:
-            packed.append(input_ids.shape[1])
-        return real(model, input_ids, **kw)
-
-    monkeypatch.setattr(prefixes, "forward", counting)
+    packed = _count_packed(monkeypatch)
     cap = _capture(tmp_path_factory, family, references=MORE_REFERENCES, store_dtype="float32")
     run = cap.run
     base_of = {p.key: p.base for p in run.passes if p.kind == "reference"}

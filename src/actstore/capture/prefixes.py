@@ -128,8 +128,8 @@ def full_pass(
     assistant's) is ``covered``: its positions are all the base's."""
     best = best_base_index(seq, [base.tokens for base in bases])
     best_base = bases[best] if best is not None else None
-    best_n = min(common_prefix(seq, best_base.tokens), len(seq) - 1) if best_base is not None else 0
-    covered = best_base is not None and common_prefix(seq, best_base.tokens) == len(seq)
+    common = common_prefix(seq, best_base.tokens) if best_base is not None else 0
+    best_n, covered = min(common, len(seq) - 1), common == len(seq)
     cache = sliced_cache(best_base.cache, best_n) if best_base is not None else None
     if cache is None:
         best_n, best_base, covered = 0, None, False

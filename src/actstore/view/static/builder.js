@@ -300,7 +300,7 @@
     if (!fresh.length) return;
     api("runs").then(function (res) {
       var current = $("run-select").value;
-      lib.fill($("run-select"), res.runs.map(function (r) { return [r.id, r.id + "  (" + r.scenario + ", " + r.n_steps + " steps)"]; }), current);
+      lib.fillRuns(res.runs, current);
       lib.fill($("pick-run"), res.runs.map(function (r) { return [r.id, r.id]; }), $("pick-run").value);
     }).catch(lib.showError);
   }
@@ -336,7 +336,7 @@
         open.textContent = "open " + run;
         open.addEventListener("click", function () {
           api("runs").then(function (res) {
-            lib.fill($("run-select"), res.runs.map(function (r) { return [r.id, r.id + "  (" + r.scenario + ", " + r.n_steps + " steps)"]; }), run);
+            lib.fillRuns(res.runs, run);
             $("run-select").dispatchEvent(new Event("change"));
             window.scrollTo(0, 0);
           }).catch(lib.showError);

@@ -176,7 +176,7 @@
       var z = res.maps[show];
       view.pairMap = res;
       $("pair-map-title").textContent = ($("map-kind").value === "attention" ? "Attention" : "q·k scores") + " of layer " + res.layer +
-        (res.head === null ? " (mean of heads)" : " · head " + res.head) + " · " + shape(res) + readout(z);
+        (res.head === null ? " (mean of heads)" : " · head " + res.head) + " · " + shape(res) + lib.range(z);
       // signed maps on the diverging scale (positive red); weights and squared errors are not
       var signed = show === "ratio" || ($("map-kind").value === "scores" && ["a", "b", "hadamard"].indexOf(show) >= 0);
       return plot("pair-map", [{ type: "heatmap", z: z, colorscale: signed ? res.colorscale : "Viridis", zmid: signed ? 0 : undefined, hoverongaps: false }],
@@ -190,11 +190,6 @@
       (binned ? " (means of " + res.block[0] + " × " + res.block[1] + " blocks)" : "");
   }
 
-  function readout(z) {
-    var lo = Infinity, hi = -Infinity;
-    z.forEach(function (row) { row.forEach(function (v) { if (v !== null) { if (v < lo) lo = v; if (v > hi) hi = v; } }); });
-    return lo === Infinity ? "" : " · min " + lo.toPrecision(4) + ", max " + hi.toPrecision(4);
-  }
 
   // ---- group ----------------------------------------------------------------------------------
   function drawGroup() {
@@ -348,7 +343,7 @@
         var stacked = res.layer === null;
         view.depthScores = res;
         $("depth-scores-title").textContent = "q·k / √d scores, " + (stacked ? "every layer stacked (layer 0 on top)" : "layer " + res.layer) +
-          " (mean of heads) · " + (stacked ? res.shape.join(" × ") : shape(res)) + readout(z);
+          " (mean of heads) · " + (stacked ? res.shape.join(" × ") : shape(res)) + lib.range(z);
         var yaxis = { title: { text: stacked ? "layer (its query positions)" : "query position" }, autorange: "reversed" };
         if (stacked) { yaxis.tickvals = res.layer_starts; yaxis.ticktext = res.layers.map(String); }
         return plot("depth-scores", [{ type: "heatmap", z: z, colorscale: res.colorscale, zmid: 0, hoverongaps: false }],

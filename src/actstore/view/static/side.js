@@ -10,8 +10,10 @@
     return Array.prototype.filter.call($("side-runs").options, function (o) { return o.selected; }).map(function (o) { return o.value; });
   }
 
+  function columnId(run) { return "side-" + run.replace(/[^A-Za-z0-9_-]/g, "_"); }
+
   function column(run) {
-    var id = "side-" + run.replace(/[^A-Za-z0-9_-]/g, "_");
+    var id = columnId(run);
     var col = document.getElementById(id);
     if (!col) {
       col = document.createElement("div");
@@ -31,7 +33,7 @@
   function draw() {
     var runs = picked();
     Array.prototype.forEach.call($("side-cols").children, function (c) {
-      if (runs.map(function (r) { return "side-" + r.replace(/[^A-Za-z0-9_-]/g, "_"); }).indexOf(c.id) < 0) c.remove();
+      if (runs.map(columnId).indexOf(c.id) < 0) c.remove();
     });
     var s = lib.state;
     return Promise.all(runs.map(function (run) {

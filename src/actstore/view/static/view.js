@@ -6,6 +6,7 @@
   // what the compare and depth panels (compare.js) share with this page
   view.lib = { api: function (r, p, post) { return api(r, p, post); }, state: state, showError: function (e) { showError(e); },
                colours: function (t, h) { return colours(t, h); }, readout: function (h) { return readout(h); },
+               range: function (z) { return range(z); }, fillRuns: function (r, c) { fillRuns(r, c); },
                fill: function (s, v, c) { fill(s, v, c); }, escapeHtml: function (t) { return escapeHtml(t); }, config: CONFIG };
   var $ = function (id) { return document.getElementById(id); };
   var CONFIG = { displaylogo: false, responsive: true };
@@ -74,10 +75,14 @@
   }
 
   // ---- run ----------------------------------------------------------------------------
+  function fillRuns(runs, chosen) {  // the run list, as /api/runs gives it
+    fill($("run-select"), runs.map(function (r) { return [r.id, r.id + "  (" + r.scenario + ", " + r.n_steps + " steps)"]; }), chosen);
+  }
+
   function loadRuns() {
     return api("runs").then(function (res) {
       var wanted = new URLSearchParams(location.search).get("run") || res["default"];
-      fill($("run-select"), res.runs.map(function (r) { return [r.id, r.id + "  (" + r.scenario + ", " + r.n_steps + " steps)"]; }), wanted);
+      fillRuns(res.runs, wanted);
       return loadRun(wanted);
     });
   }
@@ -227,10 +232,14 @@
     return trace;
   }
 
-  function readout(h) {  // shape, min and max of what is drawn
+  function range(z) {  // " · min a, max b" of a drawn map's cells ("" when all are empty)
     var lo = Infinity, hi = -Infinity;
-    h.z.forEach(function (row) { row.forEach(function (v) { if (v !== null) { if (v < lo) lo = v; if (v > hi) hi = v; } }); });
-    return h.shape.join(" × ") + (lo === Infinity ? "" : " · min " + lo.toPrecision(4) + ", max " + hi.toPrecision(4));
+    z.forEach(function (row) { row.forEach(function (v) { if (v !== null) { if (v < lo) lo = v; if (v > hi) hi = v; } }); });
+    return lo === Infinity ? "" : " · min " + lo.toPrecision(4) + ", max " + hi.toPrecision(4);
+  }
+
+  function readout(h) {  // shape, min and max of what is drawn
+    return h.shape.join(" × ") + range(h.z);
   }
 
   function drawTopk() {

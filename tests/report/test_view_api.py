@@ -3,6 +3,7 @@ HTTP server (a real one on loopback)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from actstore.errors import SelectionError
+from actstore.errors import ModelLoadError, SelectionError
 from actstore.store.store import ActStore
 from actstore.view import api, serve
 
@@ -221,6 +222,22 @@ def test_logit_lens_without_a_loadable_model_is_a_400(two_run_store: ActStore) -
         assert status == 400 and "tiny" in err["error"]
     finally:
         server.shutdown()
+
+
+def test_the_served_model_lenses_only_its_own_runs(two_run_store: ActStore, loaded: Any) -> None:
+    """``serve(model=)`` serves the runs captured with that model; a run of another model
+    gets its own (here not on disk: a one-line 400 naming it), never the wrong one's
+    numbers."""
+    from actstore.view.app import ViewApp
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    app = ViewApp(two_run_store, run.id, model=loaded)
+    assert app.loaded_model(run) is loaded
+    other = dataclasses.replace(loaded, model_id="tiny-gpt2")
+    app = ViewApp(two_run_store, run.id, model=other)
+    with pytest.raises(ModelLoadError, match="tiny") as caught:
+        app.loaded_model(run)
+    assert "\n" not in str(caught.value)
 
 
 def test_logit_lens_panel_at_another_position_with_more_candidates(two_run_store: ActStore, loaded: Any) -> None:

@@ -159,14 +159,15 @@ class ViewApp:
         self._runs: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         # The logit lens needs the run's model: ``model`` (a LoadedModel already in
-        # memory) serves every run; otherwise each run's scenario model is loaded on
-        # the first lens request (``device`` overrides its device) and kept.
+        # memory) serves the runs captured with it (same model id); any other run's
+        # scenario model is loaded on its first lens request (``device`` overrides its
+        # device) and kept.
         self.model, self.device = model, device
         self._models: dict[str, Any] = {}
         self._model_lock = threading.Lock()
 
     def loaded_model(self, run: Any) -> Any:
-        if self.model is not None:
+        if self.model is not None and run.meta["model"]["id"] == self.model.model_id:
             return self.model
         from actstore.models.loading import load_model
         from actstore.scenario import ModelConfig

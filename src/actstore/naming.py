@@ -49,6 +49,9 @@ REFERENCES_GROUP = "references"
 PASSES_GROUP = "passes"  # own positions of full snapshot and reference passes, see store.passes
 RESIDUAL_ARRAY = "residual"  # (boundaries, T, H): hidden_in/out stored once, see store.layout
 TOKENS_ARRAY = "tokens"
+# (L, T, heads) float32: entropy of every stored attention row, written beside the
+# weights so depth views read kilobytes instead of every layer's (heads, T, T) weights.
+ATTN_ENTROPY_ARRAY = "attn_entropy"
 QKV_LAST_ARRAY = "qkv_last"  # Activation Lab's per-pass last-token q.k/sqrt(d) * v, see store.passes
 POSITION_STEP_ARRAY = "position_step"
 STEPS_ARRAY = "steps"  # per-step records (tokens, top-k) as one JSON document, read on demand

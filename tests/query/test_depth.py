@@ -3,13 +3,15 @@ against plain NumPy on arrays read with zarr (tiny llama run, float32 store).
 
 Tolerances: float64 on both sides from the same float32 values, so only summation
 order differs: 1e-12 absolute for cosines, ratios and entropies of order 1-10 (1e-10
-for q.k scores and log-sum-exp over the 49,152-token vocabulary); qkv_last is float32
-arithmetic as Activation Lab's, compared to 1e-6 relative.
+for q.k scores and log-sum-exp over the 49,152-token vocabulary); qkv_last and attention
+entropies are float32 arithmetic, compared to 1e-6 relative.
 """
 
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,10 @@ from actstore.query.depth import qk_score_array
 from .helpers import np_qkv_last, np_scores, raw, raw_pass, raw_state
 
 TOL = 1e-12
+# Row entropies are float32 arithmetic (stored by capture, or computed from the weights):
+# relative error ~1e-7 for rows of tens of keys, so 1e-6 relative; a wrong row, head or
+# layer is off by far more (entropies of different rows differ by 1e-3 and up).
+ENTROPY_RTOL = 1e-6
 
 
 def _arch(run: Any) -> tuple[int, int, int]:
@@ -109,11 +115,55 @@ def test_attention_entropy(tiny: Any, state: str) -> None:
         w = raw_pass(run, "snapshot", 2, "attn_weights")
     exp = _entropy(w)
     per_head = attention_entropy(sel, per_head=True)
-    np.testing.assert_allclose(per_head["entropy"].to_numpy().reshape(exp.shape), exp, atol=TOL)
+    np.testing.assert_allclose(per_head["entropy"].to_numpy().reshape(exp.shape), exp, rtol=ENTROPY_RTOL)
     assert per_head["head"].tolist()[:4] == [0, 1, 2, 3] and (per_head["keys"] == w.shape[-1]).all()
     per_layer = attention_entropy(sel, layers=[2, 0])
-    np.testing.assert_allclose(per_layer["entropy"], exp[[2, 0]].mean(axis=1), atol=TOL)
+    np.testing.assert_allclose(per_layer["entropy"], exp[[2, 0]].mean(axis=1), rtol=ENTROPY_RTOL)
     assert (per_layer["queries"] == w.shape[2]).all()
+
+
+def _row_entropy(w: np.ndarray) -> np.ndarray:
+    """(L, H, T, K) weights -> (L, T, H) entropy of every row, float64."""
+    logp = np.log(w, where=w > 0, out=np.zeros_like(w))
+    return (-(w * logp).sum(axis=-1)).transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("prefix", ["", "passes/"])
+def test_capture_stores_every_attention_row_entropy(tiny: Any, prefix: str) -> None:
+    """The (L, T, heads) entropies beside the weights, for the run's positions and for the
+    own rows of its full passes (zeros past a pass's length add nothing)."""
+    stored = raw(tiny.run, "attn_entropy", prefix)
+    exp = _row_entropy(raw(tiny.run, "attn_weights", prefix))
+    assert stored.shape == exp.shape and stored.shape[0] == 3
+    np.testing.assert_allclose(stored, exp, rtol=ENTROPY_RTOL, atol=1e-6)
+    assert (exp > 0.05).mean() > 0.9  # rows that attend to more than themselves: not all fill
+
+
+def test_attention_entropy_without_stored_rows(tiny: Any, tmp_path: Any) -> None:
+    """Runs captured before row entropies were stored (and imports) compute them from the
+    weights: a copy of the tiny store without them gives the same numbers."""
+    import shutil
+
+    from actstore.store.store import ActStore
+
+    src = Path(tiny.store.location)
+    copy = tmp_path / "old.zarr"
+    shutil.copytree(src, copy)
+    group = copy / "runs" / tiny.run.id
+    gone = ("acts/attn_entropy", "passes/acts/attn_entropy")
+    for path in gone:
+        shutil.rmtree(group / path)
+    meta = json.loads((group / "zarr.json").read_text())  # the run's consolidated metadata too
+    listed = meta["consolidated_metadata"]["metadata"]
+    meta["consolidated_metadata"]["metadata"] = {k: v for k, v in listed.items() if k not in gone}
+    (group / "zarr.json").write_text(json.dumps(meta))
+    old = ActStore.open(copy)
+    assert not old.run(tiny.run.id).has_attn_entropy
+    for state, w in (("snapshot:2", raw_pass(tiny.run, "snapshot", 2, "attn_weights")),
+                     ("step:0", raw(tiny.run, "attn_weights")[:, :, : tiny.run.prompt_len, : tiny.run.prompt_len])):  # fmt: skip
+        (sel,) = resolve(old, [state])
+        got = attention_entropy(sel, per_head=True)["entropy"].to_numpy()
+        np.testing.assert_allclose(got, _entropy(w).ravel(), rtol=ENTROPY_RTOL)
 
 
 # ---- q.k scores and qkv_last --------------------------------------------------------------
@@ -153,6 +203,31 @@ def test_mean_score_maps_are_the_mean_over_heads(tiny: Any, state: str) -> None:
     if state == "step:0":
         q, k = raw(run, "q")[1, : run.prompt_len], raw(run, "k")[1, : run.prompt_len]
         np.testing.assert_allclose(maps[run.layers[1]], np_scores(q, k, heads, kv, dim).mean(axis=0), atol=1e-10)
+
+
+def _np_block_means(m: np.ndarray, fr: int, fc: int) -> np.ndarray:
+    """Plain loops: bin (i, j) is the mean of rows i*fr.. and columns j*fc.. (the last
+    bins hold what is left)."""
+    rows, cols = -(-m.shape[0] // fr), -(-m.shape[1] // fc)
+    return np.array([[m[i * fr : (i + 1) * fr, j * fc : (j + 1) * fc].mean() for j in range(cols)] for i in range(rows)])
+
+
+@pytest.mark.parametrize(("max_rows", "max_cols"), [(5, 7), (4, 1000), (1000, 3), (1000, 1000)])
+def test_mean_score_bins_are_block_means_of_the_map(tiny: Any, max_rows: int, max_cols: int) -> None:
+    """Averaging q and k per bin before the product gives the bins of the whole map,
+    uneven last bins included (the map itself from plain NumPy on q and k)."""
+    from actstore.query.depth import mean_score_bins
+
+    run = tiny.run
+    heads, kv, dim = _arch(run)
+    (sel,) = resolve(tiny.store, ["step:0"])
+    n = run.prompt_len
+    got = list(mean_score_bins(sel, run.layers, max_rows, max_cols))
+    assert [g[0] for g in got] == run.layers
+    for li, (_, bins, fr, fc) in enumerate(got):
+        assert (fr, fc) == (-(-n // max_rows), -(-n // max_cols))
+        full = np_scores(raw(run, "q")[li, :n], raw(run, "k")[li, :n], heads, kv, dim).mean(axis=0)
+        np.testing.assert_allclose(bins, _np_block_means(full, fr, fc), atol=1e-10)
 
 
 def test_qk_scores_of_a_decode_step_cover_every_earlier_key(tiny: Any) -> None:

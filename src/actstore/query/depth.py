@@ -25,10 +25,13 @@ import dask
 import numpy as np
 import pandas as pd
 
+from actstore import naming
 from actstore.errors import SelectionError
 from actstore.query import metrics as M
 from actstore.query.selection import Selected, full_pass, vector_source
+from actstore.query.slices import bin_factors
 from actstore.query.states import POSITIONAL, state_vectors, step_last_positions
+from actstore.store import layout
 
 CONVERGED = 0.99  # Activation Lab's threshold for "the stream has stopped changing"
 
@@ -65,11 +68,18 @@ def convergence(sel: Selected, source: str = "hidden_out", layers: list[int] | N
     if len(lay) < 2:
         raise SelectionError("convergence compares adjacent layers: select two or more")
     (h,) = dask.compute(full_pass(sel, source)[idx])  # (L, T, W)
-    h = np.asarray(h, dtype=np.float64)
-    h0, h1 = h[:-1], h[1:]
-    cos = M.cosine(h0, h1)  # (L-1, T)
-    den = M.norm(h0)
-    update = M.norm(h1 - h0) / np.where(den == 0, np.nan, den)
+    # Each product summed once, in float64, from the stored values as they are: a
+    # 612-token pass over 30 layers widened whole to float64 took longer than its read.
+    h = np.asarray(h)
+    sq = np.einsum("ltw,ltw->lt", h, h, dtype=np.float64)
+    dot = np.einsum("ltw,ltw->lt", h[:-1], h[1:], dtype=np.float64)
+    step = np.subtract(h[1:], h[:-1], dtype=np.float64)
+    den = np.sqrt(sq[:-1])
+    den = np.where(den == 0, np.nan, den)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = dot / (den * np.sqrt(sq[1:]))  # (L-1, T)
+    cos[~np.isfinite(cos)] = np.nan  # a zero vector has no direction
+    update = np.sqrt(np.einsum("ltw,ltw->lt", step, step)) / den
     cos_mean, _, _, undefined = M.token_stats(cos)
     return pd.DataFrame(
         {
@@ -117,20 +127,17 @@ def attention_entropy(sel: Selected, layers: list[int] | None = None, per_head: 
     mean over the pass's query rows (and, without ``per_head``, over heads too, which is
     Activation Lab's per-layer ``attention_entropy``; it adds 1e-9 inside the log, a
     difference below T * 1e-9 nats). A decode step's one row covers every earlier key.
+    Runs captured with attention weights store every row's entropy beside them, so this
+    reads (L, T, heads) floats instead of every layer's weights; other runs compute it
+    from the weights, one layer at a time.
 
     Columns: run, state, layer, (head,) entropy, queries, keys.
     """
     lay, idx = _layers(sel.run, layers)
-    weights = full_pass(sel, "attn_weights")  # (L, H, T, K), lazy
-    per_layer = []
-    for i in idx:  # one layer's (H, T, K) in memory at a time
-        (w,) = dask.compute(weights[i])
-        p = np.asarray(w, dtype=np.float32)  # float32: within 1e-6 nats of float64, half the time
-        logp = np.zeros_like(p)
-        np.log(p, out=logp, where=p > 0)  # 0 ln 0 = 0
-        ent = -(p * logp).sum(axis=-1, dtype=np.float64)
-        per_layer.append(ent.mean(axis=-1))  # (H,): mean over query rows
-    ent = np.stack(per_layer)  # (L, H)
+    weights = full_pass(sel, "attn_weights")  # (L, H, T, K), lazy: its shape names the rows and keys
+    ent = _stored_entropy(sel, idx)
+    if ent is None:  # runs imported or captured before row entropies were stored
+        ent = np.stack([_layer_entropy(weights[i]) for i in idx])  # (L, H)
     heads = ent.shape[1]
     base = {**_base(sel), "queries": weights.shape[2], "keys": weights.shape[3]}
     if per_head:
@@ -139,6 +146,30 @@ def attention_entropy(sel: Selected, layers: list[int] | None = None, per_head: 
         return df[["run", "state", "layer", "head", "entropy", "queries", "keys"]]
     df = pd.DataFrame({**base, "layer": lay, "entropy": ent.mean(axis=1)})
     return df[["run", "state", "layer", "entropy", "queries", "keys"]]
+
+
+def stored_row_entropy(sel: Selected) -> Any | None:
+    """Lazy (L, T, heads) entropies capture stored for the rows of the state's full pass,
+    or None where the run does not store them (imports, runs captured before)."""
+    try:
+        return full_pass(sel, naming.ATTN_ENTROPY_ARRAY)
+    except SelectionError:
+        return None
+
+
+def _stored_entropy(sel: Selected, idx: list[int]) -> np.ndarray | None:
+    """(L, heads) mean over the pass's rows of the stored row entropies, or None."""
+    rows = stored_row_entropy(sel)
+    if rows is None:
+        return None
+    (mean,) = dask.compute(rows[idx].mean(axis=1, dtype=np.float64))
+    return np.asarray(mean)
+
+
+def _layer_entropy(weights: Any) -> np.ndarray:
+    """(heads,) mean row entropy of one layer's lazy (H, T, K) weights, read whole."""
+    (w,) = dask.compute(weights)
+    return layout.row_entropy(np.asarray(w), "float32").mean(axis=0, dtype=np.float64)
 
 
 # ---- q.k scores ------------------------------------------------------------------------
@@ -185,6 +216,34 @@ def mean_score_maps(sel: Selected, layers: list[int]) -> Iterator[tuple[int, np.
     over heads. q and k of every layer are read once, as stored; the mean is taken before
     the products (sum_h q_h . k_g(h) = sum_g (sum of g's q heads) . k_g), so a layer costs
     one product per key head, not per query head."""
+    for layer, q, k, scale in _grouped_qk(sel, layers):
+        yield layer, (q @ k.T) * scale
+
+
+def mean_score_bins(
+    sel: Selected, layers: list[int], max_rows: int, max_cols: int
+) -> Iterator[tuple[int, np.ndarray, int, int]]:
+    """(layer, bins, rows per bin, columns per bin) for each layer: :func:`mean_score_maps`
+    mean-pooled as ``slices.block_means`` pools a map, without making the map. A bin's
+    mean of q_r . k_c over its rows R and columns C is (mean of q over R) . (mean of k
+    over C), so q and k are averaged per bin first: every layer of a 612-token pass
+    stacked in one picture is 30 small products instead of 30 maps of 612 x 612."""
+    for layer, q, k, scale in _grouped_qk(sel, layers):
+        fr, fc = bin_factors(q.shape[0], k.shape[0], max_rows, max_cols)
+        yield layer, (_bin_rows(q, fr) @ _bin_rows(k, fc).T) * scale, fr, fc
+
+
+def _bin_rows(x: np.ndarray, f: int) -> np.ndarray:
+    """Means of rows 0..f-1, f..2f-1, ... (the last bin holds what is left)."""
+    if f == 1:
+        return x
+    starts = np.arange(0, x.shape[0], f)
+    return np.add.reduceat(x, starts, axis=0) / np.diff(np.r_[starts, x.shape[0]])[:, None]
+
+
+def _grouped_qk(sel: Selected, layers: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray, float]]:
+    """(layer, q summed over each key head's query heads (T, kv * d), k (K, kv * d),
+    1 / (heads * sqrt(d))) float64, q and k of every layer read once."""
     run = sel.run
     heads, kv, dim = head_layout(run)
     idx = run.layer_index(layers)
@@ -197,7 +256,7 @@ def mean_score_maps(sel: Selected, layers: list[int]) -> Iterator[tuple[int, np.
     for j, layer in enumerate(layers):
         q = np.asarray(q_all[j], dtype=np.float64).reshape(-1, kv, heads // kv, dim).sum(axis=2)  # (T, kv, d)
         k = np.asarray(k_all[j], dtype=np.float64)  # (K, kv * d)
-        yield layer, (q.reshape(q.shape[0], kv * dim) @ k.T) / (heads * np.sqrt(dim))
+        yield layer, q.reshape(q.shape[0], kv * dim), k, 1.0 / (heads * np.sqrt(dim))
 
 
 def _head_frame(sel: Selected, mats: np.ndarray, name: str, head: int | None, layer: int) -> pd.DataFrame:

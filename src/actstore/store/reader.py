@@ -156,7 +156,10 @@ class RunReader:
         return x
 
     def array(self, source: str) -> da.Array:
-        """Lazy step array of a source: (L, T, W), (L, heads, T, T) or (T, W)."""
+        """Lazy step array of a source: (L, T, W), (L, heads, T, T) or (T, W). Also
+        ``attn_entropy``, (L, T, heads), where :attr:`has_attn_entropy`."""
+        if source == naming.ATTN_ENTROPY_ARRAY and self.has_attn_entropy:
+            return self._source(source)
         naming.check_source(source)
         if source not in self.sources:
             raise SelectionError(
@@ -180,7 +183,15 @@ class RunReader:
                 self._source("mlp_act", prefix), self._source("mlp_up", prefix),
                 self.meta["gated_mlp"], self.meta["store_dtype"],
             )  # fmt: skip
+        if source == naming.ATTN_ENTROPY_ARRAY:
+            return self._dask(f"{prefix}{naming.ACTS_GROUP}/{source}")
         return self._dask(prefix + naming.act_path(source))
+
+    @cached_property
+    def has_attn_entropy(self) -> bool:
+        """Whether capture stored every attention row's entropy (runs captured with
+        attention weights since it does; imported runs and older ones do not)."""
+        return f"{naming.ACTS_GROUP}/{naming.ATTN_ENTROPY_ARRAY}" in self.group
 
     # ---- full passes of snapshots and references (see store.passes) ----------------
     @cached_property
@@ -265,18 +276,25 @@ def _ranges(values: list[int]) -> str:
     return ",".join(map(str, values))
 
 
-# Position tiles per dask task of an attention array: its inner chunks are small tiles
-# (one layer, every head, 64 x 64), and a task per tile costs a separate read, ~1 ms
-# each: a full 600-token pass over 30 layers is 3,000 of them. Four tiles a side read
-# together from their shard in one call (a 600-token layer: 0.19 s as tiles, 0.03 s
-# whole), and a small slice still reads no more than one such block per layer.
-_ATTN_TILES_PER_TASK = 4
+# Inner chunks per dask task, along the position axes. A task per inner chunk costs a
+# separate read, ~1 ms each. Attention's inner chunks are small tiles (one layer, every
+# head, 64 x 64): a full 600-token pass over 30 layers is 3,000 of them; four tiles a side
+# read together from their shard in one call (a 600-token layer: 0.19 s as tiles, 0.03 s
+# whole). A vector array's inner chunk is every layer of a few positions: reading a
+# 612-token pass of the emotions run's residual stream took 124 ms as 77 tasks, 65 ms
+# with four chunks per task, and one position costs the same either way (3 ms).
+_TILES_PER_TASK = 4
 
 
 def _task_chunks(arr: Any) -> tuple[int, ...]:
     chunks = tuple(arr.chunks)
-    if len(chunks) != 4:
-        return chunks
     shards = getattr(arr, "shards", None) or chunks
-    rows, cols = (min(c * _ATTN_TILES_PER_TASK, s) for c, s in zip(chunks[2:], shards[2:], strict=True))
-    return (chunks[0], chunks[1], rows, cols)
+    if len(chunks) == 4:  # (L, heads, T, T): rows and columns
+        rows, cols = (min(c * _TILES_PER_TASK, s) for c, s in zip(chunks[2:], shards[2:], strict=True))
+        return (chunks[0], chunks[1], rows, cols)
+    if len(chunks) in (2, 3):  # (T, W) or (L, T, W): positions
+        axis = len(chunks) - 2
+        grouped = list(chunks)
+        grouped[axis] = min(chunks[axis] * _TILES_PER_TASK, shards[axis])
+        return tuple(grouped)
+    return chunks

@@ -132,14 +132,24 @@ class _AttentionBlocks:
             self._flush(n_positions - self.start)
 
 
+def entropy_plan(attn: ArrayPlan) -> ArrayPlan:
+    """The (L, rows, heads) float32 plan of the row entropies of an attention plan's
+    (L, heads, rows, cols) weights (naming.ATTN_ENTROPY_ARRAY)."""
+    n_layers, heads, rows = attn.spec.shape[:3]
+    spec = layout.vector_spec(naming.ATTN_ENTROPY_ARRAY, n_layers, rows, heads, np.dtype("float32"))
+    attrs = {**attn.attrs, "actstore_dtype": "float32", "weights_dtype": attn.attrs["actstore_dtype"]}
+    return ArrayPlan(naming.ATTN_ENTROPY_ARRAY, spec, attn.keys, attrs)
+
+
 class RunWriter:
     """Writes the step arrays of one run group from a background thread."""
 
     def __init__(self, group: zarr.Group, plans: list[ArrayPlan], max_pending: int = 4, prefix: str = ""):
         self.group = group
-        self.plans = plans
+        # Attention weights bring their rows' entropies (computed here, off the capture thread).
+        self.plans = plans + [entropy_plan(p) for p in plans if p.source == "attn_weights"]
         self._blocks: dict[str, _VectorBlocks | _AttentionBlocks] = {}
-        for plan in plans:
+        for plan in self.plans:
             arr = _create(group, prefix + naming.ACTS_GROUP + "/" + plan.spec.name, plan.spec, plan.attrs)
             cls = _AttentionBlocks if plan.source == "attn_weights" else _VectorBlocks
             self._blocks[plan.source] = cls(arr, plan)
@@ -166,6 +176,8 @@ class RunWriter:
                 position, tensors, kv_end = item
                 for plan in self.plans:
                     parts = [to_numpy(tensors[k]) for k in plan.keys]
+                    if plan.source == naming.ATTN_ENTROPY_ARRAY:
+                        parts = [layout.row_entropy(p, plan.attrs["weights_dtype"]) for p in parts]
                     if plan.source == "attn_weights":
                         parts = [_right_align(p, kv_end or position + p.shape[-2]) for p in parts]
                     data = np.stack(parts) if len(plan.spec.shape) >= 3 else parts[0]

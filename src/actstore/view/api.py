@@ -313,7 +313,7 @@ def pair(
     (a, b, abs_diff, sq_err, hadamard, ratio: ``query.pairs.diff_maps``), binned like a
     heatmap."""
     from actstore.query import pairs
-    from actstore.query.selection import common_layers, default_sources
+    from actstore.query.selection import common_layers
 
     if what not in PAIR_WHAT:
         raise SelectionError(f"what must be one of {', '.join(PAIR_WHAT)}, not {what!r}")
@@ -323,10 +323,9 @@ def pair(
         res = pairs.pair_metrics(a, b, sources, layers, frac, magnitude)
         return out | {"table": frame(res.per_layer if what == "vectors" else res.summary)}
     if what == "passes":
-        n_layers = len(common_layers([a, b], layers))
-        total = sum(n_layers * _pass_extent(x)[0] * int(x.run.array(s).shape[-1]) * 8
-                    for s in default_sources([a, b], sources) for x in (a, b))  # fmt: skip
-        _budget(2.0 * total, "comparing these passes", "actstore query pair --what passes")
+        # No budget: the comparison streams through Dask a block of positions at a time and
+        # keeps (3, L, T) numbers per source. Two 612-token snapshots over 30 layers and 4
+        # sources (1.3 GB as float64 if held whole) peaked 61 MiB above the process's start.
         return out | {"table": frame(pairs.full_pair(a, b, sources, layers, frac, magnitude))}
     lay: list[int] | None = common_layers([a, b], layers) if what == "qkv" else None
     ma, mb = _map_pair(a, b, what, layer, head, lay)
@@ -377,8 +376,8 @@ def depth(
         conv = D.convergence(sel, source, layers)
         return out | {"table": frame(conv if what == "convergence" else D.effective_depth(conv, threshold))}
     if what in ("entropy", "head-entropy"):
-        # one layer at a time (query.depth.attention_entropy)
-        _budget(3.0 * _heads(run) * rows * keys * 8, f"attention entropy over {sel.label}", command)
+        if D.stored_row_entropy(sel) is None:  # computed from the weights, one layer at a time
+            _budget(3.0 * _heads(run) * rows * keys * 8, f"attention entropy over {sel.label}", command)
         return out | {"table": frame(D.attention_entropy(sel, layers, per_head=what == "head-entropy"))}
     if what == "qkv-last":
         lay = [run.layers[i] for i in run.layer_index(layers)]
@@ -398,19 +397,19 @@ def depth(
 
 def _stacked_scores(sel: Any, layers: list[int], bins: int | None) -> dict[str, Any]:
     """Every layer's mean-over-heads q.k/sqrt(d) map, one under the other in one picture:
-    each layer binned to its share of the rows (``query.depth.mean_score_maps``)."""
+    each layer binned to its share of the rows (``query.depth.mean_score_bins``)."""
     from actstore.query import depth as D
 
     rows_each = max(4, (bins or MAX_ROWS) // max(1, len(layers)))
     parts: list[np.ndarray] = []
     starts: list[int] = []
-    fr = fc = 1
-    shape = (0, 0)
-    for _, m in D.mean_score_maps(sel, layers):
-        shape = m.shape
-        data, fr, fc = slices.block_means(m, rows_each, bins or MAX_COLS)
+    shape = _pass_extent(sel)
+    blocks = [(1, 1)]
+    for _, data, fr, fc in D.mean_score_bins(sel, layers, rows_each, bins or MAX_COLS):
         starts.append(sum(p.shape[0] for p in parts))
         parts.append(data)
+        blocks.append((fr, fc))  # the same for every layer: one pass's rows and keys
+    fr, fc = blocks[-1]
     stacked = np.concatenate(parts, axis=0)
     return {"layer": None, "layers": layers, "layer_starts": starts, "maps": {"score": _nums(stacked)},
             "shape": [len(layers), *shape], "block": [fr, fc], "cols": list(range(0, shape[1], fc)),

@@ -252,6 +252,33 @@ def test_logit_lens_panel_at_another_position_with_more_candidates(two_run_store
         api.logit_lens_step(run, loaded, step=0, top_k=0)
 
 
+def test_state_map_columns_against_zarr(two_run_store: ActStore) -> None:
+    """A side-by-side column of a selected state: a vector source's tokens x channels or
+    one layer's attention over the state's full pass, as stored (binned on request)."""
+    from actstore.query.selection import Selected
+    from actstore.query.states import parse_state
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    p = run.prompt_len
+    prefill = api.state_map(Selected(run, parse_state("step:0")), "hidden_out", layer=1)
+    assert prefill["block"] == [1, 1] and prefill["shape"] == [p, run.array("hidden_out").shape[-1]]
+    _close(prefill["maps"]["z"], _hidden_out(two_run_store, run)[1, :p])
+    binned = api.state_map(Selected(run, parse_state("step:0")), "hidden_out", layer=1, bins=5)
+    fr, fc = binned["block"]
+    h = _hidden_out(two_run_store, run)[1, :p]
+    _close(binned["maps"]["z"], np.array([[h[i : i + fr, j : j + fc].mean() for j in range(0, h.shape[1], fc)]
+                                          for i in range(0, p, fr)]))  # fmt: skip
+    att = api.state_map(Selected(run, parse_state("step:2")), "attn_weights", layer=0, head=1)
+    w = _raw(two_run_store, run, "attn_weights")  # a decode step: one query row over every key so far
+    _close(att["maps"]["z"], w[0, 1, p + 1 : p + 2, : p + 2])
+    assert att["colorscale"] == "Viridis" and att["zmid"] is None and prefill["zmid"] == 0
+    snap = api.state_map(Selected(run, parse_state("snapshot:1")), "hidden_out", layer=2)
+    last = np.asarray(run.snapshots("hidden_out")[1], dtype=np.float64)[run.layers.index(2)]
+    _close(snap["maps"]["z"][-1], last)  # the pass's last token is the stored snapshot vector
+    with pytest.raises(SelectionError, match="give a layer"):
+        api.state_map(Selected(run, parse_state("step:0")), "q", layer=None)
+
+
 def test_cross_layer_and_stacked_scores_against_numpy(two_run_store: ActStore) -> None:
     from actstore.query.depth import qk_score_array
     from actstore.query.selection import Selected

@@ -57,6 +57,15 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def api_state_map(store: ActStore, item: str) -> dict[str, Any]:
+    """What the side-by-side column of ``item`` should draw (the main controls: hidden_out, layer 0)."""
+    from actstore.query import resolve
+    from actstore.view import api
+
+    (sel,) = resolve(store, [item])
+    return api.state_map(sel, "hidden_out", 0)
+
+
 def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore, loaded: Any, tmp_path: Any) -> None:
     first, second = two_run_store.run_ids()[:2]
     a, b, c = f"{first}@snapshot:1", f"{second}@reference:joy", f"{first}@snapshot:generated"
@@ -137,9 +146,10 @@ def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore
 
             # the address keeps the selection and the controls: reopening it shows the same view
             url = page.url
-            assert url.count("cmp=") == 3 and "layer=0" in url and "cmap=Greys" in url
+            assert url.count("cmp=") == 3 and "layer=0" in url and "cmap=Greys" in url and f"side={second}" in url
             page.goto(url)
             _idle(page)
+            assert page.locator("#side-cols .col").count() == 1  # the run side by side comes back
             assert page.locator("#selection .chip").count() == 3 and page.is_visible("#group-view")
             assert page.input_value("#layer") == "0" and page.input_value("#cmap") == "Greys"
 
@@ -166,10 +176,23 @@ def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore
             assert stacked["layer"] is None and stacked["layers"] == ra.layers
             assert page.inner_text("#depth-scores-title").startswith("q·k / √d scores, every layer stacked")
 
+            # the selection side by side: a column per picked state, with the main controls
+            page.check("#side-selection")
+            _idle(page)
+            assert page.locator("#side-cols .col").count() == 1 + 3  # the other run, then the states
+            assert "side_sel=1" in page.url and f"side={second}" in page.url
+            titles = page.locator("#side-cols .col h3").all_inner_texts()
+            assert any(t.startswith(a) and "layer 0" in t for t in titles), titles
+            snap = next(i for i, t in enumerate(titles) if t.startswith(a))
+            z = page.evaluate(f"document.querySelectorAll('#side-cols .chart')[{snap}].data[0].z")
+            want = np.asarray(api_state_map(two_run_store, a)["maps"]["z"], dtype=np.float64)
+            np.testing.assert_allclose(np.asarray(z, dtype=np.float64), want, rtol=1e-5, atol=1e-7)
+
             # removing a state goes back to the pair view
             page.locator("#selection .chip button").last.click()
             _idle(page)
             assert page.is_visible("#pair-view") and page.url.count("cmp=") == 2
+            assert page.locator("#side-cols .col").count() == 1 + 2
 
             assert page.is_hidden("#error"), page.inner_text("#error")
             assert log.blocked == [], f"the page tried the network: {log.blocked[:5]}"

@@ -181,6 +181,19 @@ def map_array(sel: Selected, kind: str, layer: int | None = None, head: int | No
     return np.asarray(mats[head])
 
 
+def vector_map(sel: Selected, source: str, layer: int | None = None) -> np.ndarray:
+    """(tokens, width) float64: a vector source over the state's full pass, one ``layer``
+    of a per-layer source (embeddings and logits have none), as stored."""
+    x = full_pass(sel, source)
+    if x.ndim == 3:
+        if layer is None:
+            raise SelectionError(f"{source} has one map per layer: give a layer")
+        (li,) = sel.run.layer_index([layer])
+        x = x[li]
+    (m,) = dask.compute(x)
+    return np.asarray(m, dtype=np.float64)
+
+
 def diff_maps(ma: np.ndarray, mb: np.ndarray) -> dict[str, np.ndarray]:
     """Activation Lab's ``diff_matrices`` of two equal-shaped maps: a, b, abs_diff
     |A-B|, sq_err (A-B)^2, hadamard A*B and ratio A / (|B| + 1e-9) clipped to [-50, 50]

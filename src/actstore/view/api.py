@@ -287,6 +287,31 @@ def _map_pair(a: Any, b: Any, kind: str, layer: int | None, head: int | None,
     return ma[:r, :c], mb[:r, :c]
 
 
+def state_map(sel: Any, source: str, layer: int | None, head: int | None = None,
+              bins: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One state's picture for a side-by-side column, from any run: the attention map of
+    ``layer`` over its full pass (``query.pairs.map_array``: mean over heads unless
+    ``head``), or a vector source's tokens x channels (``query.pairs.vector_map``),
+    binned like a heatmap."""
+    from actstore.query.pairs import map_array, vector_map
+
+    _check_bins(bins)
+    rows, keys = _pass_extent(sel)
+    if source == "attn_weights":
+        _budget(2.0 * _heads(sel.run) * rows * keys * 8, f"an attention map of {sel.label}",
+                "actstore query pair --what attention")  # fmt: skip
+        m = map_array(sel, "attention", layer, head)
+    else:
+        width = int(sel.run.array(source).shape[-1])
+        _budget(2.0 * rows * width * 8, f"{source} over {sel.label}", "actstore heatmap")
+        m, head = vector_map(sel, source, layer), None
+    layer = None if source in naming.GLOBAL_SOURCES else layer
+    out = {"state": sel.label, "source": source, "layer": layer, "head": head}
+    out |= _binned_maps({"z": m}, list(range(m.shape[0])), bins)
+    attention = source == "attn_weights"  # weights are >= 0; activations signed, red positive
+    return out | {"colorscale": "Viridis" if attention else DIVERGING_SCALE, "zmid": None if attention else 0}
+
+
 def _binned_maps(maps: dict[str, np.ndarray], row_labels: list[int], bins: int | None) -> dict[str, Any]:
     """Equal-shaped maps binned like a heatmap: ``maps`` (name -> rows of numbers),
     ``shape`` (unbinned), ``block``, ``rows`` (each bin's first row label), ``cols``, and the diverging

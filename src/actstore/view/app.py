@@ -43,6 +43,7 @@ ROUTES: dict[str, RouteInfo] = {
     "depth": RouteInfo("GET", True),
     "next_token": RouteInfo("GET", True),
     "cross_layer": RouteInfo("GET", True),
+    "state_map": RouteInfo("GET", True),
     "logit_lens": RouteInfo("POST", True),
     # the scenario builder (view/builder.py): files of the scenarios folder, models, jobs
     "scenarios": RouteInfo("GET", False, cached=False),
@@ -230,6 +231,7 @@ class ViewApp:
             "depth": lambda: self._depth(q),
             "next_token": lambda: api.next_token(self.run(q.get("run")), parse_steps(q.get("steps"))),
             "cross_layer": lambda: self._cross_layer(q),
+            "state_map": lambda: self._state_map(q),
             "scenarios": lambda: self._scenario_files(),
             "scenario": lambda: self._scenario_file(q.text("name", "")),
             "clone": lambda: builder.clone(self.run(q.get("run"))),
@@ -250,6 +252,14 @@ class ViewApp:
             raise SelectionError("cross_layer needs a state: state=STATE (or RUN@STATE)")
         (sel,) = self.selected([state], q.get("run"))
         return api.cross_layer(sel, q.text("source", "hidden_out"), self.layers(q, [sel.run]))
+
+    def _state_map(self, q: Params) -> Any:
+        state = q.get("state")
+        if not state:
+            raise SelectionError("state_map needs a state: state=STATE (or RUN@STATE)")
+        (sel,) = self.selected([state], q.get("run"))
+        return api.state_map(sel, q.text("source", "hidden_out"), q.as_int("layer"), q.as_int("head"),
+                             q.as_int("bins"))  # fmt: skip
 
     # ---- the scenario builder ------------------------------------------------------------
     def folder(self) -> builder.ScenarioFolder:

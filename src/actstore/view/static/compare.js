@@ -101,8 +101,10 @@
     saveAddress();
     drawChips();
     fillDepthStates();
-    return Promise.all([drawComparison(), drawDepth()]).catch(lib.showError);
+    var side = view.onSelection ? view.onSelection() : null;  // side by side may draw the selection
+    return Promise.all([drawComparison(), drawDepth(), side]).catch(lib.showError);
   }
+  view.selectionItems = function () { return sel.items.slice(); };
 
   // ---- pair ---------------------------------------------------------------------------------
   function drawComparison() {

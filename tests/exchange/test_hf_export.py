@@ -100,14 +100,16 @@ def test_features_are_what_saelens_reads(exchange_store: dict[str, Any], tmp_pat
 
 def test_windows_stay_inside_sequences(exchange_store: dict[str, Any], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """A corpus unit's rows: three sequences back to back (10, 3 and the rest); a window
-    never spans two, and each sequence's remainder is left out."""
+    """A corpus unit's rows: three sequences back to back (10, 3 and the rest tokens); a
+    window never spans two, and each sequence's remainder is left out."""
     run = exchange_store["f16"].run
     stored = _stored(run)
     t = len(stored["token_ids"])
     lengths = [10, 3, t - 13]
     seq = np.repeat(np.array([4, 7, 9], dtype=np.int64), lengths)
-    pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    # the third sequence's kept tokens start at its position 3, right after the second's last
+    # position (2): only its sequence_index tells them apart
+    pos = np.concatenate([np.arange(n, dtype=np.int32) + (3 if i == 2 else 0) for i, n in enumerate(lengths)])
     rows = Rows(token_ids=stored["token_ids"].astype(np.int32), sequence_index=seq, position=pos)
     monkeypatch.setattr(hf_dataset, "run_rows", lambda _run: rows)
     context = 4

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ from actstore.errors import SelectionError, StoreError
 from actstore.paths import output_folder
 from actstore.store.npz_export import _write_via_temp
 from actstore.store.reader import RunReader
-from actstore.store.rows import run_rows
+from actstore.store.rows import Rows, run_rows
 
 BATCH_BYTES = 64 << 20  # activation bytes read and written per batch of windows
 EXTRA_COLUMNS = ("run", "sequence_index", "position")
@@ -139,11 +140,18 @@ def _span(run: RunReader, col: Column, lo: int, hi: int) -> np.ndarray:
     return x if col.layer is None else x[0]
 
 
-def _batches(
-    run: RunReader, cols: list[Column], context: int, dtypes: dict[str, np.dtype]
-) -> Iterator[dict[str, Any]]:
-    rows = run_rows(run)
-    starts = windows(rows.sequence_index, rows.position, context)
+@dataclass(frozen=True)
+class RunWindows:
+    """One run to export: its columns, its rows and the start row of every window."""
+
+    run: RunReader
+    cols: list[Column]
+    rows: Rows
+    starts: np.ndarray
+
+
+def _batches(part: RunWindows, context: int, dtypes: dict[str, np.dtype]) -> Iterator[dict[str, Any]]:
+    run, cols, rows, starts = part.run, part.cols, part.rows, part.starts
     per_window = context * sum(c.width * dtypes[c.hook].itemsize for c in cols)
     step = max(1, BATCH_BYTES // max(per_window, 1))
     for b in range(0, len(starts), step):
@@ -161,32 +169,27 @@ def _batches(
         yield batch
 
 
-def count_windows(runs: Sequence[RunReader], context: int) -> int:
-    total = 0
-    for run in runs:
-        rows = run_rows(run)
-        total += len(windows(rows.sequence_index, rows.position, context))
-    return total
-
-
 def _write(
-    runs: Sequence[RunReader], per_run: list[list[Column]], features: Any, context: int, quiet: bool,
-    staging_parent: Path, out: Path,
-) -> None:  # fmt: skip
+    parts: list[RunWindows], features: Any, context: int, quiet: bool, staging_parent: Path, out: Path
+) -> None:
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
 
     dtypes = {h: np.dtype(features[h].dtype) for h in features if h not in ("token_ids", *EXTRA_COLUMNS)}
-    total = count_windows(runs, context)
-    if total == 0:
-        raise SelectionError(f"no sequence of these runs has {context} tokens: lower --context")
+    total = sum(len(p.starts) for p in parts)
     staging = Path(tempfile.mkdtemp(dir=staging_parent, prefix=f".{out.name}.arrow-"))
     try:
         arrow = staging / "windows.arrow"
         writer = ArrowWriter(features=features, path=str(arrow))
-        with tqdm(total=total, unit="window", desc="export hf-dataset", disable=quiet or None) as bar:
-            for run, cols in zip(runs, per_run, strict=True):
-                for batch in _batches(run, cols, context, dtypes):
+        with tqdm(
+            total=total,
+            unit="window",
+            desc="export hf-dataset",
+            disable=quiet or not sys.stderr.isatty(),
+            file=sys.stderr,
+        ) as bar:
+            for part in parts:
+                for batch in _batches(part, context, dtypes):
                     writer.write_batch(batch)
                     bar.update(len(batch["token_ids"]))
         writer.finalize()
@@ -225,10 +228,16 @@ def export_hf_dataset(
     runs = [runs] if isinstance(runs, RunReader) else list(runs)
     hooks = list(hooks)
     per_run, features = plan(runs, hooks, context)  # every check before anything is written
+    parts = []
+    for run, cols in zip(runs, per_run, strict=True):
+        rows = run_rows(run)
+        parts.append(RunWindows(run, cols, rows, windows(rows.sequence_index, rows.position, context)))
+    if not any(len(p.starts) for p in parts):
+        raise SelectionError(f"no sequence of these runs has {context} tokens: lower --context")
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (remove it, choose another --out, or --overwrite)")
     with output_folder(target.parent) as parent:
-        write = functools.partial(_write, runs, per_run, features, context, quiet, parent)
+        write = functools.partial(_write, parts, features, context, quiet, parent)
         _write_via_temp(write, target, parent)  # save_to_disk fills the empty temporary folder
     return target

@@ -170,14 +170,16 @@ def _batches(part: RunWindows, context: int, dtypes: dict[str, np.dtype]) -> Ite
 
 
 def _write(
-    parts: list[RunWindows], features: Any, context: int, quiet: bool, staging_parent: Path, out: Path
+    parts: list[RunWindows], features: Any, context: int, quiet: bool, target: Path, out: Path
 ) -> None:
+    """Fill the Arrow file beside ``target`` (``.<name>.arrow-*``), then ``save_to_disk``
+    it into ``out``, the temporary folder renamed to ``target`` afterwards."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
 
     dtypes = {h: np.dtype(features[h].dtype) for h in features if h not in ("token_ids", *EXTRA_COLUMNS)}
     total = sum(len(p.starts) for p in parts)
-    staging = Path(tempfile.mkdtemp(dir=staging_parent, prefix=f".{out.name}.arrow-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.arrow-"))
     try:
         arrow = staging / "windows.arrow"
         writer = ArrowWriter(features=features, path=str(arrow))
@@ -238,6 +240,6 @@ def export_hf_dataset(
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (remove it, choose another --out, or --overwrite)")
     with output_folder(target.parent) as parent:
-        write = functools.partial(_write, parts, features, context, quiet, parent)
+        write = functools.partial(_write, parts, features, context, quiet, parent / target.name)
         _write_via_temp(write, target, parent)  # save_to_disk fills the empty temporary folder
     return target

@@ -198,3 +198,11 @@ def test_cli_source_takes_hook_names(exchange_store: dict[str, Any]) -> None:
     a = _cli([*metric, "--source", "blocks.2.hook_resid_pre"])
     b = _cli([*metric, "--source", "hidden_in", "--layers", "2"])
     assert a.exit_code == 0 and a.output == b.output
+
+    traj = ["query", "trajectory", "--run", run.id, "--neuron", "3", "--format", "csv", *store]
+    named = _cli([*traj, "--source", "blocks.2.mlp.hook_post"])
+    assert (
+        named.exit_code == 0
+        and named.output == _cli([*traj, "--source", "mlp_down_in", "--layer", "2"]).output
+    )
+    assert _cli(traj).exit_code == 2  # a plain source still needs --layer

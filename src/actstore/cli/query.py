@@ -146,7 +146,7 @@ def cross_layer_cmd(run_sel: str, source: str, state: str, matrix: bool, layers:
 
 @query.command("trajectory")
 @_run_option
-@_opt("--layer", type=int, required=True)
+@_opt("--layer", type=int, default=None, help="required unless --source is a TransformerLens hook name, which names it")
 @_opt("--neuron", type=int, required=True)
 @_opt("--source", default="hidden_out")
 @_opt("--over", type=click.Choice(["steps", "positions"]), default="steps")
@@ -154,11 +154,15 @@ def cross_layer_cmd(run_sel: str, source: str, state: str, matrix: bool, layers:
 @store_options
 @_fail_cleanly
 @accept_hook_names
-def trajectory_cmd(run_sel: str, layer: int, neuron: int, source: str, over: str, fmt: str,
+def trajectory_cmd(run_sel: str, layer: int | None, neuron: int, source: str, over: str, fmt: str,
                    store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
     """One neuron's value at the last position of every step (or at every position)."""
     from actstore import query as q
 
+    if layer is None:
+        from actstore.errors import SelectionError
+
+        raise SelectionError("give --layer (or a TransformerLens --source such as blocks.3.hook_resid_post)")
     run = open_store(store_location, storage_options).run(run_sel)
     click.echo(render_frame(q.neuron_trajectory(run, layer, neuron, source=source, over=over), fmt))
 

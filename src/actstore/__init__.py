@@ -12,7 +12,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "capture_scenario", "load_scenario", "load_scenarios", "open_store", "Problem", "validate_scenario"]
+__all__ = ["__version__", "capture_scenario", "export_hf_dataset", "load_scenario", "load_scenarios", "open_store", "Problem", "validate_scenario"]
 
 
 def open_store(location: str, *, create: bool = False, storage_options: dict[str, Any] | None = None) -> Any:
@@ -47,6 +47,14 @@ def capture_scenario(scenario: Any, store: Any = None, *, strict: bool = False, 
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(str(scenario), strict=strict)
     return _capture(scenario, store, strict=strict, **kwargs)
+
+
+def export_hf_dataset(runs: Any, out_dir: str, hooks: Any, context: int, **kwargs: Any) -> Any:
+    """Runs as the Hugging Face dataset SAELens trains from (one column per TransformerLens
+    hook name, windows of ``context`` tokens); see actstore.store.hf_dataset."""
+    from actstore.store.hf_dataset import export_hf_dataset as _export
+
+    return _export(runs, out_dir, hooks, context, **kwargs)
 
 
 def validate_scenario(path_or_dict: Any, *, strict: bool = False, model: str | bool | None = None) -> Any:

@@ -130,6 +130,10 @@ def check_source(source: str) -> str:
     # SelectionError (a ValueError): a mistyped --source is the user's to fix, so the
     # CLI prints one line and exits 2 instead of a traceback.
     if source not in ALL_SOURCES:
+        from actstore import tl_names  # a TransformerLens name: say which source and layer it is
+
+        if isinstance(source, str) and tl_names.looks_like_hook(source):
+            raise SelectionError(tl_names.pointer(source))
         raise SelectionError(f"unknown source {source!r}; known: {', '.join(ALL_SOURCES)}")
     return source
 

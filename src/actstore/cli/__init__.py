@@ -7,6 +7,7 @@ command group.
 - :mod:`~actstore.cli.validate`: ``validate``
 - :mod:`~actstore.cli.store`: ``ls``, ``inspect``, ``check``, ``gc``
 - :mod:`~actstore.cli.npz`: ``export npz``, ``import npz``
+- :mod:`~actstore.cli.hf_dataset`: ``export hf-dataset``
 - :mod:`~actstore.cli.query`: the ``query`` group
 - :mod:`~actstore.cli.report`: ``report``, ``heatmap``, ``logit-lens``
 - :mod:`~actstore.cli.view`: ``view``
@@ -18,14 +19,14 @@ this package registers every command on :func:`main`.
 
 from __future__ import annotations
 
-from actstore.cli import capture, models, npz, query, report, store, validate, view
+from actstore.cli import capture, hf_dataset, models, npz, query, report, store, validate, view
 from actstore.cli.common import main
 
 __all__ = ["main"]
 
 
 def _register() -> None:
-    for module in (capture, store, models, npz, query, report, validate, view):
+    for module in (capture, store, models, npz, hf_dataset, query, report, validate, view):
         module.register(main)
     from actstore.distributed import add_scheduler_option
 

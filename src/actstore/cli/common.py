@@ -170,6 +170,37 @@ def open_store(location: str | None, storage_options: tuple[str, ...], create: b
     )
 
 
+def accept_hook_names(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let ``--source`` be a TransformerLens hook name (``blocks.16.hook_resid_post``): it
+    becomes its actstore source and fixes ``--layers``/``--layer`` (see actstore.tl_names).
+    Goes below ``_fail_cleanly``, so a bad name is one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from actstore.tl_names import translate_options
+
+        translate_options(kwargs, lambda: _hook_facts(kwargs))
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _hook_facts(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model facts of the runs a command names, for hook names that depend on them."""
+    from actstore.tl_names import run_facts
+
+    store = open_store(kwargs.get("store_location"), kwargs.get("storage_options") or ())
+    if kwargs.get("runs"):
+        readers = store.runs(kwargs["runs"])
+    else:
+        readers = [store.run(kwargs.get("run_sel") or kwargs.get("run") or "latest")]
+    seen = {tuple(sorted(run_facts(r).items())) for r in readers}
+    if len(seen) != 1:
+        raise SelectionError("the runs named come from models whose MLPs or families differ: "
+                             "a TransformerLens name means different sources in them; name runs of one model")  # fmt: skip
+    return dict(next(iter(seen)))
+
+
 def _quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--quiet", "-q", is_flag=True, help="no progress bars")(fn)
 

@@ -26,6 +26,7 @@ import click
 
 from actstore.cli.common import (
     _fail_cleanly,
+    accept_hook_names,
     fit_layers,
     open_store,
     parse_steps,
@@ -78,6 +79,7 @@ def _metric_command(metric: str) -> click.Command:
           help="leave out a damaged run (a warning names it) instead of failing on it")  # fmt: skip
     @_common
     @_fail_cleanly
+    @accept_hook_names
     def command(
         runs: tuple[str, ...], sources: tuple[str, ...], compare: str, frac: float, magnitude: bool,
         summary: bool, skip_damaged: bool, layers: str, fmt: str, store_location: str | None,
@@ -128,6 +130,7 @@ for _m in ("cosine", "mae", "jaccard"):
 @_opt("--matrix", is_flag=True, help="print the L x L matrix instead of long rows")
 @_common
 @_fail_cleanly
+@accept_hook_names
 def cross_layer_cmd(run_sel: str, source: str, state: str, matrix: bool, layers: str, fmt: str,
                     store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
     """Cosine between every pair of layers' vectors at one state."""
@@ -143,18 +146,23 @@ def cross_layer_cmd(run_sel: str, source: str, state: str, matrix: bool, layers:
 
 @query.command("trajectory")
 @_run_option
-@_opt("--layer", type=int, required=True)
+@_opt("--layer", type=int, default=None, help="required unless --source is a TransformerLens hook name, which names it")
 @_opt("--neuron", type=int, required=True)
 @_opt("--source", default="hidden_out")
 @_opt("--over", type=click.Choice(["steps", "positions"]), default="steps")
 @_opt("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @store_options
 @_fail_cleanly
-def trajectory_cmd(run_sel: str, layer: int, neuron: int, source: str, over: str, fmt: str,
+@accept_hook_names
+def trajectory_cmd(run_sel: str, layer: int | None, neuron: int, source: str, over: str, fmt: str,
                    store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
     """One neuron's value at the last position of every step (or at every position)."""
     from actstore import query as q
 
+    if layer is None:
+        from actstore.errors import SelectionError
+
+        raise SelectionError("give --layer (or a TransformerLens --source such as blocks.3.hook_resid_post)")
     run = open_store(store_location, storage_options).run(run_sel)
     click.echo(render_frame(q.neuron_trajectory(run, layer, neuron, source=source, over=over), fmt))
 
@@ -181,6 +189,7 @@ def decomposition_cmd(run_sel: str, steps: str, layers: str, fmt: str,
 @_opt("--top", type=int, default=None, help="only the N best layers per source")
 @_common
 @_fail_cleanly
+@accept_hook_names
 def discrimination_cmd(run_sel: str, sources: tuple[str, ...], rank_by: str, top: int | None, layers: str,
                        fmt: str, store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
     """Rank layers by how well they separate the run's reference states."""
@@ -309,6 +318,7 @@ def _resolve(store_location: str | None, storage_options: tuple[str, ...], items
 @_jaccard_options
 @_common
 @_fail_cleanly
+@accept_hook_names
 def pair_cmd(state_a: str, state_b: str, runs: tuple[str, ...], what: str, sources: tuple[str, ...],
              layer: int | None, head: int | None, frac: float, magnitude: bool, layers: str, fmt: str,
              store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
@@ -342,6 +352,7 @@ def pair_cmd(state_a: str, state_b: str, runs: tuple[str, ...], what: str, sourc
 @_jaccard_options
 @_common
 @_fail_cleanly
+@accept_hook_names
 def group_cmd(states: tuple[str, ...], runs: tuple[str, ...], what: str, sources: tuple[str, ...],
               components: int, frac: float, magnitude: bool, layers: str, fmt: str,
               store_location: str | None, storage_options: tuple[str, ...]) -> None:  # fmt: skip
@@ -366,6 +377,7 @@ def group_cmd(states: tuple[str, ...], runs: tuple[str, ...], what: str, sources
 @_opt("--threshold", type=float, default=0.99, help="adjacent cosine that counts as converged")
 @_common
 @_fail_cleanly
+@accept_hook_names
 def depth_cmd(state: str, runs: tuple[str, ...], what: str, source: str, layer: int | None, head: int | None,
               threshold: float, layers: str, fmt: str, store_location: str | None,
               storage_options: tuple[str, ...]) -> None:  # fmt: skip

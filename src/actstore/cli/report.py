@@ -14,6 +14,7 @@ import click
 from actstore.cli.common import (
     _fail_cleanly,
     _quiet_option,
+    accept_hook_names,
     fit_layers,
     open_store,
     parse_steps,
@@ -76,6 +77,7 @@ def register(main: click.Group) -> None:
     @store_options
     @_quiet_option
     @_fail_cleanly
+    @accept_hook_names
     def heatmap_cmd(
         run: str, source: str, layers: str, steps: str, per_head: bool, normalize: str, reduce: str,
         cmap: str | None, out: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool,

@@ -167,6 +167,22 @@ class RunReader:
             )
         return self._source(source)
 
+    def hook(self, name: str) -> da.Array:
+        """Lazy array of a TransformerLens hook name (``blocks.16.hook_resid_post``):
+        (T, W) for a layer source, (heads, T, T) for ``attn.hook_pattern``, (T, W) for
+        ``hook_embed``. See :mod:`actstore.tl_names` for the mapping and shapes."""
+        from actstore import tl_names
+
+        source, layer = tl_names.for_run(name, self)
+        x = self.array(source)
+        if layer is None:
+            return x
+        if layer not in self.layers:
+            raise SelectionError(
+                f"{name}: run {self.id} did not capture layer {layer}; it has {_ranges(self.layers)}"
+            )
+        return x[self.layers.index(layer)]
+
     def _source(self, source: str, prefix: str = "") -> da.Array:
         """A source's array under ``prefix`` (the run's positions, or with ``passes/``
         the own rows of its full passes), derived sources served as if stored."""

@@ -15,7 +15,9 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: loads the real SmolLM2 model (seconds to a minute)")
+    config.addinivalue_line(
+        "markers", "slow: the real SmolLM2 model, subprocesses killed or racing, a browser driving a capture (seconds to a minute)"
+    )
     if not os.environ.get("ACTSTORE_CACHE"):
         cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
         folder = (

@@ -82,6 +82,7 @@ def _one_line(stderr: str, *needles: str) -> str:
 
 
 # ---- CLI, under ulimit -v --------------------------------------------------------------------
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_a_1mb_message_fails_on_the_context_in_one_line(models: dict[str, Path], tmp_path: Path) -> None:
     path = _scenario_file(tmp_path, "long.yaml", models["short"], [{"role": "user", "content": MB_MESSAGE}])
     proc, _ = _capture_limited(path, tmp_path / "store.zarr")
@@ -91,6 +92,7 @@ def test_a_1mb_message_fails_on_the_context_in_one_line(models: dict[str, Path],
     assert not (tmp_path / "store.zarr").exists()
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_ten_thousand_messages_fail_in_seconds(models: dict[str, Path], tmp_path: Path) -> None:
     msgs = [{"role": ("user", "assistant")[i % 2], "content": f"message {i}"} for i in range(10_000)]
     path = _scenario_file(tmp_path, "many.yaml", models["short"], msgs)
@@ -113,6 +115,7 @@ def test_a_prompt_that_fits_the_context_but_not_memory_fails_in_one_line(
     assert not (tmp_path / "store.zarr").exists()
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_a_capture_that_fits_still_works_under_the_limit(models: dict[str, Path], tmp_path: Path) -> None:
     path = _scenario_file(tmp_path, "ok.yaml", models["short"], MESSAGES)
     proc, _ = _capture_limited(path, tmp_path / "store.zarr")

@@ -224,6 +224,7 @@ def test_cli_captures_activation_labs_multi_prompt_file(tmp_path: Any) -> None:
     assert got == [(0, ["Say hi."]), (1, ["Be terse."]), (1, ["Be terse.", "Sky colour?"])]
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_npz_export_and_import_keep_the_scenario_run(captured: Any, tmp_path: Any) -> None:
     import shutil
 

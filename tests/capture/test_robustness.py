@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from actstore.capture.runner import capture_run
@@ -46,6 +47,7 @@ def _spawn(store: Path, tokens: int, name: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_killed_capture_leaves_store_consistent(tmp_path: Path) -> None:
     location = tmp_path / "store.zarr"
     store = ActStore.open(location, create=True)
@@ -76,6 +78,7 @@ def test_killed_capture_leaves_store_consistent(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "doomed" not in result.output
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_two_concurrent_captures_both_land(tmp_path: Path) -> None:
     location = tmp_path / "shared.zarr"  # neither process finds an existing store
     procs = [_spawn(location, 30, f"writer{i}") for i in range(2)]

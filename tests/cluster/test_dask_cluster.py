@@ -94,6 +94,7 @@ def test_worker_killed_mid_query_keeps_the_answer(
     assert pid not in cluster.run(os.getpid).values()
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_cli_capture_folder_and_query_on_cluster(
     cluster: Any, tiny_folder: Path, tiny_loaded: Any, s3_url: str, s3_endpoint: str, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from actstore import naming
 from actstore.capture.runner import capture
@@ -54,6 +55,7 @@ def test_capture_into_s3_equals_local_disk(
     )
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_two_concurrent_cli_captures_both_land(
     tiny_folder: Path, s3_url: str, s3_endpoint: str, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from actstore.capture.runner import capture_run
@@ -28,6 +29,7 @@ def _round_bf16(x: np.ndarray) -> np.ndarray:
     return np.ldexp(np.round(m * 256) / 256, e)  # np.round: half to even
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_down_in_is_rounded_alike_on_every_path(tmp_path: Path) -> None:
     store = ActStore.open(tmp_path / "store.zarr", create=True)
     sc = scenario_from_dict({

@@ -80,6 +80,7 @@ def _wait(jobs: CaptureJobs, job_id: int, states: tuple[str, ...], timeout: floa
     raise AssertionError(f"job {job_id} still {jobs.get(job_id)}")
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_a_launched_capture_runs_in_the_background_and_its_run_is_committed(
     folder: ScenarioFolder, tmp_path: Path
 ) -> None:

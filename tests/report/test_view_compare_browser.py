@@ -205,6 +205,7 @@ def test_picking_states_shows_what_actstore_query_prints(two_run_store: ActStore
         assert offline_log.errors == [] and offline_log.blocked == []
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_scenario_builder_from_form_to_a_new_run(tmp_path: Any) -> None:
     """Build a scenario in the form (a mistake shows at its field, then goes), save it,
     launch it (a real SmolLM2 capture in the background), and open the new run."""

@@ -93,6 +93,7 @@ def _get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
         conn.close()
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 def test_200_concurrent_attention_heatmaps_of_a_4k_prefill(long_store: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -265,11 +265,13 @@ def _mid_write(tally: Tally, state: str) -> None:
     assert tally.hit.get(state, 0) >= 1, tally.hit
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 @pytest.mark.parametrize("sig", KILLS.values(), ids=KILLS.keys())
 def test_killed_capture(world: World, tmp_path: Path, sig: int) -> None:
     _mid_write(_writes_store(world, tmp_path, sig, 11, PHASES, _capture_cmd(world)), "uncommitted group")
 
 
+@pytest.mark.slow  # subprocesses, a browser or many captures: the full suite runs it
 @pytest.mark.parametrize("sig", KILLS.values(), ids=KILLS.keys())
 def test_killed_import(world: World, tmp_path: Path, sig: int) -> None:
     _mid_write(_writes_store(world, tmp_path, sig, 12, PHASES, _import_cmd(world)), "uncommitted group")

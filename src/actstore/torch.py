@@ -137,7 +137,9 @@ class ActivationDataset(IterableDataset):  # type: ignore[type-arg]
         one), over every row of the layout."""
         if site is None:
             if len(self.sites) != 1:
-                raise SelectionError(f"name a site: the dataset reads {', '.join(map(tl.site_name, self.sites))}")
+                raise SelectionError(
+                    f"name a site: the dataset reads {', '.join(map(tl.site_name, self.sites))}"
+                )
             site = self.sites[0]
         return self.layout.stats(site)
 

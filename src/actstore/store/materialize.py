@@ -57,7 +57,9 @@ def parse_layers(text: str) -> list[int]:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise SelectionError(f"--layers {text!r}: use a list of layers like 8,16 or a range like 4-7") from None
+        raise SelectionError(
+            f"--layers {text!r}: use a list of layers like 8,16 or a range like 4-7"
+        ) from None
     if not out:
         raise SelectionError(f"--layers {text!r}: name at least one layer")
     return out

@@ -162,7 +162,9 @@ class TrainLayout:
             try:
                 out[name] = self._array(chunk.segment, path)[chunk.start : chunk.stop]
             except integrity.DAMAGE_ERRORS as e:
-                raise DamagedRunError(f"{self.name}/{segment}", f"{path}: {integrity.describe_damage(e)}") from e
+                raise DamagedRunError(
+                    f"{self.name}/{segment}", f"{path}: {integrity.describe_damage(e)}"
+                ) from e
         return out
 
     def read_site(self, site: tl.Site, *, widen: bool = False) -> np.ndarray:
@@ -170,7 +172,9 @@ class TrainLayout:
         site = self.check_sites([site])[0]
         parts = [self.read_chunk(c, [site], rows=False)[tl.site_name(site)] for c in self.chunks]
         width = self.widths[site]
-        values = np.concatenate(parts) if parts else np.zeros((0, width), layout.physical_dtype(self.store_dtype))
+        values = (
+            np.concatenate(parts) if parts else np.zeros((0, width), layout.physical_dtype(self.store_dtype))
+        )
         return tl.widen(values, self.store_dtype) if widen else values
 
     def read_rows(self) -> dict[str, np.ndarray]:

@@ -27,10 +27,11 @@ from actstore.store import layout
 from actstore.store import rows as row_facts
 from actstore.store import train_layout as tl
 
-_ROW_COLUMNS = {
-    "token_ids": row_facts.ROW_DTYPES[row_facts.TOKEN_IDS],
-    "sequence_index": row_facts.ROW_DTYPES[row_facts.SEQUENCE_INDEX],
-    "position": row_facts.ROW_DTYPES[row_facts.POSITION],
+# The row facts of store/rows.py, stored under the same names and dtypes.
+_ROW_COLUMNS: dict[str, np.dtype] = {
+    "token_ids": np.dtype("int32"),
+    "sequence_index": np.dtype("int64"),
+    "position": np.dtype("int32"),
 }
 
 
@@ -119,9 +120,13 @@ class SegmentWriter:
             raise StoreError(f"layout {self.name}: segment {self.segment} is already committed or aborted")
         m = len(rows)
         if set(site_rows) != set(self.sites):
-            raise SelectionError(f"append needs values of exactly the sites {self.sites}, got {sorted(site_rows)}")
+            raise SelectionError(
+                f"append needs values of exactly the sites {self.sites}, got {sorted(site_rows)}"
+            )
         if set(rows.labels) != set(self.label_dtypes):
-            raise SelectionError(f"rows carry labels {sorted(rows.labels)}, the segment {sorted(self.label_dtypes)}")
+            raise SelectionError(
+                f"rows carry labels {sorted(rows.labels)}, the segment {sorted(self.label_dtypes)}"
+            )
         columns: dict[str, np.ndarray] = {}
         for site, values in site_rows.items():
             values = np.asarray(values)

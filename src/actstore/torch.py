@@ -227,8 +227,13 @@ class _CountingLoader:
         self.loader = loader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset._external_count = True
-        self.dataset._num_workers = max(1, self.loader.num_workers)
+        workers = max(1, self.loader.num_workers)
+        ds = self.dataset
+        if ds.consumed and ds._num_workers is not None and ds._num_workers != workers:
+            raise SelectionError(f"resuming with {workers} loader worker(s); the state was saved with "
+                                 f"{ds._num_workers}: use the same num_workers")  # fmt: skip
+        ds._num_workers = workers
+        ds._external_count = True
         try:
             for batch in self.loader:
                 self.dataset.record(batch)

@@ -192,8 +192,10 @@ def materialize(
 
 
 def _check_matches_layout(store: Any, name: str, sites: list[tl.Site], readers: list[Any]) -> None:
-    """Refuse, before writing anything, runs of mixed store dtypes, or a layout whose
-    committed segments hold other sites or another dtype."""
+    """Refuse, before writing anything, runs lacking a site or of mixed store dtypes, or
+    a layout whose committed segments hold other sites or another dtype."""
+    for run in readers:  # every run holds every site: a SelectionError naming what it lacks
+        _site_reads(run, sites)
     dtypes = {r.meta["store_dtype"] for r in readers}
     if len(dtypes) > 1:
         raise SelectionError(f"the runs are stored in {' and '.join(sorted(dtypes))}: a layout holds one "

@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 from actstore.store.train_read import Chunk
 from actstore.store.train_shuffle import EpochPlan, iter_batches
 from actstore.torch import ActivationDataset
-from train.helpers import SITE, id_layout
+from train.helpers import id_layout
 
 SIZES = [100, 37, 260, 5, 90]  # 492 rows, segments not multiples of the chunk
 CHUNK = 16

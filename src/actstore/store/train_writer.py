@@ -58,6 +58,7 @@ class SegmentWriter:
         labels: dict[str, Any] | None = None,
         chunk_rows: int = tl.CHUNK_ROWS,
         source_run: str | None = None,
+        codecs: list[Any] | None = None,
     ) -> None:
         self.store = store
         self.zstore = store.zstore
@@ -73,6 +74,7 @@ class SegmentWriter:
             raise SelectionError(f"chunk_rows must be >= 1, not {chunk_rows}")
         self.label_dtypes = {k: np.dtype(v) for k, v in (labels or {}).items()}
         self.source_run = source_run
+        self.codecs = tl.CHUNK_CODECS if codecs is None else codecs  # benchmarks compare others
         self.n_rows = 0  # rows written to the arrays (whole chunks)
         self._fill = 0  # rows waiting in the buffers
         self.stats = {s: tl.SiteStats.empty(self.widths[s]) for s in self.sites}
@@ -106,7 +108,7 @@ class SegmentWriter:
             shape=(0, *tail),
             chunks=(self.chunk_rows, *tail),
             dtype=dtype,
-            compressors=tl.CHUNK_CODECS,
+            compressors=self.codecs,
             fill_value=0,
             attributes=attrs,
             config={"write_empty_chunks": True},  # every chunk stored: a missing one is damage

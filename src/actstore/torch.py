@@ -206,6 +206,8 @@ class ActivationDataset(IterableDataset):  # type: ignore[type-arg]
             if count_here:
                 self.record(out)
             yield out
+        if count_here:  # the epoch is done: iterating again replays it whole (set_epoch moves on)
+            self.consumed.pop(reader, None)
 
     def rows_per_reader(self, workers: int = 1) -> list[int]:
         """Rows each reader of this rank yields this epoch, with ``workers`` loader workers."""
@@ -238,6 +240,7 @@ class _CountingLoader:
             for batch in self.loader:
                 self.dataset.record(batch)
                 yield batch
+            ds.consumed = {}  # the epoch is done: iterating again replays it whole
         finally:
             self.dataset._external_count = False
 

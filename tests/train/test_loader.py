@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 from actstore.store.train_read import Chunk
 from actstore.store.train_shuffle import EpochPlan, iter_batches
 from actstore.torch import ActivationDataset
-from train.helpers import id_layout
+from train.helpers import SITE, id_layout
 
 SIZES = [100, 37, 260, 5, 90]  # 492 rows, segments not multiples of the chunk
 CHUNK = 16
@@ -122,11 +122,16 @@ class _IdLayout:
     """A layout of ``n_chunks`` chunks of ``rows`` rows whose only column is the row's
     stored index: the real shuffle code at a scale no test store could reach fast."""
 
+    local = True
+
     def __init__(self, n_chunks: int, rows: int):
         self.chunks = [Chunk(0, i, i * rows, (i + 1) * rows) for i in range(n_chunks)]
 
-    def read_chunk(self, chunk: Chunk, sites: Any) -> dict[str, np.ndarray]:
-        return {"token_ids": np.arange(chunk.start, chunk.stop)}
+    def empty(self, sites: Any, n_rows: int) -> dict[str, np.ndarray]:
+        return {"token_ids": np.empty(n_rows, np.int64)}
+
+    def read_into(self, chunk: Chunk, sites: Any, out: dict[str, np.ndarray], offset: int) -> None:
+        out["token_ids"][offset : offset + chunk.n_rows] = np.arange(chunk.start, chunk.stop)
 
 
 def test_order_is_decorrelated_from_storage() -> None:
@@ -153,3 +158,25 @@ def test_read_damage_is_named(tmp_path: Path) -> None:
     chunk.unlink()
     with pytest.raises(DamagedRunError, match="missing"):
         list(ActivationDataset(store, "lay", batch_size=8))
+
+
+def test_every_codec_chain_reads_the_same(tmp_path: Path) -> None:
+    """Uncompressed (the default), zstd, and a chain only zarr decodes: same rows."""
+    from zarr.codecs import GzipCodec, ZstdCodec
+
+    from actstore.store.integrity import checksummed
+    from actstore.store.rows import Rows
+    from actstore.store.store import ActStore
+    from actstore.store.train_read import TrainLayout
+    from actstore.store.train_writer import SegmentWriter
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    values = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float16)
+    rows = Rows(np.arange(50, dtype=np.int32), np.zeros(50, np.int64), np.arange(50, dtype=np.int32))
+    for name, codecs in (("raw", None), ("zstd", checksummed(ZstdCodec(level=1))), ("gzip", [GzipCodec()])):
+        w = SegmentWriter(store, name, "s", [SITE], 6, "float16", chunk_rows=16, codecs=codecs)
+        w.append({SITE: values}, rows)
+        w.commit()
+        lay = TrainLayout.open(store, name)
+        assert np.array_equal(lay.read_site(SITE), values), name
+        assert np.array_equal(lay.read_rows()["token_ids"], np.arange(50)), name

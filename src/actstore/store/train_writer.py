@@ -40,7 +40,7 @@ class SegmentWriter:
 
     ``sites``: the (source, layer) pairs; ``widths``: each site's vector width (or one
     int for all); ``store_dtype``: float16, bfloat16 or float32; ``labels``: label column
-    -> NumPy dtype, when rows carry labels. Call :meth:`append` any number of times, then
+    -> NumPy dtype (numbers, or text: ``str`` / object), when rows carry labels. Call :meth:`append` any number of times, then
     :meth:`commit`; :meth:`abort` (or leaving a ``with`` block by an exception) removes
     what was written. A segment left half-written by a kill is an orphan readers never
     see; writing the same segment id again starts it over.
@@ -100,20 +100,19 @@ class SegmentWriter:
         return bool(sync(store.zstore.exists(tl.marker_key(layout_name, segment_id))))
 
     def _create(self, path: str, tail: tuple[int, ...], dtype: np.dtype, attrs: dict[str, Any]) -> None:
-        if dtype.kind in "OUT":
-            raise SelectionError(f"label column {path.rsplit('/', 1)[-1]!r}: text labels are not supported "
-                                 "in a train layout; store them as integer class ids")  # fmt: skip
+        text = dtype.kind in "OUT"  # a text label column: zarr's variable-length strings
         self.arrays[path] = self.group.create_array(
             path,
             shape=(0, *tail),
             chunks=(self.chunk_rows, *tail),
-            dtype=dtype,
+            dtype=str if text else dtype,
             compressors=self.codecs,
-            fill_value=0,
+            fill_value="" if text else 0,
             attributes=attrs,
             config={"write_empty_chunks": True},  # every chunk stored: a missing one is damage
         )
-        self.buffers[path] = np.zeros((self.chunk_rows, *tail), dtype=dtype)
+        self.buffers[path] = np.empty(self.chunk_rows, dtype=object) if text else np.zeros(
+            (self.chunk_rows, *tail), dtype=dtype)  # fmt: skip
 
     # ---- writing --------------------------------------------------------------------------
     def append(self, site_rows: dict[tl.Site, np.ndarray], rows: row_facts.Rows) -> None:
@@ -175,7 +174,8 @@ class SegmentWriter:
         info = tl.SegmentInfo(
             layout=self.name, segment=self.segment, n_rows=self.n_rows, chunk_rows=self.chunk_rows,
             sites=tuple(self.sites), widths=dict(self.widths), store_dtype=self.store_dtype,
-            labels={k: v.str for k, v in self.label_dtypes.items()}, stats=dict(self.stats),
+            labels={k: "str" if v.kind in "OUT" else v.str for k, v in self.label_dtypes.items()},
+            stats=dict(self.stats),
             source_run=self.source_run,
         )  # fmt: skip
         import json

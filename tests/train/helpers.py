@@ -42,3 +42,16 @@ def id_layout(location: Path, sizes: list[int], *, chunk_rows: int, width: int =
 def _slice(rows: Rows, a: int, b: int) -> Rows:
     return Rows(rows.token_ids[a:b], rows.sequence_index[a:b], rows.position[a:b],
                 {k: v[a:b] for k, v in rows.labels.items()})  # fmt: skip
+
+
+def folder(location: Path, layout: str, segment: str) -> Path:
+    """The folder a segment's commit marker names (read here as plain JSON)."""
+    import json
+
+    marker = json.loads((location / "layouts" / layout / "committed" / f"{segment}.json").read_text())
+    return location / "layouts" / layout / "segments" / marker["folder"]
+
+
+def attempts(location: Path, layout: str, segment: str) -> list[Path]:
+    """Every folder written for ``segment`` (committed or not)."""
+    return sorted((location / "layouts" / layout / "segments").glob(f"{segment}.*"))

@@ -23,7 +23,7 @@ from actstore.store.train_read import TrainLayout
 from actstore.store.train_writer import SegmentWriter
 from actstore.torch import ActivationDataset
 from query.synth import write_synthetic_run
-from train.helpers import SITE, id_layout
+from train.helpers import SITE, attempts, folder, id_layout
 
 
 def _cli(*args: str) -> Any:
@@ -40,7 +40,7 @@ def test_check_passes_then_names_each_problem(tmp_path: Path) -> None:
     write_synthetic_run(store, n_layers=2, prompt_len=10, n_steps=2, width=8)
     res = _check(loc)
     assert res.exit_code == 0 and "no problems" in res.output and "2 layout segments" in res.output, res.output
-    seg = loc / "layouts/lay/segments/seg000"
+    seg = folder(loc, "lay", "seg000")
     chunk = seg / "sites/hidden_out.3/c/1/0"
     data = bytearray(chunk.read_bytes())
     data[5] ^= 0x01
@@ -53,7 +53,7 @@ def test_check_passes_then_names_each_problem(tmp_path: Path) -> None:
     lines = res.output.splitlines()
     assert any(line.startswith("damaged") and "hidden_out.3/c/1/0" in line and "checksum" in line for line in lines)
     assert any(line.startswith("missing") and "rows/position/c/2" in line for line in lines)
-    assert any(line.startswith("inconsistent") and "seg000/stray.bin" in line for line in lines)
+    assert any(line.startswith("inconsistent") and f"{seg.name}/stray.bin" in line for line in lines)
     assert any(line.startswith("damaged") and "committed/seg001.json" in line for line in lines)
 
 
@@ -67,12 +67,13 @@ def test_gc_removes_uncommitted_segments_and_temp_markers(tmp_path: Path) -> Non
     (loc / "layouts/lay/committed/.tmp-x1").write_text("{}")
     assert TrainLayout.open(ActStore.open(loc), "lay").n_rows == 30  # readers never see it
     res = _check(loc)
-    assert res.exit_code == 1 and "orphaned     layouts/lay/segments/half/" in res.output
+    (half,) = attempts(loc, "lay", "half")
+    assert res.exit_code == 1 and f"orphaned     layouts/lay/segments/{half.name}/" in res.output
     assert "temporary    layouts/lay/committed/.tmp-x1" in res.output
     res = _cli("gc", "--store", str(loc), "--no-cache")  # dry run, and too young anyway
-    assert "kept (too recent) orphaned segment" in res.output and (loc / "layouts/lay/segments/half").exists()
+    assert "kept (too recent) orphaned segment" in res.output and half.exists()
     res = _cli("gc", "--apply", "--min-age", "0", "--no-cache", "--store", str(loc))
-    assert not (loc / "layouts/lay/segments/half").exists()
+    assert not half.exists()
     assert not (loc / "layouts/lay/committed/.tmp-x1").exists()
     res = _check(loc)
     assert res.exit_code == 0 and "no problems" in res.output, res.output
@@ -86,7 +87,7 @@ def test_abort_and_rewrite_of_a_segment(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), SegmentWriter(store, "lay", "a", [SITE], 4, "float32") as w:
         w.append({SITE: np.ones((5, 4), np.float32)}, rows)
         raise RuntimeError("the producer failed")
-    assert not (loc / "layouts/lay/segments/a").exists()  # the with block aborted it
+    assert not attempts(loc, "lay", "a")  # the with block aborted it
     w = SegmentWriter(store, "lay", "a", [SITE], 4, "float32")
     w.append({SITE: np.full((5, 4), 2, np.float32)}, rows)
     w.commit()
@@ -95,8 +96,30 @@ def test_abort_and_rewrite_of_a_segment(tmp_path: Path) -> None:
     b = SegmentWriter(store, "lay", "b", [SITE], 4, "float32")
     with pytest.raises(Exception, match="dtype"):
         b.append({SITE: np.ones((5, 4))}, rows)  # float64 is not the store dtype: refused, not cast
-    assert "orphaned     layouts/lay/segments/b/" in _check(loc).output
+    assert f"orphaned     layouts/lay/segments/{attempts(loc, 'lay', 'b')[0].name}/" in _check(loc).output
     b.abort()
+    assert _check(loc).exit_code == 0
+
+
+def test_two_attempts_at_one_segment_never_mix(tmp_path: Path) -> None:
+    """A task retried while its first attempt still runs: both write, both commit; the
+    last marker wins whole, the other attempt is an orphan gc removes."""
+    loc = tmp_path / "s.zarr"
+    store = ActStore.open(loc, create=True)
+    rows = Rows(np.arange(40, dtype=np.int32), np.zeros(40, np.int64), np.arange(40, dtype=np.int32))
+    first = SegmentWriter(store, "lay", "unit7", [SITE], 4, "float32", chunk_rows=16)
+    second = SegmentWriter(store, "lay", "unit7", [SITE], 4, "float32", chunk_rows=16)
+    first.append({SITE: np.full((40, 4), 1, np.float32)}, rows)
+    second.append({SITE: np.full((40, 4), 2, np.float32)}, rows)
+    first.commit()
+    second.commit()
+    assert len(attempts(loc, "lay", "unit7")) == 2
+    lay = TrainLayout.open(ActStore.open(loc), "lay")
+    assert lay.n_rows == 40 and (lay.read_site(SITE) == 2).all()  # one attempt, whole
+    res = _check(loc)
+    assert res.exit_code == 1 and "orphaned" in res.output and "superseded" in res.output
+    _cli("gc", "--apply", "--min-age", "0", "--no-cache", "--store", str(loc))
+    assert attempts(loc, "lay", "unit7") == [folder(loc, "lay", "unit7")]
     assert _check(loc).exit_code == 0
 
 
@@ -125,7 +148,7 @@ def test_killed_materialize_leaves_no_visible_segment(tmp_path: Path, sig: int) 
     os.kill(proc.pid, sig)
     _out, err = proc.communicate(timeout=60)
     committed = {p.stem for p in (loc / "layouts/lay/committed").glob("*.json")}
-    folders = {p.name for p in segments.iterdir() if p.is_dir()} if segments.is_dir() else set()
+    folders = {p.name.rsplit(".", 1)[0] for p in segments.iterdir() if p.is_dir()} if segments.is_dir() else set()
     assert len(committed) < 2  # it was killed mid-write
     if sig == signal.SIGTERM:  # interrupted: it removed its own half segment
         assert err.strip().splitlines() == ["interrupted"], err

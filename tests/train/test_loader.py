@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 from actstore.store.train_read import Chunk
 from actstore.store.train_shuffle import EpochPlan, iter_batches
 from actstore.torch import ActivationDataset
-from train.helpers import SITE, id_layout
+from train.helpers import SITE, folder, id_layout
 
 SIZES = [100, 37, 260, 5, 90]  # 492 rows, segments not multiples of the chunk
 CHUNK = 16
@@ -149,7 +149,7 @@ def test_read_damage_is_named(tmp_path: Path) -> None:
     from actstore.errors import DamagedRunError
 
     store = id_layout(tmp_path / "s.zarr", [40], chunk_rows=16, name="lay")
-    chunk = tmp_path / "s.zarr/layouts/lay/segments/seg000/sites/hidden_out.3/c/1/0"
+    chunk = folder(tmp_path / "s.zarr", "lay", "seg000") / "sites/hidden_out.3/c/1/0"
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0xFF
     chunk.write_bytes(bytes(data))

@@ -16,6 +16,7 @@ from actstore.store.materialize import materialize
 from actstore.store.store import ActStore
 from actstore.store.train_read import TrainLayout
 from query.synth import write_synthetic_run
+from train.helpers import folder
 
 
 def _raw_run(location: Path, run_id: str, path: str) -> np.ndarray:
@@ -23,8 +24,8 @@ def _raw_run(location: Path, run_id: str, path: str) -> np.ndarray:
 
 
 def _raw_segment(location: Path, name: str, segment: str, path: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(store=str(location), path=f"layouts/{name}/segments/{segment}/{path}",
-                                      mode="r")[...])  # fmt: skip
+    where = folder(location, name, segment).relative_to(location).as_posix()
+    return np.asarray(zarr.open_array(store=str(location), path=f"{where}/{path}", mode="r")[...])
 
 
 @pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])

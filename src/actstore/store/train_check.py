@@ -2,11 +2,12 @@
 
 Every object under ``layouts/`` is accounted for:
 
-* a segment with a commit marker is checked like a run: its marker parses, every array
-  the marker implies has its metadata and every chunk of its row grid, and each chunk
-  decodes (its crc32c verified); anything else in it is ``inconsistent``;
-* a segment folder without a marker is ``orphaned`` (a killed or running writer), which
-  ``gc`` removes once old enough;
+* a segment with a commit marker is checked like a run: its marker parses, the folder it
+  names has every array the marker implies, with its metadata and every chunk of its
+  row grid, and each chunk decodes (its crc32c verified); anything else in it is
+  ``inconsistent``;
+* a segment folder no marker names is ``orphaned`` (a killed or running writer, or an
+  attempt another one superseded), which ``gc`` removes once old enough;
 * a leftover temp file of a marker write is ``temporary``;
 * the parent groups' ``zarr.json`` (which every segment writer writes alike) are
   accounted for; any other object under ``layouts/`` is ``inconsistent``.
@@ -54,10 +55,31 @@ def _parent_group(parts: list[str]) -> bool:
     )
 
 
+def _markers(checker: Any) -> dict[tuple[str, str], tuple[str, tl.SegmentInfo | None]]:
+    """(layout, segment) -> (marker key, parsed marker or None when it does not parse),
+    read once per check."""
+    cached = getattr(checker, "_layout_markers", None)
+    if cached is None:
+        cached = {}
+        for k, key in sorted(_split(checker.objects)[1].items()):
+            try:
+                cached[k] = (key, tl.SegmentInfo.from_json(checker.get_json(key)))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                cached[k] = (key, None)
+        checker._layout_markers = cached
+    return cached
+
+
+def _referenced(checker: Any) -> set[tuple[str, str]]:
+    """(layout, folder) of every committed segment."""
+    return {(name, info.folder) for (name, _s), (_k, info) in _markers(checker).items() if info is not None}
+
+
 def orphan_segments(checker: Any) -> list[tuple[str, dict[str, float | None]]]:
-    """(prefix, objects) of every segment folder without a commit marker."""
-    segments, markers, _t, _s = _split(checker.objects)
-    return [(f"{tl.segment_path(*k)}/", objs) for k, objs in sorted(segments.items()) if k not in markers]
+    """(prefix, objects) of every segment folder no commit marker names."""
+    segments = _split(checker.objects)[0]
+    used = _referenced(checker)
+    return [(f"{tl.segment_path(*k)}/", objs) for k, objs in sorted(segments.items()) if k not in used]
 
 
 def temp_keys(checker: Any) -> list[str]:
@@ -65,43 +87,39 @@ def temp_keys(checker: Any) -> list[str]:
 
 
 def n_chunks(checker: Any) -> int:
-    segments, markers, _t, _s = _split(checker.objects)
-    return sum(1 for k, objs in segments.items() if k in markers for o in objs if "/c/" in f"/{o}")
+    segments = _split(checker.objects)[0]
+    used = _referenced(checker)
+    return sum(1 for k, objs in segments.items() if k in used for o in objs if "/c/" in f"/{o}")
 
 
 def check_layouts(checker: Any, pbar: Any) -> None:
     """Add every layout finding to ``checker`` (a check._Checker)."""
     from actstore.store.check import _age
 
-    segments, markers, temps, strays = _split(checker.objects)
+    segments, _m, temps, strays = _split(checker.objects)
     for key in sorted(temps):
         checker.add("temporary", key, "temp file of an interrupted layout commit marker write",
                     age=_age([checker.objects[key]], checker.now))  # fmt: skip
     for key in sorted(strays):
         checker.add("inconsistent", key, "object under layouts/ that is no segment, marker or temp file")
-    for (name, seg), objs in sorted(segments.items()):
-        if (name, seg) in markers:
-            continue
+    for prefix, objs in orphan_segments(checker):
         age = _age(objs.values(), checker.now)
         when = f"last written {age:.0f} s ago" if age is not None else "age unknown"
-        checker.add("orphaned", f"{tl.segment_path(name, seg)}/",
-                    f"layout segment with no commit marker ({len(objs)} objects, {when}): a killed or still "
-                    "running materialize", None, age)  # fmt: skip
-    for (name, seg), key in sorted(markers.items()):
+        checker.add("orphaned", prefix,
+                    f"layout segment folder no commit marker names ({len(objs)} objects, {when}): a killed, "
+                    "still running or superseded writer", None, age)  # fmt: skip
+    for (name, seg), (key, info) in sorted(_markers(checker).items()):
         checker.result.layout_segments += 1
-        _check_segment(checker, name, seg, key, segments.get((name, seg), {}), pbar)
+        if info is None:
+            checker.add("damaged", key, "layout commit marker does not parse", f"{name}/{seg}")
+            continue
+        _check_segment(checker, name, seg, key, info, segments.get((name, info.folder), {}), pbar)
 
 
-def _check_segment(checker: Any, name: str, seg: str, marker: str, objs: dict[str, float | None],
-                   pbar: Any) -> None:  # fmt: skip
-    base = tl.segment_path(name, seg)
+def _check_segment(checker: Any, name: str, seg: str, marker: str, info: tl.SegmentInfo,
+                   objs: dict[str, float | None], pbar: Any) -> None:  # fmt: skip
+    base = tl.segment_path(name, info.folder)
     label = f"{name}/{seg}"
-    try:
-        doc = checker.get_json(marker)
-        info = tl.SegmentInfo.from_json(doc)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        checker.add("damaged", marker, "layout commit marker does not parse", label)
-        return
     if info.layout != name or info.segment != seg:
         checker.add(
             "inconsistent", marker, f"commit marker names segment {info.layout}/{info.segment}", label

@@ -5,7 +5,7 @@ A run is stored position-major, every layer of a position in one chunk (store/la
 which serves "this position at every layer" and starves "this layer at many positions".
 A train layout stores chosen sites again, rows = tokens::
 
-    <store>/layouts/<name>/segments/<segment>/zarr.json            a Zarr group
+    <store>/layouts/<name>/segments/<segment>.<attempt>/zarr.json  a Zarr group
         sites/<source>.<layer>        (n, d) store dtype, chunks of CHUNK_ROWS rows
         rows/token_ids                (n,) int32     \
         rows/sequence_index           (n,) int64      | row-aligned (store/rows.py)
@@ -14,10 +14,13 @@ A train layout stores chosen sites again, rows = tokens::
     <store>/layouts/<name>/committed/<segment>.json                the commit marker
 
 A layout is a set of independent *segments* (one per source run, or per corpus work
-unit). Each segment is written under its own prefix and made visible by its marker,
-written last in one atomic put, like a run's catalog entry: readers list ``committed/``
-only, so a killed writer leaves an orphan segment no reader sees (``actstore gc`` removes
-it) and a rerun skips committed segments. The marker carries everything a reader needs
+unit). Each attempt at a segment is written under its own folder (the segment id plus a
+random attempt token) and made visible by the segment's marker, written last in one
+atomic put, like a run's catalog entry, naming the folder: readers list ``committed/``
+only, so a killed writer leaves an orphan folder no reader sees (``actstore gc`` removes
+it), a rerun skips committed segments, and two attempts at one segment (a task retried
+while the first still runs) never write into each other: the last marker wins, the
+other folder is an orphan. The marker carries everything a reader needs
 (row count, sites, widths, dtype, chunking, label columns, and per-site sums for the
 normalisation statistics), so opening a layout is one LIST and one GET per segment.
 
@@ -76,8 +79,9 @@ def layout_prefix(name: str) -> str:
     return f"{LAYOUTS_PREFIX}/{name}"
 
 
-def segment_path(name: str, segment: str) -> str:
-    return f"{LAYOUTS_PREFIX}/{name}/{SEGMENTS}/{segment}"
+def segment_path(name: str, folder: str) -> str:
+    """The prefix of a segment folder (``<segment>.<attempt>``, see SegmentInfo.folder)."""
+    return f"{LAYOUTS_PREFIX}/{name}/{SEGMENTS}/{folder}"
 
 
 def marker_key(name: str, segment: str) -> str:
@@ -185,6 +189,7 @@ class SegmentInfo:
     store_dtype: str
     labels: dict[str, str]  # label column -> dtype
     stats: dict[Site, SiteStats]
+    folder: str  # the attempt's folder under segments/
     source_run: str | None = None
 
     @property
@@ -196,6 +201,7 @@ class SegmentInfo:
             "format": MARKER_FORMAT,
             "layout": self.layout,
             "segment": self.segment,
+            "folder": self.folder,
             "n_rows": self.n_rows,
             "chunk_rows": self.chunk_rows,
             "sites": [site_name(s) for s in self.sites],
@@ -219,6 +225,7 @@ class SegmentInfo:
             store_dtype=doc["store_dtype"],
             labels=dict(doc.get("labels", {})),
             stats={parse_site(k): SiteStats.from_json(v) for k, v in doc["stats"].items()},
+            folder=str(doc["folder"]),
             source_run=doc.get("source_run"),
         )
 

@@ -158,7 +158,7 @@ class TrainLayout:
         key = (segment, path)
         arr = self._arrays.get(key)
         if arr is None:
-            base = tl.segment_path(self.name, self.segments[segment].segment)
+            base = tl.segment_path(self.name, self.segments[segment].folder)
             arr = zarr.open_array(store=self._zstore, path=f"{base}/{path}", mode="r", zarr_format=3)
             self._arrays[key] = arr
         return arr
@@ -213,7 +213,7 @@ class TrainLayout:
         if codec is None:  # not the chain segments are written with: zarr decodes it
             dest[...] = arr[chunk.start : chunk.stop]
             return
-        base = tl.segment_path(self.name, self.segments[chunk.segment].segment)
+        base = tl.segment_path(self.name, self.segments[chunk.segment].folder)
         key = f"{base}/{path}/{arr.metadata.encode_chunk_key((chunk.index,) + (0,) * (arr.ndim - 1))}"
         whole = chunk.n_rows == arr.chunks[0]
         if self._local_root is not None and codec == "raw" and whole and dest.flags.c_contiguous:

@@ -13,6 +13,7 @@ bit patterns (torch ``x.view(torch.int16)`` or the run's stored array).
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ class SegmentWriter:
     int for all); ``store_dtype``: float16, bfloat16 or float32; ``labels``: label column
     -> NumPy dtype (numbers, or text: ``str`` / object), when rows carry labels. Call :meth:`append` any number of times, then
     :meth:`commit`; :meth:`abort` (or leaving a ``with`` block by an exception) removes
-    what was written. A segment left half-written by a kill is an orphan readers never
-    see; writing the same segment id again starts it over.
+    what was written. Each writer writes its own folder, so a segment left half-written
+    by a kill is an orphan readers never see, and writing the same segment id again (or
+    twice at once) starts a new folder.
     """
 
     def __init__(
@@ -79,10 +81,10 @@ class SegmentWriter:
         self._fill = 0  # rows waiting in the buffers
         self.stats = {s: tl.SiteStats.empty(self.widths[s]) for s in self.sites}
         self._done = False
-        path = tl.segment_path(self.name, segment_id)
         if self.committed(store, self.name, segment_id):
             raise StoreError(f"layout {self.name}: segment {segment_id} is already committed")
-        self._remove_prefix(path)  # a leftover of a killed attempt at this same segment
+        self.folder = f"{segment_id}.{secrets.token_hex(4)}"  # this attempt's own folder
+        path = tl.segment_path(self.name, self.folder)
         self.group = zarr.open_group(store=self.zstore, path=path, mode="w", zarr_format=3,
                                      attributes={"actstore_train_segment": {"layout": self.name}})  # fmt: skip
         self.arrays: dict[str, Any] = {}
@@ -175,7 +177,7 @@ class SegmentWriter:
             layout=self.name, segment=self.segment, n_rows=self.n_rows, chunk_rows=self.chunk_rows,
             sites=tuple(self.sites), widths=dict(self.widths), store_dtype=self.store_dtype,
             labels={k: "str" if v.kind in "OUT" else v.str for k, v in self.label_dtypes.items()},
-            stats=dict(self.stats),
+            stats=dict(self.stats), folder=self.folder,
             source_run=self.source_run,
         )  # fmt: skip
         import json
@@ -193,8 +195,7 @@ class SegmentWriter:
         self._done = True
         self.buffers.clear()
         try:
-            if not self.committed(self.store, self.name, self.segment):
-                self._remove_prefix(tl.segment_path(self.name, self.segment))
+            self._remove_prefix(tl.segment_path(self.name, self.folder))  # never committed: ours alone
         except Exception:  # noqa: BLE001 - cleanup must not hide the original error
             pass
 

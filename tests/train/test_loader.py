@@ -204,3 +204,29 @@ def test_text_labels_ride_along(tmp_path: Path) -> None:
     assert got == dict(enumerate(words.tolist()))
     res = CliRunner().invoke(main, ["check", "-q", "--store", str(loc)])
     assert res.exit_code == 0, res.output
+
+
+def test_two_sites_stay_row_aligned(tmp_path: Path) -> None:
+    from actstore.store.rows import Rows
+    from actstore.store.store import ActStore
+    from actstore.store.train_writer import SegmentWriter
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    other = ("mlp_act", 1)
+    n = 100
+    ids = np.arange(n, dtype=np.float32)
+    w = SegmentWriter(store, "two", "s", [SITE, other], {SITE: 2, other: 3}, "float32", chunk_rows=8)
+    w.append({SITE: np.stack([ids, ids], 1), other: np.stack([-ids, -ids, -ids], 1)},
+             Rows(np.arange(n, dtype=np.int32), np.zeros(n, np.int64), np.arange(n, dtype=np.int32)))  # fmt: skip
+    w.commit()
+    ds = ActivationDataset(store, "two", batch_size=9, buffer_chunks=3)
+    seen = []
+    for b in ds:
+        a, m = b["hidden_out.3"].numpy(), b["mlp_act.1"].numpy()
+        assert a.shape[1] == 2 and m.shape[1] == 3
+        assert np.array_equal(a[:, 0], -m[:, 0]) and np.array_equal(a[:, 0], b["token_ids"].numpy())
+        seen += a[:, 0].astype(int).tolist()
+    assert sorted(seen) == list(range(n))
+    with pytest.raises(Exception, match="name a site"):
+        ds.stats()
+    assert ds.stats(other).mean.tolist() == [-(n - 1) / 2] * 3

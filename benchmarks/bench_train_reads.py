@@ -249,8 +249,8 @@ def main() -> None:
                 b = min(n, a + 65536)
                 w.append({SITE: values[a:b]}, Rows(np.zeros(b - a, np.int32), np.zeros(b - a, np.int64),
                                                     np.zeros(b - a, np.int32)))  # fmt: skip
-            w.commit()
-            folder = loc / tl.segment_path(name, "all") / "sites" / tl.site_name(SITE)
+            info = w.commit()
+            folder = loc / tl.segment_path(name, info.folder) / "sites" / tl.site_name(SITE)
             stored = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
             k = max(1, 32768 // rows_per_chunk)
             sweep_ds = dataset(loc, name, k)

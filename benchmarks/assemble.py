@@ -1,7 +1,8 @@
 """Assemble benchmarks/RESULTS.md from the sections each benchmark wrote.
 
 Run: ``.venv/bin/python benchmarks/assemble.py`` after any of bench_capture.py,
-bench_query.py, bench_report.py, bench_scale.py, bench_view.py (each writes benchmarks/results/<name>.md).
+bench_query.py, bench_report.py, bench_scale.py, bench_view.py, bench_train_reads.py (each writes
+benchmarks/results/<name>.md).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import platform
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("capture", "query", "report", "scale", "integrity", "view")
+ORDER = ("capture", "query", "report", "scale", "integrity", "view", "train_reads")
 
 
 def main() -> None:

@@ -12,7 +12,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "capture_scenario", "export_hf_dataset", "load_scenario", "load_scenarios", "open_store", "Problem", "validate_scenario"]
+__all__ = [
+    "__version__", "capture_scenario", "export_hf_dataset", "load_scenario", "load_scenarios", "materialize",
+    "open_store", "Problem", "validate_scenario",
+]  # fmt: skip
 
 
 def open_store(location: str, *, create: bool = False, storage_options: dict[str, Any] | None = None) -> Any:
@@ -65,6 +68,15 @@ def validate_scenario(path_or_dict: Any, *, strict: bool = False, model: str | b
     from actstore.scenario_check import validate_scenario as _validate
 
     return _validate(path_or_dict, strict=strict, model=model)
+
+
+def materialize(store: Any, runs: Any, name: str, source: Any, layers: Any, **kwargs: Any) -> Any:
+    """Make (or extend) train layout ``name`` from runs: see actstore.store.materialize.
+    ``store``: an opened store or a location; ``runs``: selectors (ids, ``all``...);
+    ``source``: one or more per-layer sources; ``layers``: a list or text like ``8,16``."""
+    from actstore.store.materialize import materialize as _materialize
+
+    return _materialize(store, [runs] if isinstance(runs, str) else runs, name, source, layers, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ command group.
 - :mod:`~actstore.cli.query`: the ``query`` group
 - :mod:`~actstore.cli.report`: ``report``, ``heatmap``, ``logit-lens``
 - :mod:`~actstore.cli.view`: ``view``
+- :mod:`~actstore.cli.train`: ``materialize``
 - :mod:`~actstore.cli.models`: ``layers``
 
 Each command parses options, calls one library function and prints its result. Importing
@@ -19,14 +20,14 @@ this package registers every command on :func:`main`.
 
 from __future__ import annotations
 
-from actstore.cli import capture, hf_dataset, models, npz, query, report, store, validate, view
+from actstore.cli import capture, hf_dataset, models, npz, query, report, store, train, validate, view
 from actstore.cli.common import main
 
 __all__ = ["main"]
 
 
 def _register() -> None:
-    for module in (capture, store, models, npz, hf_dataset, query, report, validate, view):
+    for module in (capture, store, models, npz, hf_dataset, query, report, train, validate, view):
         module.register(main)
     from actstore.distributed import add_scheduler_option
 

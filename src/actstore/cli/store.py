@@ -88,7 +88,8 @@ def register(main: click.Group) -> None:
             click.echo(f"note: run {run_id} was written before checksums: flipped bytes in it go undetected")
         problems = {p: sum(f.problem == p for f in result.findings) for p in PROBLEMS}
         summary = ", ".join(f"{n} {p}" for p, n in problems.items() if n) or "no problems"
-        click.echo(f"checked {result.runs} runs, {result.objects} chunk objects: {summary}")
+        segments = f", {result.layout_segments} layout segments" if result.layout_segments else ""
+        click.echo(f"checked {result.runs} runs{segments}, {result.objects} chunk objects: {summary}")
         if any(f.problem in ("orphaned", "temporary") for f in result.findings):
             click.echo("`actstore gc` lists what it would remove; `actstore gc --apply` removes it")
         if not result.ok:

@@ -12,6 +12,9 @@ verified on decode). It reports, never repairs:
 * ``orphaned``: a run group without a catalog entry (a capture killed, or still running);
 * ``temporary``: a leftover temp file of an atomic write, or an unreadable catalog cache.
 
+Train layouts (``layouts/``) are checked the same way, segment by segment: see
+store/train_check.py (an uncommitted segment is ``orphaned``).
+
 :func:`collect_garbage` removes what ``check`` calls orphaned or temporary and is older
 than ``min_age`` (younger ones may belong to a capture still running), plus the model
 cache's half-built folders, and nothing else: damaged runs are the user's to delete.
@@ -33,7 +36,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from actstore import naming
-from actstore.store import integrity
+from actstore.store import integrity, train_check
 from actstore.store.remote import GONE, SNAPSHOT_KEY, entry_run_id, get_json, is_entry_key
 
 PROBLEMS = ("damaged", "missing", "inconsistent", "orphaned", "temporary")
@@ -55,6 +58,7 @@ class CheckResult:
     runs: int = 0  # committed runs checked
     objects: int = 0  # chunk objects decoded
     unchecksummed: list[str] = field(default_factory=list)  # runs whose bit damage goes unseen
+    layout_segments: int = 0  # committed train-layout segments checked (store-wide checks only)
 
     @property
     def ok(self) -> bool:
@@ -147,11 +151,14 @@ class _Checker:
                          f"run group with no catalog entry ({len(objs)} objects, {when}): a killed "
                          "or still running capture", run_id, age)  # fmt: skip
         total = sum(1 for i in committed for k in self.by_run.get(i, {}) if "/c/" in f"/{k}")
+        total += 0 if selectors else train_check.n_chunks(self)
         pbar = bar(total, "check", progress, unit="obj")
         try:
             for run_id in sorted(committed):
                 self.result.runs += 1
                 self.check_run(run_id, pbar)
+            if not selectors:  # train layouts (store/train_check.py): store-wide checks only
+                train_check.check_layouts(self, pbar)
         finally:
             pbar.close()
         return self.result
@@ -311,6 +318,13 @@ def collect_garbage(
         age = _age(objs.values(), result.now)
         size = sum(sizes.get(f"{naming.RUNS_PREFIX}/{run_id}/{k}", 0) for k in objs)
         found.append(Garbage("orphaned run", f"{naming.RUNS_PREFIX}/{run_id}/", size, age, _old(age, min_age)))
+    for key in train_check.temp_keys(result):
+        age = _age([result.objects[key]], result.now)
+        found.append(Garbage("temp file", key, sizes.get(key), age, _old(age, min_age)))
+    for prefix, objs in train_check.orphan_segments(result):
+        age = _age(objs.values(), result.now)
+        size = sum(sizes.get(f"{prefix}{k}", 0) for k in objs)
+        found.append(Garbage("orphaned segment", prefix, size, age, _old(age, min_age)))
     if cache is not None:
         found += _cache_builds(cache, min_age)
     if not apply:

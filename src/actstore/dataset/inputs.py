@@ -9,7 +9,7 @@ Accepted inputs (decided by what ``path`` is):
 * a folder written by ``datasets.Dataset.save_to_disk``: read with ``load_from_disk``.
 
 Rows are streamed (memory stays flat however large the corpus); :func:`open_corpus`
-checks the columns up front and counts the rows, and :meth:`Corpus.fingerprint` hashes
+checks the columns and every row up front (one streamed pass) and counts them, and :meth:`Corpus.fingerprint` hashes
 the bytes of the input, so a resumed capture knows it reads the same corpus.
 """
 
@@ -217,6 +217,9 @@ def open_corpus(
                        *((c, "--label-column") for c in label_columns)]:  # fmt: skip
             if c not in columns:
                 raise CorpusError(f"{p}: no column {c!r} (has: {', '.join(sorted(columns))}); check {opt}")
-    if n == 0:
+    corpus = Corpus(p, kind, text_column, messages_column, tuple(label_columns), n)
+    # Every row is checked now, streamed, so a bad row fails before anything is written.
+    checked = sum(1 for _ in corpus.rows())
+    if checked == 0:
         raise CorpusError(f"{p}: the corpus holds no rows")
-    return Corpus(p, kind, text_column, messages_column, tuple(label_columns), n)
+    return corpus if checked == n else Corpus(p, kind, text_column, messages_column, tuple(label_columns), checked)

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from tests.dataset.conftest import hf_residuals, topic_texts, write_jsonl
+
+from .conftest import hf_residuals, topic_texts, write_jsonl
 
 N_SEQ, UNIT, BATCH = 10, 8, 4
 

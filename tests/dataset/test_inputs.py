@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from tests.dataset.conftest import topic_texts, write_jsonl
+
+from .conftest import topic_texts, write_jsonl
 
 N = 6
 

@@ -13,21 +13,6 @@ import pytest
 import torch
 
 
-def topic_texts(n: int, *, min_chars: int = 20, max_chars: int = 240) -> list[tuple[str, str]]:
-    """``n`` (topic, text) pairs of varied lengths, cut from pydoc's help topics."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    out = []
-    for i in range(n):
-        key = keys[(i * 7) % len(keys)]
-        text = " ".join(topics[key].split())  # one line: .txt input is one sequence per line
-        start = (i * 53) % max(1, len(text) // 2)
-        length = min_chars + (i * 37) % (max_chars - min_chars)
-        out.append((key, text[start : start + length].strip() or key))
-    return out
-
-
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

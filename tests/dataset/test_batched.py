@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import zarr
 
-from .conftest import hf_residuals, topic_texts, write_jsonl
+from actstore.testing import topic_texts
+
+from .conftest import hf_residuals, write_jsonl
 
 N_SEQ, UNIT, BATCH = 10, 8, 4
 

@@ -12,7 +12,9 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from .conftest import topic_texts, write_jsonl
+from actstore.testing import topic_texts
+
+from .conftest import write_jsonl
 
 N = 6
 

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import zarr
 
-from .conftest import topic_texts, write_jsonl
+from actstore.testing import topic_texts
+
+from .conftest import write_jsonl
 
 N_UNITS = 200
 

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from .conftest import topic_texts, write_jsonl
+from actstore.testing import topic_texts
+
+from .conftest import write_jsonl
 
 
 def _entries(store: Path) -> list[dict[str, Any]]:

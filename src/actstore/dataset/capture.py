@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import zarr
 from tqdm.auto import tqdm
 
 from actstore.capture import budget
@@ -32,7 +33,7 @@ from actstore.dataset.inputs import Corpus, Row, open_corpus
 from actstore.dataset.settings import DatasetError, DatasetSettings, check_dataset_name, parse_positions
 from actstore.dataset.tokens import tokenize
 from actstore.dataset.units import write_unit
-from actstore.errors import SelectionError
+from actstore.errors import SelectionError, StoreError
 from actstore.models.architectures import ModelSites, resolve_sites
 from actstore.models.loading import LoadedModel, load_model, resolve_dtype
 from actstore.scenario import DEFAULT_STORE, ModelConfig
@@ -241,7 +242,12 @@ def _existing_units(location: str, name: str, storage_options: dict[str, Any] | 
 
     if "://" not in location and not Path(location).exists():
         return []
-    st = ActStore.open(location, storage_options=storage_options)
+    try:
+        st = ActStore.open(location, storage_options=storage_options)
+    except StoreError as e:
+        if isinstance(e.__cause__, FileNotFoundError | zarr.errors.GroupNotFoundError):  # no store at the URL yet
+            return []
+        raise
     return ds_status.unit_entries(st.catalog_entries(), name)
 
 

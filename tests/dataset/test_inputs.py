@@ -124,10 +124,12 @@ def test_messages_column(tmp_path: Path, tiny_model_loaded: Any, texts: list[tup
 def test_positions_last_slice_and_exclude_special(tmp_path: Path, tiny_model_loaded: Any,
                                                   texts: list[tuple[str, str]]) -> None:  # fmt: skip
     tok = tiny_model_loaded.tokenizer
-    convs = [[{"role": "user", "content": t}] for _, t in texts]
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs])
-    ids = [tok(tok.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"] for m in convs]
+    # special tokens at both ends (and one inside), so dropping them moves "last" too
+    lines = [f"{tok.bos_token}{t}{tok.eos_token} more{tok.eos_token}" for _, t in texts]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": line} for line in lines])
+    ids = [tok(line)["input_ids"] for line in lines]
     special = set(tok.all_special_ids)
+    assert all(s[0] in special and s[-1] in special for s in ids)
     cases = {
         ("last", False): [[len(s) - 1] for s in ids],
         ("2:5", False): [[2, 3, 4] for _ in ids],
@@ -140,7 +142,7 @@ def test_positions_last_slice_and_exclude_special(tmp_path: Path, tiny_model_loa
         from actstore import capture_dataset
 
         capture_dataset(str(path), str(store), name="d", model="tiny", loaded=tiny_model_loaded, progress=False,
-                        messages_column="messages", positions=positions, exclude_special=exclude, unit_size=4)  # fmt: skip
+                        positions=positions, exclude_special=exclude, unit_size=4)  # fmt: skip
         rows = _rows(store)
         np.testing.assert_array_equal(rows["position"], np.concatenate([np.asarray(w) for w in want]),
                                       err_msg=f"{positions} exclude_special={exclude}")  # fmt: skip

@@ -130,7 +130,10 @@ def _unit_meta(
     seqs = np.unique(np.concatenate([f.sequence_index for f in facts]))
     ds = {**dataset, "n_sequences": int(len(seqs)), "n_tokens": n, "budget_reached": budget_reached}
     return {
-        "scenario": {"name": dataset["name"], "kind": "dataset"},
+        # what run-level readers look up in a scenario: its name and how to load its model
+        "scenario": {"name": dataset["name"], "kind": "dataset", "model": {
+            "id": loaded.model_id, "dtype": dataset["settings"]["model_dtype"], "device": "auto",
+            "gguf_file": dataset["settings"]["gguf_file"]}},  # fmt: skip
         "model": {
             "id": loaded.model_id,
             "source": loaded.source,

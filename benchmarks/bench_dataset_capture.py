@@ -110,6 +110,15 @@ def throughput(n: int, repeat: int) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss would carry
+    the parent's peak, SmolLM2 loaded, across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: KiB or bytes
+
+
 def memory_child(n: int) -> None:
     """In a fresh process: capture ``n`` short sequences, print peak RSS and seconds."""
     import torch
@@ -128,12 +137,12 @@ def memory_child(n: int) -> None:
         tok.save_pretrained(work / "tiny")
         del model
         loaded = load_model(ModelConfig(id=str(work / "tiny"), dtype="float32", device="cpu"))
-        loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loaded_rss = _peak_rss_kib()
         t0 = time.perf_counter()
         r = capture_dataset(str(corpus), str(work / "s.zarr"), name="mem", model="tiny", loaded=loaded,
                             layers="0-1", context=8, batch_size=64, unit_size=256, progress=False)  # fmt: skip
         seconds = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        peak = _peak_rss_kib()
         print(json.dumps({"sequences": n, "tokens": r.n_tokens, "units": r.n_units, "peak_rss_kib": peak,
                           "after_load_rss_kib": loaded_rss, "seconds": seconds}))  # fmt: skip
     finally:
@@ -203,9 +212,9 @@ def main() -> None:
     if args.memory_child is not None:
         memory_child(args.memory_child)
         return
+    mem = memory([int(x) for x in args.memory.split(",") if x])  # first: no model in this process yet
     tp = throughput(args.sequences, args.repeat)
     print(f"throughput: {tp}", file=sys.stderr)
-    mem = memory([int(x) for x in args.memory.split(",") if x])
     print(f"wrote {write_results(tp, mem, args.repeat)}")
 
 

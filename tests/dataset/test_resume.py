@@ -103,3 +103,13 @@ def test_ls_shows_a_dataset_as_one_row(tmp_path: Path, corpus: Path, tiny_model_
     assert row["sequences"] == 6 and row["tokens"] == sum(e["n_positions"] for e in entries)
     table = CliRunner().invoke(main, ["ls", "--store", str(store)])
     assert table.exit_code == 0 and len(table.output.strip().splitlines()) == 2, table.output
+
+
+def test_layers_beyond_the_model_are_refused_before_any_write(tmp_path: Path, corpus: Path,
+                                                              tiny_model_loaded: Any) -> None:  # fmt: skip
+    from actstore.dataset.settings import DatasetError
+
+    for layers in ("1-5", "7"):  # the tiny model has layers 0-2
+        with pytest.raises(DatasetError, match="has layers 0-2"):
+            _capture(corpus, tmp_path / "s.zarr", tiny_model_loaded, layers=layers)
+    assert not (tmp_path / "s.zarr").exists()

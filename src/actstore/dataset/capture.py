@@ -82,11 +82,14 @@ def _setup(loaded: LoadedModel, settings: DatasetSettings) -> _Setup:
     from actstore.query.layers import choose_layers
 
     sites = resolve_sites(loaded.model)
+    has = f"{loaded.model_id} has layers 0-{sites.num_layers - 1}"
     try:
-        chosen = choose_layers(settings.layers, range(sites.num_layers)).layers
+        choice = choose_layers(settings.layers, range(sites.num_layers))
     except SelectionError as e:
-        raise DatasetError(f"{e} ({loaded.model_id} has layers 0-{sites.num_layers - 1})") from None
-    layers = sorted(chosen) if chosen is not None else list(range(sites.num_layers))
+        raise DatasetError(f"{e} ({has})") from None
+    if choice.note:  # a query clips a range to what was captured; a capture asks for what exists
+        raise DatasetError(f"--layers {settings.layers}: {has}")
+    layers = sorted(choice.layers) if choice.layers is not None else list(range(sites.num_layers))
     sources = set(_available_sources(naming.sources_for_flags(settings.flags()), sites))
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -203,6 +206,7 @@ def capture_dataset(
         return _finish(result, list(done.values()), sorted(done), t0)
     if loaded is None and not scheduler:
         loaded = _load(settings, device)
+    setup = _setup(loaded, settings) if loaded is not None else None  # layers checked before the store is made
     st = ActStore.open(location, create=True, storage_options=storage_options)
     if force and existing:
         ds_status.remove_units(st, existing)
@@ -214,8 +218,7 @@ def capture_dataset(
                                            device=device, progress=progress)  # fmt: skip
         captured = [e["dataset"]["unit"] for e in on_cluster]
         return _finish(result, [*done.values(), *on_cluster], sorted(done), t0, captured)
-    assert loaded is not None
-    setup = _setup(loaded, settings)
+    assert setup is not None
     show = sys.stderr.isatty() if progress is None else progress
     rows = corpus.rows()
     entries: list[dict[str, Any]] = []

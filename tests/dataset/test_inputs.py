@@ -200,6 +200,9 @@ BAD = [
     (["good.jsonl", "--name", "a/b"], "dataset name"),
     (["good.csv"], "unknown input format"),
     (["good.jsonl", "--messages-column", "text"], "not a list of"),
+    (["good.jsonl", "--model-dtype", "fp8"], "--model-dtype"),
+    (["good.jsonl", "--device", "tpu"], "--device"),
+    (["good.jsonl", "--batch-size", "0"], "--batch-size 0"),
 ]
 
 

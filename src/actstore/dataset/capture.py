@@ -57,11 +57,22 @@ def fingerprint(corpus: Corpus, settings: DatasetSettings) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _model_config(settings: DatasetSettings, device: str) -> ModelConfig:
+    """The model to load, checked (a bad dtype or device is one line, before any work)."""
+    import pydantic
+
+    try:
+        return ModelConfig.model_validate(
+            {"id": settings.model, "dtype": settings.model_dtype, "device": device, "gguf_file": settings.gguf_file}
+        )
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        option = {"dtype": "--model-dtype", "device": "--device"}.get(str(err["loc"][0]), "--model")
+        raise DatasetError(f"{option}: {str(err['msg']).removeprefix('Value error, ')}") from None
+
+
 def _load(settings: DatasetSettings, device: str) -> LoadedModel:
-    cfg = ModelConfig.model_validate(
-        {"id": settings.model, "dtype": settings.model_dtype, "device": device, "gguf_file": settings.gguf_file}
-    )
-    return load_model(cfg)
+    return load_model(_model_config(settings, device))
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,7 @@ def capture_dataset(
     )  # fmt: skip
     if scheduler and max_tokens is not None:
         raise DatasetError("--max-tokens needs the units in order; leave out --scheduler (or --max-tokens)")
+    _model_config(settings, device)
     corpus = open_corpus(input, text_column=text_column, messages_column=messages_column,
                          label_columns=tuple(label_columns))  # fmt: skip
     location = store or DEFAULT_STORE

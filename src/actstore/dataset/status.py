@@ -92,6 +92,7 @@ def listing(entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
         total = planned_units(units)
         rows.append({
             "id": name,
+            "scenario": name,  # what a selector matches: store.runs([name]) reads every unit
             "units": f"{len({e['dataset']['unit'] for e in units})}/{total}",
             "sequences": sum(int(e["dataset"].get("n_sequences", 0)) for e in units),
             "tokens": sum(int(e.get("n_positions", 0)) for e in units),

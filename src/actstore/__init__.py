@@ -13,8 +13,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "capture_scenario", "export_hf_dataset", "load_scenario", "load_scenarios", "materialize",
-    "open_store", "Problem", "validate_scenario",
+    "__version__", "capture_dataset", "capture_scenario", "dataset_status", "export_hf_dataset", "load_scenario",
+    "load_scenarios", "materialize", "open_store", "Problem", "validate_scenario",
 ]  # fmt: skip
 
 
@@ -86,3 +86,20 @@ def __getattr__(name: str) -> Any:
 
         return Problem
     raise AttributeError(f"module 'actstore' has no attribute {name!r}")
+
+
+def capture_dataset(input: str, store: Any = None, **kwargs: Any) -> Any:
+    """Capture a whole corpus (JSONL, Parquet, text, a saved ``datasets`` dataset) into a
+    store, one run per unit of sequences, resumable; see actstore.dataset.capture."""
+    from actstore.dataset.capture import capture_dataset as _capture
+
+    return _capture(input, store, **kwargs)
+
+
+def dataset_status(store: Any, name: str, *, storage_options: dict[str, Any] | None = None) -> Any:
+    """Done, pending and orphaned units of a corpus capture (a store or its location)."""
+    from actstore.dataset.status import dataset_status as _status
+
+    if isinstance(store, str):
+        store = open_store(store, storage_options=storage_options)
+    return _status(store, name)

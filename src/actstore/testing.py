@@ -230,3 +230,19 @@ class CountingStore(WrapperStore[Any]):
 def counting_store(location: str | Path) -> tuple[ActStore, CountingStore]:
     cs = CountingStore(LocalStore(str(location), read_only=True))
     return ActStore(cs, str(location), zarr.open_group(store=cs, mode="r")), cs
+
+
+def topic_texts(n: int, *, min_chars: int = 20, max_chars: int = 240) -> list[tuple[str, str]]:
+    """``n`` (topic, text) pairs of varied lengths: real English text, offline, cut from
+    Python's own help topics (``pydoc_data.topics``, shipped with every Python)."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    out = []
+    for i in range(n):
+        key = keys[(i * 7) % len(keys)]
+        text = " ".join(topics[key].split())  # one line: .txt input is one sequence per line
+        start = (i * 53) % max(1, len(text) // 2)
+        length = min_chars + (i * 37) % (max_chars - min_chars)
+        out.append((key, text[start : start + length].strip() or key))
+    return out

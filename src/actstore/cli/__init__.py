@@ -4,6 +4,7 @@ command group.
 - :mod:`~actstore.cli.common`: the ``main`` group and what every command shares (store
   options, output formats, one-line errors, interrupts)
 - :mod:`~actstore.cli.capture`: ``capture``
+- :mod:`~actstore.cli.dataset`: ``capture-dataset``, ``status``
 - :mod:`~actstore.cli.validate`: ``validate``
 - :mod:`~actstore.cli.store`: ``ls``, ``inspect``, ``check``, ``gc``
 - :mod:`~actstore.cli.npz`: ``export npz``, ``import npz``
@@ -20,14 +21,14 @@ this package registers every command on :func:`main`.
 
 from __future__ import annotations
 
-from actstore.cli import capture, hf_dataset, models, npz, query, report, store, train, validate, view
+from actstore.cli import capture, dataset, hf_dataset, models, npz, query, report, store, train, validate, view
 from actstore.cli.common import main
 
 __all__ = ["main"]
 
 
 def _register() -> None:
-    for module in (capture, store, models, npz, hf_dataset, query, report, train, validate, view):
+    for module in (capture, dataset, store, models, npz, hf_dataset, query, report, train, validate, view):
         module.register(main)
     from actstore.distributed import add_scheduler_option
 

@@ -18,9 +18,13 @@ from actstore.cli.common import _fail_cleanly, _quiet_option, open_store, render
 @_fail_cleanly
 def ls_cmd(store_location: str | None, storage_options: tuple[str, ...], fmt: str) -> None:
     """List the committed runs in a store (reads the catalog only). scenario_run is the
-    id shared by the runs captured from one scenario file; it selects them all."""
+    id shared by the runs captured from one scenario file; it selects them all. A corpus
+    capture (capture-dataset) is one row: its name, units done/total, sequences, tokens."""
+    from actstore.dataset.status import listing
+
     store = open_store(store_location, storage_options)
-    df = store.catalog()
+    runs, datasets = listing(store.catalog_entries())
+    df = store.catalog(runs)
     cols = [
         "id",
         "scenario",
@@ -33,7 +37,15 @@ def ls_cmd(store_location: str | None, storage_options: tuple[str, ...], fmt: st
         "n_snapshots",
         "n_references",
     ]
-    click.echo(render_frame(df[cols], fmt))
+    df = df[cols]
+    if datasets:  # a corpus capture is one row, not one per unit
+        import pandas as pd
+
+        extra = ["units", "sequences", "tokens"]
+        parts = [df.astype(object), pd.DataFrame(datasets, dtype=object)]
+        df = pd.concat(parts, ignore_index=True)[cols + extra]
+        df = df.where(df.notna(), "")
+    click.echo(render_frame(df, fmt))
 
 
 @click.command()

@@ -16,7 +16,7 @@ def describe_run(run: RunReader) -> str:
         f"created    {m['created_at']}",
         f"model      {m['model']['id']} ({arch['family']}, {arch['num_layers']} layers, "
         f"hidden {arch['hidden_size']}, {m['model']['dtype']} on {m['model']['device']})",
-        f"prompt     {run.prompt_len} tokens, {len(m['scenario']['prompt']['messages'])} messages",
+        _prompt_line(run),
         f"steps      {run.n_steps} forward passes ({run.n_positions} positions)",
         f"layers     {_ranges(run.layers)}",
         f"store      {m['store_dtype']}",
@@ -64,3 +64,12 @@ def _scenario_run(m: dict[str, Any]) -> str:
         return ""
     index = m.get("prompt_index")
     return f" (scenario run {m['scenario_run']}" + (f", prompt {index})" if index is not None else ")")
+
+
+def _prompt_line(run: RunReader) -> str:
+    m = run.meta
+    ds = m.get("dataset")
+    if isinstance(ds, dict):  # a corpus unit (capture-dataset): many sequences back to back
+        return (f"dataset    {ds['name']}, unit {ds['unit']} of {ds['n_units']}: {ds.get('n_sequences')} sequences "
+                f"from #{ds.get('first_sequence')}, {run.n_positions} stored positions (rows/ says which)")
+    return f"prompt     {run.prompt_len} tokens, {len(m['scenario']['prompt']['messages'])} messages"

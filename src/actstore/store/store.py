@@ -292,11 +292,11 @@ class ActStore:
         entries = await read_catalog(self.zstore, problems=problems)
         return sorted(entries, key=lambda e: (str(e.get("created_at", "")), e["id"]))
 
-    def catalog(self) -> Any:
-        """The catalog as a pandas DataFrame, one row per run."""
+    def catalog(self, entries: list[dict[str, Any]] | None = None) -> Any:
+        """The catalog (or ``entries`` of it, already read) as a pandas DataFrame, one row per run."""
         import pandas as pd
 
-        rows = self.catalog_entries()
+        rows = self.catalog_entries() if entries is None else entries
         columns = [
             "id", "scenario", "model", "created_at", "prompt_len", "n_steps",
             "n_positions", "n_layers", "sources", "n_snapshots", "n_references", "scenario_run",

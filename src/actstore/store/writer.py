@@ -246,6 +246,7 @@ def write_small_array(
         compressors=layout.CHUNK_CODECS,
         fill_value=0,
         attributes=attrs or {},
+        config={"write_empty_chunks": WRITE_EMPTY_CHUNKS},  # an all-zero array is still stored
     )
     if data.size:
         arr[...] = data

@@ -21,7 +21,19 @@ this package registers every command on :func:`main`.
 
 from __future__ import annotations
 
-from actstore.cli import capture, dataset, hf_dataset, models, npz, query, report, store, train, validate, view
+from actstore.cli import (
+    capture,
+    dataset,
+    hf_dataset,
+    models,
+    npz,
+    query,
+    report,
+    store,
+    train,
+    validate,
+    view,
+)
 from actstore.cli.common import main
 
 __all__ = ["main"]

@@ -43,6 +43,9 @@ from actstore.distributed import scheduler_address_option
 @click.option("--messages-column", default=None, help="a column of chat messages, rendered with the chat template")
 @click.option("--label-column", "label_columns", multiple=True, metavar="COLUMN",
               help="a column kept with every stored position (repeatable)")  # fmt: skip
+@click.option("--layout", type=click.Choice(["runs", "train"]), default="runs", show_default=True,
+              help="runs: each unit a run of position-major arrays (queries, exports); train: each unit's rows "
+                   "straight into the token-major train layout NAME that actstore.torch.ActivationDataset reads")  # fmt: skip
 @click.option("--force", is_flag=True, help="recapture a dataset of this name captured with other input or settings")
 @store_options
 @scheduler_address_option

@@ -173,6 +173,7 @@ def capture_dataset(
     text_column: str = "text",
     messages_column: str | None = None,
     label_columns: tuple[str, ...] | list[str] = (),
+    layout: str = "runs",
     force: bool = False,
     progress: bool | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -185,14 +186,17 @@ def capture_dataset(
 
     Resumable: rerun the same call after a kill and only the units not committed run.
     Input, options and the dataset name are checked before anything is created or any
-    model loads. ``scheduler``: one dask task per pending unit on that cluster."""
+    model loads. ``scheduler``: one dask task per pending unit on that cluster.
+    ``layout="train"``: each unit's rows go straight into the token-major train layout
+    named ``name`` (what ``actstore.torch.ActivationDataset`` reads), not into
+    position-major arrays."""
     t0 = time.perf_counter()
     check_dataset_name(name)
     settings = DatasetSettings(
         model=model, capture=tuple(capture), layers=layers, positions=positions, exclude_special=exclude_special,
         context=context, max_tokens=max_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
         unit_size=unit_size, store_dtype=store_dtype, model_dtype=model_dtype, gguf_file=gguf_file,
-        text_column=text_column, messages_column=messages_column, label_columns=tuple(label_columns),
+        text_column=text_column, messages_column=messages_column, label_columns=tuple(label_columns), layout=layout,
     )  # fmt: skip
     if scheduler and max_tokens is not None:
         raise DatasetError("--max-tokens needs the units in order; leave out --scheduler (or --max-tokens)")
@@ -222,6 +226,8 @@ def capture_dataset(
     st = ActStore.open(location, create=True, storage_options=storage_options)
     if force and existing:
         ds_status.remove_units(st, existing)
+    if force:  # a train layout of the old capture goes too: its segments are the old units'
+        ds_status.remove_layout(st, name)
     if scheduler:
         from actstore.dataset.cluster import capture_units_on_cluster
 

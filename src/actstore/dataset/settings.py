@@ -19,6 +19,7 @@ from actstore.store.layout import STORE_DTYPES
 UNIT_TAG = ".u"
 MAX_DATASET_NAME = naming.MAX_NAME - 7
 CAPTURE_FLAGS = tuple(naming.FLAG_SOURCES)
+LAYOUTS = ("runs", "train")
 _SLICE = re.compile(r"^(-?\d+)?:(-?\d+)?$")
 
 
@@ -44,8 +45,15 @@ class DatasetSettings:
     text_column: str = "text"
     messages_column: str | None = None
     label_columns: tuple[str, ...] = field(default_factory=tuple)
+    # "runs": each unit a run of position-major arrays (queries, exports); "train": each
+    # unit's rows go straight into the token-major train layout named after the dataset
+    # (store/train_layout.py), the layout training reads take; the unit's run keeps only
+    # its row facts and commits the unit.
+    layout: str = "runs"
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise DatasetError(f"--layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
         for flag in self.capture:
             if flag == "attention_weights":
                 raise DatasetError(

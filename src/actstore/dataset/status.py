@@ -75,6 +75,16 @@ def remove_units(store: Any, units: list[dict[str, Any]]) -> None:
         store.discard(e["id"])
 
 
+def remove_layout(store: Any, name: str) -> None:
+    """Remove the train layout ``name`` (a ``--layout train`` capture's segments): its
+    commit markers first, so a kill half-way leaves orphans for ``actstore gc``."""
+    from actstore.store import train_layout as tl
+
+    for sub in (tl.COMMITTED, tl.SEGMENTS):
+        sync(store.zstore.delete_dir(f"{tl.layout_prefix(name)}/{sub}"))
+    sync(store.zstore.delete_dir(tl.layout_prefix(name)))
+
+
 def listing(entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(scenario-run entries, one row per dataset: name, units done/total, sequences,
     tokens, model, created_at of its latest unit, layers), in catalog order."""

@@ -20,12 +20,14 @@ import torch
 from actstore import __version__, naming
 from actstore.capture.runner import _plans as array_plans  # the scenario runs' array plans, shared
 from actstore.dataset.batches import BatchRows
+from actstore.dataset.layout_sink import LayoutSink, layout_sites
 from actstore.dataset.settings import UNIT_TAG
 from actstore.errors import StoreError
 from actstore.models.architectures import ModelSites
 from actstore.models.loading import LoadedModel
 from actstore.paths import describe, user_error_in
 from actstore.store import layout, rows
+from actstore.store import train_layout as tl
 from actstore.store.store import ActStore, catalog_entry
 from actstore.store.writer import RunWriter, write_run_meta, write_small_array
 
@@ -54,7 +56,8 @@ def write_unit(
     ``max_tokens``: stop after that many rows (the dataset's token budget ends here).
     ``dataset``: name, unit, n_units, fingerprint, settings (kept in meta and entry)."""
     run_id = store.new_run_id(unit_run_name(dataset["name"], dataset["unit"]))
-    writer: RunWriter | None = None
+    to_layout = dataset["settings"].get("layout") == "train"
+    writer: RunWriter | LayoutSink | None = None
     n = 0
     facts: list[BatchRows] = []  # row facts only: activations go to the writer
     budget_reached = False
@@ -64,9 +67,15 @@ def write_unit(
             if max_tokens is not None and n + len(batch) >= max_tokens:
                 batch, budget_reached = batch.head(max_tokens - n), True
             if len(batch):
-                if writer is None:
+                if writer is None and to_layout:
+                    writer = LayoutSink(store, dataset["name"], unit_run_name(dataset["name"], dataset["unit"]),
+                                        batch, sources, layers, store_dtype, sites.gated_mlp, run_id)  # fmt: skip
+                elif writer is None:
                     writer = RunWriter(group, array_plans(batch.tensors, sources, layers, max_rows, store_dtype))
-                writer.submit(n, batch.tensors)
+                if isinstance(writer, LayoutSink):
+                    writer.add(batch)
+                else:
+                    writer.submit(n, batch.tensors)
                 facts.append(BatchRows({}, batch.token_ids, batch.sequence_index, batch.position, batch.labels))
                 n += len(batch)
             if budget_reached:
@@ -76,9 +85,17 @@ def write_unit(
                 f"unit {dataset['unit']} of {dataset['name']} keeps no position "
                 "(check --positions, --exclude-special and the input)"
             )
-        writer.finish(n)
+        if isinstance(writer, LayoutSink):
+            writer.commit()  # the unit's run, committed next, then says the unit is done
+        else:
+            writer.finish(n)
         _write_rows(group, facts)
         meta = _unit_meta(dataset, loaded, sites, layers, sources, store_dtype, n, facts, budget_reached)
+        if to_layout:  # the activations live in the layout; the run keeps the rows and commits the unit
+            meta["sources"] = []
+            meta["residual_boundaries"] = []
+            meta["dataset"]["layout"] = {"name": dataset["name"], "segment": unit_run_name(dataset["name"], dataset["unit"]),
+                                         "sites": [tl.site_name(x) for x in layout_sites(sources, layers)]}  # fmt: skip
         entry = catalog_entry(write_run_meta(group, meta), run_id)
         entry["dataset"] = meta["dataset"]
         store.commit(run_id, entry)

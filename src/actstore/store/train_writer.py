@@ -61,6 +61,7 @@ class SegmentWriter:
         chunk_rows: int = tl.CHUNK_ROWS,
         source_run: str | None = None,
         codecs: list[Any] | None = None,
+        replace: bool = False,
     ) -> None:
         self.store = store
         self.zstore = store.zstore
@@ -81,7 +82,10 @@ class SegmentWriter:
         self._fill = 0  # rows waiting in the buffers
         self.stats = {s: tl.SiteStats.empty(self.widths[s]) for s in self.sites}
         self._done = False
-        if self.committed(store, self.name, segment_id):
+        # ``replace``: a committed segment is written again in a new folder and its marker
+        # replaced at commit (the old folder becomes an orphan): a corpus unit redone after
+        # a kill between its segment's commit and its own.
+        if not replace and self.committed(store, self.name, segment_id):
             raise StoreError(f"layout {self.name}: segment {segment_id} is already committed")
         self.folder = f"{segment_id}.{secrets.token_hex(4)}"  # this attempt's own folder
         path = tl.segment_path(self.name, self.folder)

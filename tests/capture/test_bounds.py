@@ -103,6 +103,7 @@ def test_ten_thousand_messages_fail_in_seconds(models: dict[str, Path], tmp_path
     assert not (tmp_path / "store.zarr").exists()
 
 
+@pytest.mark.slow  # subprocesses under limits, or a CLI per call: the full suite runs it
 def test_a_prompt_that_fits_the_context_but_not_memory_fails_in_one_line(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

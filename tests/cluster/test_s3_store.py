@@ -80,6 +80,7 @@ def test_two_concurrent_cli_captures_both_land(
         assert store.run(rid).array("hidden_out").compute().shape[1] == store.run(rid).n_positions
 
 
+@pytest.mark.slow  # subprocesses under limits, or a CLI per call: the full suite runs it
 def test_killed_capture_on_s3_leaves_no_visible_run(
     tiny_folder: Path, tiny_loaded: Any, s3_url: str, s3_endpoint: str, tmp_path: Path
 ) -> None:
@@ -139,6 +140,7 @@ def test_catalog_snapshot_is_only_a_cache(s3_url: str, s3_options: dict[str, Any
     assert [e["id"] for e in store.catalog_entries()] == ids[1:] + more
 
 
+@pytest.mark.slow  # subprocesses under limits, or a CLI per call: the full suite runs it
 def test_cli_ls_with_storage_option_and_with_env(
     tiny_folder: Path, tiny_loaded: Any, s3_url: str, s3_endpoint: str
 ) -> None:

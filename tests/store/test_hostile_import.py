@@ -293,6 +293,7 @@ def _import_in_child(d: Path, store: Path) -> tuple[int, str, int]:
     return r.returncode, r.stderr, int(r.stdout.strip())
 
 
+@pytest.mark.slow  # subprocesses under limits, or a CLI per call: the full suite runs it
 def test_zip_bomb_is_refused_before_expansion(tmp_path: Path) -> None:
     d = _bomb_dir(tmp_path)
     path = d / naming.step_file(0)

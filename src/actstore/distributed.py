@@ -78,6 +78,7 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
         address = cluster.scheduler_address
     try:
         try:
+            _check_address(address)
             client = Client(address, timeout=timeout, set_as_default=True)
         except ValueError as e:  # distributed's word for an address it cannot parse
             raise ClusterError(
@@ -100,6 +101,17 @@ def scheduler(address: str | None = None, *, timeout: float = 30.0) -> Iterator[
                 dask.config.config.pop(key, None)
             else:
                 dask.config.set({key: value})
+
+
+def _check_address(address: str) -> None:
+    """ValueError for an address distributed cannot parse, decided here: Client() itself
+    sometimes fails an internal assertion instead, depending on what ran before it in
+    the process."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address, strict=False)
+    if scheme in ("tcp", "tls"):
+        parse_host_port(location)
 
 
 def _local_workers(address: str) -> int:

@@ -9,7 +9,8 @@ bfloat16; the four runs are then hard-linked ``--copies`` times under new run id
 bytes, no extra disk) for an epoch of a training-like size. In one process:
 
 * ``materialize``: hidden_out at layers 8 and 16 of every run into a train layout,
-  MB/s of site values written (median of ``--repeat`` fresh layouts);
+  MB/s of site values written (median of ``--repeat`` fresh layouts), and at every
+  layer of the four captured runs;
 * a shuffled epoch of hidden_out.8 (batches of 4,096) three ways: ActivationDataset
   over the layout; the same chunk permutation + buffer shuffle over an uncompressed .npy
   memory map of the same rows (same chunk size, same buffer); and today's path, random
@@ -211,6 +212,16 @@ def main() -> None:
     mat_mb = mat[0][1] / 2**20
     first = store.runs(["all"])[0]
     decoded_mb = tokens * len(first.meta["residual_boundaries"]) * first.array("hidden_out").shape[-1] * 2 / 2**20
+    # every layer of the four captured runs: the copy when most of the stream is wanted
+    # (each repeat's layout removed after it: 0.5 GB)
+    full = []
+    for i in range(args.repeat):
+        res = materialize(store, [f"c00_{rid}" for rid in ids], f"full{i}", "hidden_out", list(first.layers),
+                          progress=False)  # fmt: skip
+        full.append((res.seconds, res.bytes))
+        shutil.rmtree(loc / tl.layout_prefix(f"full{i}"))
+    full_s = statistics.median(s for s, _ in full)
+    full_mb = full[0][1] / 2**20
     lay = TrainLayout.open(store, "m0")
     values = lay.read_site(SITE)
     npy = WORK / "hidden_out_8.npy"
@@ -285,6 +296,12 @@ def main() -> None:
         f"positions, so copying two layers decodes all of them: {decoded_mb:,.0f} MB of residual stream "
         f"decompressed, {decoded_mb / mat_s:,.0f} MB/s (store/shard_read.py decodes each inner chunk once and "
         "copies the two wanted layers out).",
+        "",
+        f"`materialize` hidden_out at every layer ({len(first.layers)}) of the {len(ids)} captured runs: "
+        f"{full_mb:,.0f} MB of site values in {full_s:.1f} s, **{full_mb / full_s:,.0f} MB/s** (target >= 100 MB/s: "
+        f"**{'met' if full_mb / full_s >= 100 else 'not met'}**). Two layers of 31 cost the decoding of all 31, "
+        "so a sparse choice of layers is bounded by decompression, not by writing; `capture-dataset --layout "
+        "train` writes the token-major rows during capture and needs no materialize pass.",
         "",
         "Chunk size and codec (the same rows written once per setting; buffer of ~32k rows):",
         "",

@@ -292,18 +292,15 @@ def _ranges(values: list[int]) -> str:
     return ",".join(map(str, values))
 
 
-# Inner chunks per dask task, along the position axes. A task per inner chunk costs a
-# separate read, ~1 ms each. Attention's inner chunks are small tiles (one layer, every
-# head, 64 x 64): a full 600-token pass over 30 layers is 3,000 of them; four tiles a side
-# read together from their shard in one call (a 600-token layer: 0.19 s as tiles, 0.03 s
-# whole). A vector array's inner chunk is every layer of a few positions: reading a
-# 612-token pass of the emotions run's residual stream took 124 ms as 77 tasks, 65 ms
-# with four chunks per task (55 ms with eight), and one position costs the same either
-# way (3 ms).
+# Position tiles per dask task of an attention array: its inner chunks are small tiles
+# (one layer, every head, 64 x 64), and a task per tile costs a separate read, ~1 ms
+# each: a full 600-token pass over 30 layers is 3,000 of them. Four tiles a side read
+# together from their shard in one call (a 600-token layer: 0.19 s as tiles, 0.03 s
+# whole), and a small slice still reads no more than one such block per layer. Vector
+# arrays keep a task per inner chunk (every layer of a few positions): grouping four
+# read a 612-token pass in 65 ms instead of 124, but a streaming reduction then held
+# more decoded bytes at once than a query over a store larger than memory may.
 _TILES_PER_TASK = 4
-# A task's decoded bytes stay small: a streaming reduction holds a few tasks per thread,
-# widened to float64 (a query over a store larger than memory runs under an 80 MiB limit).
-_TASK_BYTES = 1 << 20
 
 
 def _task_chunks(arr: Any) -> tuple[int, ...]:
@@ -312,11 +309,4 @@ def _task_chunks(arr: Any) -> tuple[int, ...]:
     if len(chunks) == 4:  # (L, heads, T, T): rows and columns
         rows, cols = (min(c * _TILES_PER_TASK, s) for c, s in zip(chunks[2:], shards[2:], strict=True))
         return (chunks[0], chunks[1], rows, cols)
-    if len(chunks) in (2, 3):  # (T, W) or (L, T, W): positions, at most _TASK_BYTES a task
-        axis = len(chunks) - 2
-        chunk_bytes = int(np.prod(chunks)) * arr.dtype.itemsize
-        per_task = max(1, min(_TILES_PER_TASK, _TASK_BYTES // max(1, chunk_bytes)))
-        grouped = list(chunks)
-        grouped[axis] = min(chunks[axis] * per_task, shards[axis])
-        return tuple(grouped)
     return chunks

@@ -46,6 +46,14 @@ def _base(sel: Selected) -> dict[str, Any]:
     return {"run": sel.run.id, "state": str(sel.state)}
 
 
+def _layer_rows(x: Any, idx: list[int]) -> Any:
+    """``x[idx]`` along the layer axis, as a slice when the layers are contiguous: a
+    dense array's slice is then one ranged read, where a list becomes a fancy selection."""
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return x[idx[0] : idx[0] + len(idx)]
+    return x[idx]
+
+
 # ---- residual convergence -----------------------------------------------------------------
 def convergence(sel: Selected, source: str = "hidden_out", layers: list[int] | None = None) -> pd.DataFrame:
     """Adjacent-layer change of the stream over the state's full pass.
@@ -67,7 +75,7 @@ def convergence(sel: Selected, source: str = "hidden_out", layers: list[int] | N
     lay, idx = _layers(sel.run, layers)
     if len(lay) < 2:
         raise SelectionError("convergence compares adjacent layers: select two or more")
-    (h,) = dask.compute(full_pass(sel, source)[idx])  # (L, T, W)
+    (h,) = dask.compute(_layer_rows(full_pass(sel, source, dense=True), idx))  # (L, T, W)
     # Each product summed once, in float64, from the stored values as they are: a
     # 612-token pass over 30 layers widened whole to float64 took longer than its read.
     h = np.asarray(h)
@@ -152,7 +160,7 @@ def stored_row_entropy(sel: Selected) -> Any | None:
     """Lazy (L, T, heads) entropies capture stored for the rows of the state's full pass,
     or None where the run does not store them (imports, runs captured before)."""
     try:
-        return full_pass(sel, naming.ATTN_ENTROPY_ARRAY)
+        return full_pass(sel, naming.ATTN_ENTROPY_ARRAY, dense=True)
     except SelectionError:
         return None
 
@@ -162,7 +170,7 @@ def _stored_entropy(sel: Selected, idx: list[int]) -> np.ndarray | None:
     rows = stored_row_entropy(sel)
     if rows is None:
         return None
-    (mean,) = dask.compute(rows[idx].mean(axis=1, dtype=np.float64))
+    (mean,) = dask.compute(_layer_rows(rows, idx).mean(axis=1, dtype=np.float64))
     return np.asarray(mean)
 
 
@@ -199,7 +207,7 @@ def qk_score_array(sel: Selected, layer: int) -> np.ndarray:
     run = sel.run
     heads, kv, dim = head_layout(run)
     (li,) = run.layer_index([layer])
-    q, k = dask.compute(full_pass(sel, "q")[li], full_pass(sel, "k", history=True)[li])
+    q, k = dask.compute(full_pass(sel, "q", dense=True)[li], full_pass(sel, "k", history=True, dense=True)[li])
     q, k = np.asarray(q, dtype=np.float64), np.asarray(k, dtype=np.float64)
     if q.shape[-1] != heads * dim or k.shape[-1] != kv * dim or heads % kv:
         raise SelectionError(
@@ -247,7 +255,8 @@ def _grouped_qk(sel: Selected, layers: list[int]) -> Iterator[tuple[int, np.ndar
     run = sel.run
     heads, kv, dim = head_layout(run)
     idx = run.layer_index(layers)
-    q_all, k_all = dask.compute(full_pass(sel, "q")[idx], full_pass(sel, "k", history=True)[idx])
+    q_all, k_all = dask.compute(_layer_rows(full_pass(sel, "q", dense=True), idx),
+                                _layer_rows(full_pass(sel, "k", history=True, dense=True), idx))  # fmt: skip
     if q_all.shape[-1] != heads * dim or k_all.shape[-1] != kv * dim or heads % kv:
         raise SelectionError(
             f"run {run.id}: q width {q_all.shape[-1]} / k width {k_all.shape[-1]} do not fit "

@@ -170,7 +170,7 @@ def map_array(sel: Selected, kind: str, layer: int | None = None, head: int | No
         raise SelectionError(f"a {kind} map is of one layer: give --layer")
     if kind == "attention":
         (li,) = sel.run.layer_index([layer])
-        (w,) = dask.compute(full_pass(sel, "attn_weights")[li])
+        (w,) = dask.compute(full_pass(sel, "attn_weights")[li])  # tiles: one layer read, not the pass
         mats = np.asarray(w, dtype=np.float64)
     else:
         mats = qk_score_array(sel, layer)
@@ -184,7 +184,7 @@ def map_array(sel: Selected, kind: str, layer: int | None = None, head: int | No
 def vector_map(sel: Selected, source: str, layer: int | None = None) -> np.ndarray:
     """(tokens, width) float64: a vector source over the state's full pass, one ``layer``
     of a per-layer source (embeddings and logits have none), as stored."""
-    x = full_pass(sel, source)
+    x = full_pass(sel, source, dense=True)
     if x.ndim == 3:
         if layer is None:
             raise SelectionError(f"{source} has one map per layer: give a layer")

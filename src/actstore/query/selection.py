@@ -157,21 +157,23 @@ def pass_key(sel: Selected) -> tuple[str, int | str]:
     )
 
 
-def full_pass(sel: Selected, source: str, history: bool = False) -> da.Array:
+def full_pass(sel: Selected, source: str, history: bool = False, dense: bool = False) -> da.Array:
     """Lazy array of the state's full pass: (L, T, W) for a per-layer source, (L, heads,
     T, keys) for attention weights, (T, W) for embeddings and logits.
 
     For a step, the rows are the step's own positions (a decode step has one) and the
     attention columns are every position up to its last (what its rows attended to);
     ``history=True`` gives rows from position 0 instead (the keys a step's queries
-    met). Snapshot and reference passes start at their first token either way."""
+    met). Snapshot and reference passes start at their first token either way.
+    ``dense``: for a pass read whole into memory, each stored piece in one Zarr call
+    (``RunReader._dask``); leave it off for reductions that stream block by block."""
     kind, key = pass_key(sel)
     run = sel.run
     if kind != "step":
-        return run.pass_array(kind, key, source)
+        return run.pass_array(kind, key, source, dense)
     positions = run.step_positions(int(key))
     start, stop = (0 if history else positions.start), positions.stop
-    x = run.array(source)
+    x = run.array(source, dense=dense)
     if source == "attn_weights":
         return x[:, :, start:stop, :stop]
     return x[:, start:stop] if x.ndim == 3 else x[start:stop]

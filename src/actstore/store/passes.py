@@ -94,16 +94,17 @@ def find(run: Any, kind: str, key: int | str) -> PassInfo:
     raise SelectionError(f"run {run.id} has no {kind} {key!r}; it has: {have}")
 
 
-def full_array(run: Any, info: PassInfo, source: str) -> da.Array:
-    """One pass's (L, T, W), (L, heads, T, T) or (T, W) array."""
-    base = run.array(source)  # checks the source; the run's own positions
+def full_array(run: Any, info: PassInfo, source: str, dense: bool = False) -> da.Array:
+    """One pass's (L, T, W), (L, heads, T, T) or (T, W) array (``dense``: each stored
+    piece read in one call, see ``RunReader._dask``)."""
+    base = run.array(source, dense=dense)  # checks the source; the run's own positions
     if info.base is not None:
-        base = full_array(run, run.passes[info.base], source)
+        base = full_array(run, run.passes[info.base], source, dense)
     n = info.shared
     if info.rows == 0:  # every position is the base's
         return base[:, :, :n, :n] if source == "attn_weights" else base[:, :n] if base.ndim == 3 else base[:n]
     try:
-        own = run._source(source, PREFIX)
+        own = run._source(source, PREFIX, dense)
     except KeyError:
         raise SelectionError(
             f"run {run.id}'s full passes hold no {source!r} (imported from files that leave it out)"

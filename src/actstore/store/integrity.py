@@ -77,7 +77,27 @@ def may_be_missing(array: str, coords: tuple[int, ...]) -> bool:
     return array == _ATTN and len(coords) == 4 and coords[3] > coords[2]
 
 
-class StrictStore(WrapperStore[Store]):
+class CheckedReads(WrapperStore[Store]):
+    """Reads through to a store, every value answered passing through ``_check`` (which
+    raises for what must be there and is not)."""
+
+    def _check(self, key: str, value: Buffer | None) -> Buffer | None:
+        raise NotImplementedError
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        return self._check(key, await self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        ranges = list(key_ranges)
+        got = await self._store.get_partial_values(prototype, ranges)
+        return [self._check(k, v) for (k, _), v in zip(ranges, got, strict=True)]
+
+
+class StrictStore(CheckedReads):
     """Reads through to a store; a missing chunk of a complete run raises.
 
     ``lenient`` holds ids of runs written before :data:`INTEGRITY`: their missing chunks
@@ -97,18 +117,6 @@ class StrictStore(WrapperStore[Store]):
             if parsed and parsed[0] not in self.lenient and not may_be_missing(parsed[1], parsed[2]):
                 raise MissingObjectError(key)
         return value
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        return self._check(key, await self._store.get(key, prototype, byte_range))
-
-    async def get_partial_values(
-        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
-    ) -> list[Buffer | None]:
-        ranges = list(key_ranges)
-        got = await self._store.get_partial_values(prototype, ranges)
-        return [self._check(k, v) for (k, _), v in zip(ranges, got, strict=True)]
 
 
 def mark_lenient(group: Any, run_id: str) -> None:

@@ -8,7 +8,6 @@ statistics are the merged sums of the markers: no array is read for them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
-from zarr.abc.store import ByteRequest, Store
+from zarr.abc.store import Store
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import LocalStore
 
 from actstore.errors import DamagedRunError, SelectionError, StoreError
 from actstore.store import integrity, layout
@@ -45,7 +44,7 @@ def _codec_of(arr: Any) -> str | None:
 _ZSTD = numcodecs.Zstd()
 
 
-class _StrictChunks(WrapperStore[Store]):
+class _StrictChunks(integrity.CheckedReads):
     """A missing chunk object of a committed segment is damage (every chunk is stored),
     not zeros."""
 
@@ -56,18 +55,6 @@ class _StrictChunks(WrapperStore[Store]):
         if value is None and "/c/" in key:
             raise integrity.MissingObjectError(key)
         return value
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        return self._check(key, await self._store.get(key, prototype, byte_range))
-
-    async def get_partial_values(
-        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
-    ) -> list[Buffer | None]:
-        ranges = list(key_ranges)
-        got = await self._store.get_partial_values(prototype, ranges)
-        return [self._check(k, v) for (k, _), v in zip(ranges, got, strict=True)]
 
 
 @dataclass(frozen=True)

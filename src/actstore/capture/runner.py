@@ -17,13 +17,11 @@ only at the final commit.
 
 from __future__ import annotations
 
-import platform
 import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +29,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from actstore import __version__, naming
+from actstore import naming
 from actstore.capture import budget, prefixes, sampling
 from actstore.capture.hooks import Key, Recorder
 from actstore.capture.pass_log import PassLog
 from actstore.capture.prompts import as_dicts, render_ids
+from actstore.capture.provenance import provenance
 from actstore.errors import StoreError
 from actstore.models.architectures import ModelSites, resolve_sites
 from actstore.models.loading import LoadedModel, load_model, resolve_dtype
@@ -530,48 +529,10 @@ def _run_meta(
     snapshot_meta: list[dict[str, Any]],
 ) -> dict[str, Any]:
     tok = loaded.tokenizer
-    import transformers
-    import zarr
-
     served = [s for s in naming.ALL_SOURCES if s in sources]
     return {
         "scenario": scenario.expanded(),
-        "model": {
-            "id": loaded.model_id,
-            "source": loaded.source,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "device": str(loaded.device),
-            "arch": {
-                "family": sites.family,
-                "model_type": getattr(loaded.model.config, "model_type", None),
-                "num_layers": sites.num_layers,
-                "hidden_size": sites.hidden_size,
-                "intermediate_size": sites.intermediate_size,
-                "num_attention_heads": sites.num_heads,
-                "num_key_value_heads": sites.num_kv_heads,
-                "head_dim": sites.head_dim,
-                "vocab_size": sites.vocab_size,
-                "paths": sites.paths,
-            },
-        },
-        "tokenizer": {
-            "vocab_size": len(tok),
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "has_chat_template": bool(getattr(tok, "chat_template", None)),
-        },
-        "env": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-            "zarr": zarr.__version__,
-            "actstore": __version__,
-            "device": str(loaded.device),
-            "platform": platform.platform(),
-        },
-        "created_at": datetime.now(UTC).isoformat(),
+        **provenance(loaded, sites),
         "prompt_token_ids": prompt_ids,
         "prompt_tokens": tok.convert_ids_to_tokens(prompt_ids),
         "prompt_len": len(prompt_ids),

@@ -9,15 +9,13 @@ removes and a rerun redoes under a new run id.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import torch
 
-from actstore import __version__, naming
+from actstore import naming
+from actstore.capture.provenance import provenance
 from actstore.capture.runner import _plans as array_plans  # the scenario runs' array plans, shared
 from actstore.dataset.batches import BatchRows
 from actstore.dataset.layout_sink import LayoutSink, layout_sites
@@ -140,10 +138,6 @@ def _unit_meta(
     dataset: dict[str, Any], loaded: LoadedModel, sites: ModelSites, layers: list[int], sources: set[str],
     store_dtype: str, n: int, facts: list[BatchRows], budget_reached: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    import transformers
-    import zarr
-
-    tok = loaded.tokenizer
     seqs = np.unique(np.concatenate([f.sequence_index for f in facts]))
     ds = {**dataset, "n_sequences": int(len(seqs)), "n_tokens": n, "budget_reached": budget_reached}
     return {
@@ -151,42 +145,7 @@ def _unit_meta(
         "scenario": {"name": dataset["name"], "kind": "dataset", "model": {
             "id": loaded.model_id, "dtype": dataset["settings"]["model_dtype"], "device": "auto",
             "gguf_file": dataset["settings"]["gguf_file"]}},  # fmt: skip
-        "model": {
-            "id": loaded.model_id,
-            "source": loaded.source,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "device": str(loaded.device),
-            "arch": {
-                "family": sites.family,
-                "model_type": getattr(loaded.model.config, "model_type", None),
-                "num_layers": sites.num_layers,
-                "hidden_size": sites.hidden_size,
-                "intermediate_size": sites.intermediate_size,
-                "num_attention_heads": sites.num_heads,
-                "num_key_value_heads": sites.num_kv_heads,
-                "head_dim": sites.head_dim,
-                "vocab_size": sites.vocab_size,
-                "paths": sites.paths,
-            },
-        },
-        "tokenizer": {
-            "vocab_size": len(tok),
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "has_chat_template": bool(getattr(tok, "chat_template", None)),
-        },
-        "env": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-            "zarr": zarr.__version__,
-            "actstore": __version__,
-            "device": str(loaded.device),
-            "platform": platform.platform(),
-        },
-        "created_at": datetime.now(UTC).isoformat(),
+        **provenance(loaded, sites),
         # A unit reads like one prefill of n positions (step 0), so run-level readers work.
         "prompt_token_ids": [],
         "prompt_tokens": [],

@@ -71,10 +71,66 @@ cfg = c._load_config()
 c._config = dataclasses.replace(
     cfg, only_mutate=args["only_mutate"], pytest_add_cli_args_test_selection=args["tests"]
 )
-from mutmut.__main__ import cli
-argv = ["run"] + (["--max-children", str(args["max_children"])] if args["max_children"] else [])
-cli(argv, prog_name="mutmut")
+import mutmut.__main__ as m
+if args["generate_only"]:
+    # Write every mutant into mutants/ (and its .meta) without running any test, so the
+    # parent can draw a sample from the full list of mutant names.
+    from pathlib import Path
+    m.set_mutant_under_test("mutant_generation")
+    Path("mutants").mkdir(exist_ok=True)
+    m.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths()
+    m.create_mutants(args["max_children"] or 2)
+    sys.exit(0)
+names = json.loads(open(args["names_file"]).read()) if args["names_file"] else []
+# mutmut looks up the tests of each named mutant's function with [] and fails on a function
+# no test reaches; such a mutant is "no tests" (counted as surviving), so look it up softly.
+_orig = m.tests_for_mutant_names
+def _soft(mutant_names):
+    known = m.state().tests_by_mangled_function_name
+    return _orig([n for n in mutant_names if "*" in n or m.mangled_name_from_mutant_name(n) in known])
+m.tests_for_mutant_names = _soft
+argv = ["run"] + (["--max-children", str(args["max_children"])] if args["max_children"] else []) + names
+m.cli(argv, prog_name="mutmut")
 """
+
+def _child(args: dict) -> int:
+    return subprocess.call([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=ROOT)
+
+
+def _all_mutants(files: list[Path]) -> dict[str, list[str]]:
+    """Every mutant name mutmut wrote, per package, from the .meta files beside the mutants."""
+    by_pkg: dict[str, list[str]] = defaultdict(list)
+    for path in files:
+        meta = ROOT / "mutants" / (str(path) + ".meta")
+        if meta.exists():
+            by_pkg[_package_of(str(path))] += json.loads(meta.read_text())["exit_code_by_key"]
+    return by_pkg
+
+
+def _draw_sample(files: list[Path], n: int, seed: int) -> list[str]:
+    """A seeded draw of up to ``n`` mutants per package, without replacement. The same seed
+    and source give the same draw, so survivors can be run again after tests are added; a
+    new seed gives a fresh sample, the unbiased estimate once tests were written against
+    an earlier one."""
+    import random
+
+    drawn: list[str] = []
+    for pkg, names in sorted(_all_mutants(files).items()):
+        # a seeded shuffle whose first n are the sample: a larger n extends the same draw
+        order = sorted(names)
+        random.Random(f"{seed}:{pkg}").shuffle(order)
+        drawn += order[:n]
+    return drawn
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sound near 0 and 1, unlike k/n +- 2 SE)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _package_of(path: str) -> str:
@@ -111,8 +167,9 @@ def _mutant_line(src_path: Path, mutant: str, diff: str) -> tuple[int | None, st
     return (start + 1 if start else None), desc
 
 
-def _collect(paths: list[Path]) -> dict[str, list[tuple[str, str, str | None]]]:
-    """Per file: (mutant name, status, diff for survivors) read from mutmut's meta files."""
+def _collect(paths: list[Path], only: set[str] | None = None) -> dict[str, list[tuple[str, str, str | None]]]:
+    """Per file: (mutant name, status, diff for survivors) read from mutmut's meta files
+    (only the mutants named in ``only`` when given: a sampled run)."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
 
@@ -127,6 +184,8 @@ def _collect(paths: list[Path]) -> dict[str, list[tuple[str, str, str | None]]]:
         os.chdir(ROOT)
         try:
             for key, code in sorted(codes.items()):
+                if only is not None and key not in only:
+                    continue
                 status = status_by_exit_code[code]
                 diff = get_diff_for_mutant(key, path=path) if status in ("survived", "no tests") else None
                 rows.append((key, status, diff))
@@ -183,7 +242,7 @@ def _listed_equivalents(section: str) -> set[tuple[str, str]]:
 
 
 def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
-           partial_note: str | None, resumed: str | None = None) -> None:
+           partial_note: str | None, resumed: str | None = None, sample_note: str | None = None) -> None:
     equivalents = _keep_equivalents(out)
     listed = _listed_equivalents(equivalents)
     by_pkg: dict[str, Counter] = defaultdict(Counter)
@@ -212,13 +271,17 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
     ]
     if resumed:
         lines.append(f"- Resumed: {resumed}")
+    if sample_note:
+        lines.append(f"- Sampled: {sample_note}. The score is the sample's; the interval is the 95% "
+                     "Wilson interval of the whole package's score it estimates.")
     if partial_note:
         lines += ["", f"**Partial run.** {partial_note}"]
     lines += [
         "",
         "| package | mutants | killed | survived | no tests | timeout | skipped | score "
-        "| survivors listed as equivalent | survivors not explained |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + ("| 95% interval " if sample_note else "")
+        + "| survivors listed as equivalent | survivors not explained |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if sample_note else "") + "---:|---:|",
     ]
     for pkg in sorted(by_pkg):
         c = by_pkg[pkg]
@@ -229,8 +292,10 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
         other = sum(c.values()) - killed - timeout - survived - no_tests - skipped
         run = killed + timeout + survived + no_tests + other
         score = f"{100 * (killed + timeout) / run:.1f}%" if run else "n/a"
+        lo, hi = wilson_interval(killed + timeout, run)
+        interval = f" {100 * lo:.1f}–{100 * hi:.1f}% |" if sample_note else ""
         lines.append(f"| {pkg} | {sum(c.values())} | {killed} | {survived} | {no_tests} | {timeout} | "
-                     f"{skipped} | {score} | {listed_n} | {survived + no_tests - listed_n} |")
+                     f"{skipped} | {score} |{interval} {listed_n} | {survived + no_tests - listed_n} |")
     lines += [
         "",
         "Score = (killed + timeout) / (mutants run); `no tests` counts as surviving, and so do the "
@@ -261,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retest-survivors", action="store_true",
                     help="with --keep: run the survived and untested mutants again (after adding tests)")
     ap.add_argument("--partial-note", help="sentence written under the header when the run is partial")
+    ap.add_argument("--sample", type=int, default=None, metavar="N",
+                    help="run a seeded random sample of N mutants per package instead of all of them "
+                         "(the score is then an estimate, written with its 95%% interval)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample's draw (a new seed draws a fresh sample)")
     args = ap.parse_args(argv)
 
     try:
@@ -301,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         # the new tests alone. Forgetting the test durations makes it record them again for
         # every test (one run of the tests); the verdicts are kept.
         stats = ROOT / "mutants" / "mutmut-stats.json"
-        if stats.exists():
+        if stats.exists() and not args.sample:  # a sample's scope is always every package
             data = json.loads(stats.read_text())
             data["duration_by_test"] = {}
             stats.write_text(json.dumps(data, indent=4))
@@ -310,16 +379,42 @@ def main(argv: list[str] | None = None) -> int:
             n = _reset_survivors(files)
             resumed += f"; `--retest-survivors`: its {n} survived / untested mutants run again with today's tests"
 
-    child = {"only_mutate": only, "tests": args.tests, "max_children": args.max_children}
+    names_file = None
+    sample_note = None
+    sample_to_run: list[str] = []
+    if args.sample:
+        _child({"only_mutate": only, "tests": args.tests, "max_children": args.max_children,
+                "generate_only": True, "names_file": None})
+        sample = _draw_sample(files, args.sample, args.seed)
+        sample_file = ROOT / "mutants" / "sample.json"
+        if args.retest_survivors:
+            # the same draw as before (same seed): run again only its survivors
+            previous = _collect(files, only=set(sample))
+            sample_to_run = [k for rows in previous.values() for k, status, _ in rows
+                             if status in ("survived", "no tests")]
+        else:
+            # with --keep, a mutant of the draw that has a verdict keeps it (a larger --sample
+            # extends the draw and runs only the new ones)
+            decided = {k for rows in _collect(files, only=set(sample)).values()
+                       for k, status, _ in rows if status != "not checked"} if args.keep else set()
+            sample_to_run = [k for k in sample if k not in decided]
+        sample_file.write_text(json.dumps(sample_to_run))
+        names_file = str(sample_file)
+        sample_note = (f"seed {args.seed}, up to {args.sample} mutants drawn per package; "
+                       f"{len(sample_to_run)} run this time")
+    child = {"only_mutate": only, "tests": args.tests, "max_children": args.max_children,
+             "generate_only": False, "names_file": names_file}
     t0 = time.monotonic()
-    rc = subprocess.call([sys.executable, "-c", _CHILD, json.dumps(child)], cwd=ROOT)
+    # an empty list of names would make mutmut run every mutant
+    rc = _child(child) if not (args.sample and not sample_to_run) else 0
     seconds = time.monotonic() - t0
     if rc != 0:
         print(f"mutmut run exited with {rc}; {args.out} not written", file=sys.stderr)
         return rc
 
-    results = _collect(files)
-    _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note, resumed)
+    results = _collect(files, only=set(_draw_sample(files, args.sample, args.seed)) if args.sample else None)
+    _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note, resumed,
+           sample_note=sample_note)
     print(f"wrote {args.out}")
     return 0
 

@@ -326,6 +326,7 @@ def test_store_without_write_permission(world: Path, tiny_folder: Path) -> None:
             ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
              sys.executable, "-m", "actstore", "capture", str(sc), "--store", str(store), "-q"],
             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300,
+            cwd=SRC.parent,  # paths are absolute; the checkout, where tools wrapping the source find their settings
         )  # fmt: skip
     finally:
         for folder in (store, *[p for p in store.rglob("*") if p.is_dir()]):

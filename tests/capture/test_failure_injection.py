@@ -101,12 +101,12 @@ def test_wrong_shape_tensor_fails_the_capture(tmp_path: Path, monkeypatch: Any, 
     real_submit = writer_mod.RunWriter.submit
     submits = 0
 
-    def bad_submit(self: Any, position: int, tensors: dict[Any, torch.Tensor]) -> None:
+    def bad_submit(self: Any, position: int, tensors: dict[Any, torch.Tensor], kv_end: int | None = None) -> None:
         nonlocal submits
         submits += 1
         if submits == 3:
             tensors = {**tensors, ("residual", 0): tensors[("residual", 0)][..., :-1]}
-        real_submit(self, position, tensors)
+        real_submit(self, position, tensors, kv_end=kv_end)
 
     monkeypatch.setattr(writer_mod.RunWriter, "submit", bad_submit)
     location = tmp_path / "store.zarr"

@@ -23,8 +23,13 @@ from actstore.errors import StoreError
 from actstore.store.npz import import_npz_dirs, read_seed_dirs
 from actstore.store.store import ActStore
 
-# The checkout (main or a worktree) sits beside shared/.
-SEED_RUNS = Path(__file__).resolve().parents[3] / "shared/fixtures/seed-runs"
+# The checkout (main or a worktree) sits beside shared/; a copy of the suite one level
+# deeper (the mutation tool's mutants/) finds it too.
+SEED_RUNS = next(
+    (p / "shared/fixtures/seed-runs" for p in Path(__file__).resolve().parents[3:]
+     if (p / "shared/fixtures/seed-runs").is_dir()),
+    Path(__file__).resolve().parents[3] / "shared/fixtures/seed-runs",
+)
 SINGLE = next(SEED_RUNS.glob("seed_fixture_single_*"), None)
 MULTI = next(SEED_RUNS.glob("seed_fixture_multi_*"), None)
 RESIDUAL = ("hidden_in", "hidden_out", "attn_out", "mlp_down_out")

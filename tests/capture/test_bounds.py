@@ -236,3 +236,18 @@ def test_smollm2_a_1mb_message_fails_on_its_8192_positions(tmp_path: Path) -> No
     assert proc.returncode == 2, proc.stderr
     _one_line(proc.stderr, str(path), "prompt.messages", "handles 8192")
     assert not (tmp_path / "store.zarr").exists()
+
+
+def test_the_memory_refusal_states_each_part_in_readable_units() -> None:
+    """Sizes from 0.1 GiB up are given in GiB, smaller ones in MiB (2**20 bytes), each to
+    one decimal; the refusal names the total, the parts that are not zero and what is free."""
+    need = budget.Estimate(attention_scores=3 * 2**30, attention_weights=2**29, activations=50 * 2**20, logits=0)
+    with pytest.raises(ResourceError) as info:
+        budget.check_memory(make_scenario(), need, available=2**30, force=False)
+    assert ("capturing needs about 3.5 GiB (attention scores 3.0 GiB, attention weights 0.5 GiB, "
+            "activations 50.0 MiB) but 1.0 GiB is available") in str(info.value)  # fmt: skip
+    # the boundary: 0.1 GiB is 102.4 MiB
+    assert budget.Estimate(0, 0, 102 * 2**20, 0).describe() == "activations 102.0 MiB"
+    assert budget.Estimate(0, 0, 103 * 2**20, 0).describe() == "activations 0.1 GiB"
+    assert budget.Estimate(0, 0, 0, 7 * 2**31).describe() == "logits 14.0 GiB"
+    budget.check_memory(make_scenario(), need, available=need.total, force=False)  # exactly enough: no refusal

@@ -168,3 +168,30 @@ def test_failed_capture_into_new_location_leaves_no_store(tmp_path: Path) -> Non
     finally:
         handle.remove()
     assert not location.exists()
+
+
+def test_failed_capture_keeps_a_new_store_another_writer_committed_into(tmp_path: Path) -> None:
+    """The store ``capture`` created is removed only while it holds nothing: when another
+    writer committed a run into it meanwhile, the failed capture leaves that run alone."""
+    from query.synth import write_synthetic_run
+
+    loaded = loaded_tiny("llama", eager=False)
+    location = tmp_path / "fresh.zarr"
+    calls = 0
+
+    def commit_then_explode(module: Any, args: Any, output: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            write_synthetic_run(ActStore.open(location), n_layers=2, prompt_len=8, n_steps=3, width=16)
+            raise Injected("forward failed")
+
+    handle = loaded.model.model.layers[0].register_forward_hook(commit_then_explode)
+    try:
+        with pytest.raises(Injected):
+            capture(_scenario(), str(location), loaded=loaded, progress=False)
+    finally:
+        handle.remove()
+    others = ActStore.open(location).run_ids()
+    assert len(others) == 1 and others[0].startswith("synth")  # the other writer's run, readable
+    assert ActStore.open(location).run(others[0]).array("hidden_out").shape[0] > 0

@@ -64,3 +64,14 @@ def test_slider_changes_the_topk_table(one_run_report: Path) -> None:
         page.keyboard.press("End")
         assert _topk_table(page) != after_table
         assert log.errors == [] and log.blocked == []
+
+
+def test_wait_idle_gives_up_with_a_timeout_that_says_why(tmp_path: Path) -> None:
+    """A page whose charts never finish: wait_idle stops at its deadline and says so."""
+    page_file = tmp_path / "never.html"
+    page_file.write_text("<html><body><script>window.actstoreReport = {idle: () => false};</script></body></html>")
+    with open_page(page_file) as (page, log):
+        with pytest.raises(TimeoutError) as info:
+            wait_idle(page, timeout_s=0.5)
+        assert str(info.value) == "the report's charts did not finish drawing"
+        assert log.errors == []

@@ -110,3 +110,16 @@ def test_heatmap_default_cmap_follows_normalize(
     np.testing.assert_array_equal(default, pixels("named", "--cmap", cmap))
     other = "viridis" if cmap == "RdBu_r" else "RdBu_r"
     assert not np.array_equal(default, pixels("other", "--cmap", other))
+
+
+def test_color_range_of_empty_constant_and_ordinary_data() -> None:
+    """No finite value: the unit range; one value: half a unit either side (a visible
+    colour, not a zero-width scale); otherwise min..max, or -max|x|..max|x| when signed."""
+    nan = np.full((3, 4), np.nan)
+    assert H.color_range(nan, "linear") == (0.0, 1.0)
+    assert H.color_range(nan, "signed") == (0.0, 1.0)
+    assert H.color_range(np.full((2, 2), 2.5), "linear") == (2.0, 3.0)
+    assert H.color_range(np.zeros((2, 2)), "signed") == (-1.0, 1.0)
+    data = np.array([[-3.0, np.inf], [1.0, np.nan]])
+    assert H.color_range(data, "linear") == (-3.0, 1.0)
+    assert H.color_range(data, "signed") == (-3.0, 3.0)

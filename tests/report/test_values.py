@@ -252,3 +252,40 @@ def test_first_screen_closest_reference_sentence(two_run_store: Any, screen: dic
         assert int(m.group(1)) == max(counts.values()) == counts[m.group(3)]
         table = entry["messages"]
         assert [row[2].text for row in table.rows] == best
+
+
+# ---- the compact first screen (more runs than FULL_DETAIL_RUNS) -------------------------------
+def test_compact_table_rows_match_numpy(tmp_path_factory: Any) -> None:
+    """Above FULL_DETAIL_RUNS runs the first screen is one row per run: its drift mean and
+    most changed layer, closest reference with its count, and most discriminative layer are
+    each what NumPy picks from vectors read straight from the Zarr arrays."""
+    from actstore.report.gather import gather
+    from actstore.report.narrative import FULL_DETAIL_RUNS, first_screen
+
+    st = ActStore.open(tmp_path_factory.mktemp("compact") / "store.zarr", create=True)
+    for seed in range(FULL_DETAIL_RUNS + 1):
+        write_synthetic_run(st, name=f"many{seed}", seed=seed, n_layers=4, prompt_len=6, n_steps=3, width=32,
+                            n_snapshots=5, labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
+    data = gather(st.runs(["all"]))
+    screen = first_screen(data)
+    table = screen["compact"]
+    assert screen["runs"] == [] and table is not None
+    assert table.columns == ["run", "scenario", "drift: mean cos", "most changed layer", "closest reference",
+                             "most discriminative layer"]  # fmt: skip
+    assert len(table.rows) == len(st.run_ids())
+    for rr, row in zip(data.runs, table.rows, strict=True):
+        assert row[0].text == rr.label
+        g = run_group(st, rr.run.id)
+        layers = g.attrs["run"]["layers"]
+        cos = cosine(vectors_at(g, "hidden_out", _position(g, "initial")),
+                     vectors_at(g, "hidden_out", _position(g, "final")))  # fmt: skip
+        labels = list(g.attrs["run"]["references"])
+        z = np.mean([_svr_cosines(g, s).mean(-1) for s in SOURCES], axis=0)  # (M, R)
+        label, count = Counter(labels[i] for i in z.argmax(1)).most_common(1)[0]
+        r = stacked(g, "references", "hidden_out")
+        iu, ju = np.triu_indices(len(r), 1)
+        sep = (1 - cosine(r[iu], r[ju])).mean(0)
+        assert [c.text for c in row[1:]] == [
+            g.attrs["run"]["scenario"]["name"], f"{cos.mean():.3f}", str(layers[int(np.argmin(cos))]),
+            f"{label} ({count}/{len(z)})", str(layers[int(np.argmax(sep))]),
+        ]  # fmt: skip

@@ -30,6 +30,7 @@ from actstore.scenario import scenario_from_dict
 from actstore.store.store import ActStore
 from actstore.testing import SAMPLE_MESSAGES, tiny_loaded
 from actstore.view import api
+from query.synth import write_synthetic_run
 
 METRIC_QUERIES = [
     ["cosine", "--runs", "all", "--source", "hidden_out", "--source", "q", "--source", "mlp_up"],
@@ -318,3 +319,24 @@ def test_the_undamaged_store_checks_clean(pristine: dict[str, Any]) -> None:
     res = _invoke(pristine["path"], "check", "-q")
     assert res.exit_code == 0, res.output
     assert "checked 2 runs" in res.stdout and "no problems" in res.stdout
+
+
+@pytest.mark.parametrize("damage", ["garbled", "missing"])
+def test_a_group_that_does_not_open_is_named_with_its_cause(tmp_path: Path, damage: str) -> None:
+    """The error names the run and the first line of why its group did not open, with the
+    exception's type (what a researcher searches for)."""
+    location = tmp_path / "s.zarr"
+    write_synthetic_run(ActStore.open(location, create=True), n_layers=2, prompt_len=8, n_steps=3, width=16)
+    run_id = ActStore.open(location).run_ids()[0]
+    meta = location / naming.run_path(run_id) / "zarr.json"
+    if damage == "garbled":
+        meta.write_text('{"zarr_format": 3,\n "node_type": "group", "attributes": {"a": ')
+        cause = "(JSONDecodeError: Expecting value: line 2 column 44"
+    else:
+        meta.unlink()
+        cause = "(FileNotFoundError: "
+    with pytest.raises(DamagedRunError) as info:
+        ActStore.open(location).runs([run_id])
+    message = str(info.value)
+    assert message.startswith(f"run {run_id} is damaged: its group does not open {cause}"), message
+    assert "\n" not in message

@@ -225,3 +225,21 @@ def test_run_at_each_message_makes_one_run_per_prefix(store: Any) -> None:
     assert len(results) == len(MESSAGES)
     lens = [store.run(r.run_id).meta["scenario"]["prompt"]["messages"] for r in results]
     assert [len(m) for m in lens] == [1, 2, 3, 4]
+
+
+def test_capture_loads_the_scenario_model_itself(tiny_folder: Any, tmp_path: Any) -> None:
+    """``capture`` without a loaded model loads the scenario's ``model.id`` (a saved
+    folder here) and its residual stream is that model's own, as HF computes it."""
+    from transformers import AutoModelForCausalLM
+
+    from actstore.capture.runner import capture
+    from actstore.store.store import ActStore
+
+    sc = make_scenario(model={"id": str(tiny_folder)}, generation={"max_new_tokens": 2})
+    [res] = capture(sc, str(tmp_path / "s.zarr"), progress=False)
+    run = ActStore.open(tmp_path / "s.zarr").run(res.run_id)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, torch_dtype=torch.float32).eval()
+    out = hf_forward(model, run.tokens())
+    hout = run.array("hidden_out").compute()
+    for layer in range(len(run.layers) - 1):
+        np.testing.assert_allclose(hout[layer], out.hidden_states[layer + 1][0].numpy(), atol=ATOL, rtol=1e-4)

@@ -102,6 +102,9 @@ def test_average_linkage_by_hand() -> None:
     z = average_linkage(np.abs(x[:, None] - x[None, :]))
     np.testing.assert_allclose(z, [[0, 1, 1, 2], [2, 4, 3.5, 3], [3, 5, 22 / 3, 4]])
     assert leaf_order(z, 4) == [3, 2, 0, 1]  # each merge draws its lower cluster id on the left
+    # integer distances average to fractions all the same (3.5, 22/3), not truncated
+    xi = np.array([0, 1, 4, 9])
+    np.testing.assert_allclose(average_linkage(np.abs(xi[:, None] - xi[None, :])), z)
 
 
 def test_dendrogram_is_average_linkage_of_one_minus_cosine(group: Any) -> None:
@@ -120,6 +123,7 @@ def test_dendrogram_is_average_linkage_of_one_minus_cosine(group: Any) -> None:
             got = {members[m["cluster_a"]], members[m["cluster_b"]]}
             assert got == {a, b}, (s, m["merge"])
             assert m["distance"] == pytest.approx(d, abs=TOL) and m["size"] == len(a | b)
+            assert sorted(m["members"].split()) == sorted(items[i] for i in a | b)
             members[5 + m["merge"]] = a | b
             assert m["cluster_a"] < m["cluster_b"]
         leaves = den.leaves[den.leaves["source"] == s]["state"].tolist()

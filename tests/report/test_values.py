@@ -113,6 +113,7 @@ def test_overlap_by_changes_inter_overlap_as_numpy(two_run_store: Any, reports: 
     for by, magnitude in (("value", False), ("magnitude", True)):
         df = frames[by]
         assert set(zip(df["run_a"], df["run_b"], strict=True)) == {(a_id, b_id)}
+        assert set(df["pair"]) == {f"{a_id}  vs  {b_id}"}  # Activation Lab's pair key: two spaces each side
         for state in ("initial", "final"):
             for source in SOURCES:
                 a, b = (
@@ -289,3 +290,28 @@ def test_compact_table_rows_match_numpy(tmp_path_factory: Any) -> None:
             g.attrs["run"]["scenario"]["name"], f"{cos.mean():.3f}", str(layers[int(np.argmin(cos))]),
             f"{label} ({count}/{len(z)})", str(layers[int(np.argmax(sep))]),
         ]  # fmt: skip
+
+
+def test_discrimination_ranking_table_matches_numpy(two_run_store: Any) -> None:
+    """The run section's ranking: rows are ranks 1..5, and each source's cell at rank r is
+    the layer NumPy ranks r-th by mean cosine distance between references, with it."""
+    from actstore.report.gather import gather
+    from actstore.report.run_section import ranking_table
+
+    rr = gather(two_run_store.runs(["all"])).runs[0]
+    table = ranking_table(rr.discrimination)
+    g = run_group(two_run_store, rr.run.id)
+    layers = g.attrs["run"]["layers"]
+    assert [row[0].text for row in table.rows] == ["1", "2", "3", "4", "5"]
+    assert "hidden_out" in table.columns
+    for col, source in enumerate(table.columns[1:], start=1):
+        r = stacked(g, "references", source)
+        iu, ju = np.triu_indices(len(r), 1)
+        sep = (1 - cosine(r[iu], r[ju])).mean(0)
+        order = np.argsort(-sep, kind="stable")
+        cells = [row[col].text for row in table.rows]
+        assert cells[len(order):] == ["–"] * (5 - min(5, len(order))), source  # fewer layers than ranks
+        for text, i in zip(cells, order[:5], strict=False):
+            m = re.fullmatch(r"layer (\d+) \((-?[\d.]+)\)", text)
+            assert m and int(m.group(1)) == layers[int(i)], (source, text)
+            assert float(m.group(2)) == pytest.approx(sep[int(i)], abs=6e-4), (source, text)  # 3 decimals shown

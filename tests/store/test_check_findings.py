@@ -64,3 +64,28 @@ def test_garbled_run_metadata_is_one_finding_that_says_so(one_run: tuple[Path, s
     assert result.findings == [Finding("damaged", f"{naming.run_path(run_id)}/zarr.json",
                                        "run metadata does not parse or lacks the run's attributes", run_id)]  # fmt: skip
     assert result.objects == 0
+
+
+def test_check_and_gc_on_an_fsspec_store_whose_path_starts_with_a_slash() -> None:
+    """An in-memory fsspec store (its paths start with "/", unlike S3's): the keys check
+    and gc name are relative to the store, and sizes come from the filesystem's listing."""
+    import fsspec
+
+    from actstore.store.check import collect_garbage
+    from query.synth import write_synthetic_run
+
+    url = "memory://checks/s.zarr"
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/checks"):
+        fs.rm("/checks", recursive=True)
+    store = ActStore.open(url, create=True)
+    write_synthetic_run(store, n_layers=2, prompt_len=8, n_steps=3, width=16)
+    run_id = store.run_ids()[0]
+    fs.pipe(f"/checks/s.zarr/{naming.CATALOG_PREFIX}/.tmp-abc", b"x" * 77)
+    result = check_store(ActStore.open(url), progress=False)
+    assert [(f.problem, f.key) for f in result.findings] == [("temporary", f"{naming.CATALOG_PREFIX}/.tmp-abc")]
+    chunks = [p for p in fs.find(f"/checks/s.zarr/{naming.run_path(run_id)}") if "/c/" in p or p.endswith("/c")]
+    assert result.runs == 1 and result.objects == len(chunks) > 0
+    [g] = collect_garbage(ActStore.open(url), min_age=0)
+    assert (g.what, g.where, g.bytes) == ("temp file", f"{naming.CATALOG_PREFIX}/.tmp-abc", 77)
+    fs.rm("/checks", recursive=True)

@@ -133,6 +133,18 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _scores(results) -> dict[str, tuple[int, int]]:
+    """Per package: (killed + timeout, mutants run) of a _collect result."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for path, rows in results.items():
+        for _key, status, _diff in rows:
+            if status in ("killed", "timeout"):
+                out[_package_of(path)][0] += 1
+            if status in ("killed", "timeout", "survived", "no tests"):
+                out[_package_of(path)][1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def _package_of(path: str) -> str:
     parts = Path(path).parts
     i = parts.index("actstore")
@@ -242,7 +254,8 @@ def _listed_equivalents(section: str) -> set[tuple[str, str]]:
 
 
 def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
-           partial_note: str | None, resumed: str | None = None, sample_note: str | None = None) -> None:
+           partial_note: str | None, resumed: str | None = None, sample_note: str | None = None,
+           before: dict[str, tuple[int, int]] | None = None) -> None:
     equivalents = _keep_equivalents(out)
     listed = _listed_equivalents(equivalents)
     by_pkg: dict[str, Counter] = defaultdict(Counter)
@@ -280,8 +293,10 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
         "",
         "| package | mutants | killed | survived | no tests | timeout | skipped | score "
         + ("| 95% interval " if sample_note else "")
-        + "| survivors listed as equivalent | survivors not explained |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if sample_note else "") + "---:|---:|",
+        + ("| score before the retest " if before else "")
+        + "| survivors listed as equivalent | survivors not explained | score, equivalents left out |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if sample_note else "") + ("---:|" if before else "")
+        + "---:|---:|---:|",
     ]
     for pkg in sorted(by_pkg):
         c = by_pkg[pkg]
@@ -294,13 +309,19 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
         score = f"{100 * (killed + timeout) / run:.1f}%" if run else "n/a"
         lo, hi = wilson_interval(killed + timeout, run)
         interval = f" {100 * lo:.1f}–{100 * hi:.1f}% |" if sample_note else ""
+        if before:
+            bk, bn = before.get(pkg, (0, 0))
+            blo, bhi = wilson_interval(bk, bn)
+            interval += f" {100 * bk / bn:.1f}% ({100 * blo:.1f}–{100 * bhi:.1f}%) |" if bn else " n/a |"
         lines.append(f"| {pkg} | {sum(c.values())} | {killed} | {survived} | {no_tests} | {timeout} | "
-                     f"{skipped} | {score} |{interval} {listed_n} | {survived + no_tests - listed_n} |")
+                     f"{skipped} | {score} |{interval} {listed_n} | {survived + no_tests - listed_n} | "
+                     + (f"{100 * (killed + timeout) / (run - listed_n):.1f}% |" if run > listed_n else "n/a |"))
     lines += [
         "",
         "Score = (killed + timeout) / (mutants run); `no tests` counts as surviving, and so do the "
-        "survivors listed as equivalent (the score does not leave them out). A survivor is "
-        "explained when the Equivalent section below names it under its file's heading.",
+        "survivors listed as equivalent. The last column is the usual mutation score, which leaves "
+        "the equivalent mutants (no test can tell them from the original) out of the count. A survivor "
+        "is explained when the Equivalent section below names it under its file's heading.",
         "",
     ]
     lines += ["## Surviving mutants", ""]
@@ -375,13 +396,14 @@ def main(argv: list[str] | None = None) -> int:
             data["duration_by_test"] = {}
             stats.write_text(json.dumps(data, indent=4))
         resumed = "`--keep`: verdicts of an earlier run in mutants/ kept (same source), new mutants run"
-        if args.retest_survivors:
+        if args.retest_survivors and not args.sample:  # a sample names its survivors to mutmut instead
             n = _reset_survivors(files)
             resumed += f"; `--retest-survivors`: its {n} survived / untested mutants run again with today's tests"
 
     names_file = None
     sample_note = None
     sample_to_run: list[str] = []
+    before: dict[str, tuple[int, int]] | None = None
     if args.sample:
         _child({"only_mutate": only, "tests": args.tests, "max_children": args.max_children,
                 "generate_only": True, "names_file": None})
@@ -392,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             previous = _collect(files, only=set(sample))
             sample_to_run = [k for rows in previous.values() for k, status, _ in rows
                              if status in ("survived", "no tests")]
+            before = _scores(previous)
+            resumed = (f"`--keep --retest-survivors`: the draw's {len(sample_to_run)} survived / untested "
+                       "mutants run again with today's tests; the other verdicts kept (same source)")
         else:
             # with --keep, a mutant of the draw that has a verdict keeps it (a larger --sample
             # extends the draw and runs only the new ones)
@@ -414,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = _collect(files, only=set(_draw_sample(files, args.sample, args.seed)) if args.sample else None)
     _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note, resumed,
-           sample_note=sample_note)
+           sample_note=sample_note, before=before)
     print(f"wrote {args.out}")
     return 0
 

@@ -315,3 +315,28 @@ def test_discrimination_ranking_table_matches_numpy(two_run_store: Any) -> None:
             m = re.fullmatch(r"layer (\d+) \((-?[\d.]+)\)", text)
             assert m and int(m.group(1)) == layers[int(i)], (source, text)
             assert float(m.group(2)) == pytest.approx(sep[int(i)], abs=6e-4), (source, text)  # 3 decimals shown
+
+
+def test_reference_block_follows_each_snapshot_role_and_generated_flag(tmp_path: Path) -> None:
+    """A run whose turns are a system prompt and two assistant turns, the last generated:
+    each message keeps its own role and generated flag, and the role averages hold the
+    assistant's (2 messages) though the run has no user turn."""
+    import zarr
+
+    from actstore.report import figures as F
+    from actstore.report.gather import gather
+    from actstore.report.run_section import reference_block
+
+    st = ActStore.open(tmp_path / "store.zarr", create=True)
+    run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=3,
+                                 labels=("joy", "fear"), store_dtype="float32")  # fmt: skip
+    group = zarr.open_group(store=str(tmp_path / "store.zarr"), path=f"runs/{run_id}", mode="r+")
+    meta = dict(group.attrs["run"])
+    meta["snapshots"] = [{**s, "role": "system" if k == 0 else "assistant", "generated": k == 2}
+                         for k, s in enumerate(meta["snapshots"])]  # fmt: skip
+    group.attrs["run"] = meta
+    rr = gather(ActStore.open(tmp_path / "store.zarr").runs(["all"])).runs[0]
+    block = reference_block(rr, F.Figures())
+    shown = [(m["index"], m["role"], m["generated"]) for m in block["messages"]]
+    assert shown == [(0, "system", False), (1, "assistant", False), (2, "assistant", True)]
+    assert [(r["role"], r["n"]) for r in block["roles"]] == [("assistant", 2)]

@@ -20,8 +20,11 @@ Run (from the repository root, with that virtualenv's python)::
 How it works: mutmut copies ``src/`` and ``tests/`` into ``mutants/`` (git-ignored; the script
 wipes it first unless ``--keep``), writes every mutant of every function in scope into that copy
 behind a trampoline, runs the selected tests once to record which tests reach which function,
-and then runs, for each mutant, only the tests that reach its function (mutmut's per-test
-selection). With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
+and then runs, for each mutant, the tests that reach its function (mutmut's per-test
+selection), widened here to every test of the files those tests are in: a module- or
+session-scoped fixture runs inside the first test that needs it, so mutmut credits the
+functions it calls to that test alone, and the file's other tests, which check what the
+fixture built, would never meet those functions' mutants. With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
 (mutants of functions whose source changed are made again and run). After adding tests,
 ``--keep --retest-survivors`` runs again only the mutants that survived (or had no test),
 with the current tests: a killed verdict stays valid while the source is unchanged and
@@ -89,6 +92,22 @@ def _soft(mutant_names):
     known = m.state().tests_by_mangled_function_name
     return _orig([n for n in mutant_names if "*" in n or m.mangled_name_from_mutant_name(n) in known])
 m.tests_for_mutant_names = _soft
+# mutmut credits a function to the tests during which it ran. A module- or session-scoped
+# fixture runs inside the first test that needs it, so the other tests of that file that
+# check the fixture's result are not credited, and a mutant of a function only such a
+# fixture calls would never meet the tests that check it. Each function is therefore
+# also tested with every other test of the files that reach it.
+_load = m.collect_or_load_stats
+def _with_whole_files(*a, **k):
+    _load(*a, **k)
+    st = m.state()
+    by_file = {}
+    for t in st.duration_by_test:
+        by_file.setdefault(t.split("::")[0], set()).add(t)
+    for tests in st.tests_by_mangled_function_name.values():
+        for f in {t.split("::")[0] for t in tests}:
+            tests |= by_file.get(f, set())
+m.collect_or_load_stats = _with_whole_files
 argv = ["run"] + (["--max-children", str(args["max_children"])] if args["max_children"] else []) + names
 m.cli(argv, prog_name="mutmut")
 """
@@ -276,7 +295,7 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
         "# Mutation testing",
         "",
         f"Written by `scripts/mutation.py` on {now} with mutmut {version}, fast suite (`-m \"not slow\"`), "
-        "each mutant run against only the tests that reach its function.",
+        "each mutant run against the tests of every test file that reaches its function.",
         "",
         f"- Scope: {', '.join(f'`{s}`' for s in scope)}",
         f"- Tests: {', '.join(f'`{t}`' for t in tests)}",

@@ -251,3 +251,13 @@ def test_the_memory_refusal_states_each_part_in_readable_units() -> None:
     assert budget.Estimate(0, 0, 103 * 2**20, 0).describe() == "activations 0.1 GiB"
     assert budget.Estimate(0, 0, 0, 7 * 2**31).describe() == "logits 14.0 GiB"
     budget.check_memory(make_scenario(), need, available=need.total, force=False)  # exactly enough: no refusal
+
+
+def test_preflight_checks_memory_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``preflight`` (public: a caller checks a scenario before loading a store) applies
+    the memory check by default; only ``force=True`` skips it."""
+    monkeypatch.setattr(budget, "available_memory", lambda device=None: 1024)
+    sc, loaded = make_scenario(generation={"max_new_tokens": 2}), loaded_tiny("llama")
+    with pytest.raises(ResourceError, match="but 0.0 MiB is available"):
+        preflight(sc, loaded)
+    preflight(sc, loaded, force=True)

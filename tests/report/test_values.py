@@ -340,3 +340,54 @@ def test_reference_block_follows_each_snapshot_role_and_generated_flag(tmp_path:
     shown = [(m["index"], m["role"], m["generated"]) for m in block["messages"]]
     assert shown == [(0, "system", False), (1, "assistant", False), (2, "assistant", True)]
     assert [(r["role"], r["n"]) for r in block["roles"]] == [("assistant", 2)]
+
+
+def test_reference_source_table_lays_out_each_metric_under_its_source() -> None:
+    """Rows are references (their label cell styled as a row label), columns cos / MAE /
+    overlap per source in that order, each the mean given, to 3 decimals."""
+    from actstore.report.run_section import reference_source_table
+
+    rng = np.random.default_rng(0)
+    means = rng.uniform(0, 1, size=(3, 2, 4))  # (metric, reference, source)
+    sources = ["hidden_in", "hidden_out", "attn_out", "mlp_down_out"]
+    t = reference_source_table(means, ["joy", "fear"], sources)
+    assert t.columns == ["reference"] + ["cos", "MAE", "overlap"] * 4
+    assert t.groups == [("", 1)] + [(s, 3) for s in sources]
+    for r, lab in enumerate(["joy", "fear"]):
+        row = t.rows[r]
+        assert (row[0].text, row[0].cls) == (lab, "label")
+        assert [c.text for c in row[1:]] == [f"{means[m, r, s]:.3f}" for s in range(4) for m in range(3)]
+        assert all(c.cls == "num" for c in row[1:])
+
+
+def test_message_texts_are_the_scenarios_messages_and_the_generated_reply(two_run_store: Any,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    """Each message of a captured run is its whole text from the scenario, the reply is the
+    generated text (both read here from the run's Zarr attributes); a run whose scenario
+    holds no messages falls back to each snapshot's stored preview."""
+    from actstore.report.run_section import generated_messages, message_texts
+
+    for run in two_run_store.runs(["all"]):
+        attrs = run_group(two_run_store, run.id).attrs["run"]
+        contents = [m["content"] for m in attrs["scenario"]["prompt"]["messages"]]
+        generated = [s["index"] for s in attrs["snapshots"] if s.get("generated")]
+        assert len(generated) == 1 and attrs["generated_text"]
+        expected = {s["index"]: contents[k] for k, s in enumerate(s for s in attrs["snapshots"]
+                                                                 if not s.get("generated"))}  # fmt: skip
+        expected[generated[0]] = attrs["generated_text"]
+        assert message_texts(run) == expected
+        assert generated_messages(run) == set(generated)
+    import zarr
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(st, n_snapshots=3)
+    assert message_texts(st.run(run_id)) == {0: "m0", 1: "m1", 2: "m2"} and generated_messages(st.run(run_id)) == set()
+    # the last turn marked generated: its text is the run's whole generated text, not its preview
+    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")
+    meta = dict(group.attrs["run"])
+    meta["snapshots"] = [{**sn, "generated": sn["index"] == 2} for sn in meta["snapshots"]]
+    meta["generated_text"] = "a reply longer than its stored preview"
+    group.attrs["run"] = meta
+    again = ActStore.open(tmp_path / "s.zarr").run(run_id)
+    assert message_texts(again) == {0: "m0", 1: "m1", 2: "a reply longer than its stored preview"}
+    assert generated_messages(again) == {2}

@@ -391,3 +391,32 @@ def test_message_texts_are_the_scenarios_messages_and_the_generated_reply(two_ru
     again = ActStore.open(tmp_path / "s.zarr").run(run_id)
     assert message_texts(again) == {0: "m0", 1: "m1", 2: "a reply longer than its stored preview"}
     assert generated_messages(again) == {2}
+
+
+def test_topk_explorer_steps_are_the_runs_own_top_k(tmp_path: Path) -> None:
+    """Per step: its kind ("" when the run does not say, as in older files), the token it
+    generated, and each top-k token with exp(logprob) rounded to 5 places."""
+    import zarr
+
+    from actstore.report.run_section import topk_explorer
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(st, n_steps=3)
+    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")
+    meta = dict(group.attrs["run"])
+    logp = [np.log(0.625), np.log(0.25), np.log(0.125)]
+    meta["steps"] = [
+        {**s, "generated_token": f"t{k}", "top_k": [{"token": f"t{k}", "id": 5, "logprob": logp[0]},
+                                                    {"token": None, "id": 9, "logprob": logp[k % 2 + 1]}]}
+        for k, s in enumerate(meta["steps"])
+    ]  # fmt: skip
+    meta["steps"][0].pop("kind", None)
+    meta["steps"][1]["kind"] = "decode"
+    group.attrs["run"] = meta
+    got = topk_explorer(ActStore.open(tmp_path / "s.zarr").run(run_id))
+    assert got is not None and got["k"] == 2
+    steps = meta["steps"]
+    assert [(s["step"], s["kind"], s["generated"]) for s in got["steps"]] == [
+        (steps[k]["step"], steps[k].get("kind", ""), f"t{k}") for k in range(len(steps))]
+    assert [s["top"] for s in got["steps"]] == [[["t" + str(k), 0.625], ["9", [0.25, 0.125][k % 2]]]
+                                                for k in range(len(steps))]  # fmt: skip

@@ -420,3 +420,28 @@ def test_topk_explorer_steps_are_the_runs_own_top_k(tmp_path: Path) -> None:
         (steps[k]["step"], steps[k].get("kind", ""), f"t{k}") for k in range(len(steps))]
     assert [s["top"] for s in got["steps"]] == [[["t" + str(k), 0.625], ["9", [0.25, 0.125][k % 2]]]
                                                 for k in range(len(steps))]  # fmt: skip
+
+
+def test_inter_section_names_each_pair_by_its_runs(two_run_store: Any) -> None:
+    """The pair's row in each state's overview shows its label (the two runs' labels) and
+    the two run ids; each of the pair's charts is titled with the pair and its state."""
+    import json
+
+    from actstore.report import figures as F
+    from actstore.report.gather import gather
+    from actstore.report.overview_section import STATES, inter_section
+
+    data = gather(two_run_store.runs(["all"]))
+    (a, la), (b, lb) = [(rr.run.id, rr.label) for rr in data.runs]
+    figs = F.Figures()
+    sec = inter_section(data, figs)
+    assert sec is not None and [s["state"] for s in sec["states"]] == list(STATES)
+    for state in sec["states"]:
+        [row] = state["overview"].rows
+        assert [(c.text, c.cls) for c in row[:2]] == [(f"{la}–{lb}", "label"), (f"{a} vs {b}", "mono small")]
+    [pair] = sec["pairs"]
+    assert (pair["label"], pair["a"], pair["b"]) == (f"{la}–{lb}", a, b)
+    assert len(pair["blocks"]) == len(STATES)
+    for block, state in zip(pair["blocks"], STATES, strict=True):
+        for fid in block["charts"]:
+            assert f"{la}–{lb}, {state}" in json.dumps(figs.specs[fid], ensure_ascii=False)

@@ -445,3 +445,7 @@ def test_inter_section_names_each_pair_by_its_runs(two_run_store: Any) -> None:
     for block, state in zip(pair["blocks"], STATES, strict=True):
         for fid in block["charts"]:
             assert f"{la}–{lb}, {state}" in json.dumps(figs.specs[fid], ensure_ascii=False)
+    legend = sec["legend"]
+    assert legend.columns == ["run", "id", "scenario", "generated"]
+    names = {rid: run_group(two_run_store, rid).attrs["run"]["scenario"]["name"] for rid in (a, b)}
+    assert [[c.text for c in r[:3]] for r in legend.rows] == [[la, a, names[a]], [lb, b, names[b]]]

@@ -209,6 +209,21 @@ def test_qkv_maps(tiny: Any) -> None:
     df = pair_maps(a, b, "qkv")
     _check_maps(df, _expected_maps(np_qkv_last(*qa), np_qkv_last(*qb)), 1e-6)  # float32 arithmetic
     assert df["row"].unique().tolist() == run.layers
+    # a choice of layers keeps those rows, in order
+    chosen = run.layers[1:3]
+    part = pair_maps(a, b, "qkv", layers=chosen)
+    idx = [run.layers.index(layer) for layer in chosen]
+    _check_maps(part, _expected_maps(np_qkv_last(*qa)[idx], np_qkv_last(*qb)[idx]), 1e-6)
+    assert part["row"].unique().tolist() == chosen
+
+
+@pytest.mark.parametrize("kind", ["attention", "scores"])
+def test_a_head_out_of_range_names_the_heads_there_are(tiny: Any, kind: str) -> None:
+    heads = tiny.run.meta["model"]["arch"]["num_attention_heads"]
+    a, b = resolve(tiny.store, ["snapshot:2", "reference:joy"])
+    with pytest.raises(SelectionError, match=rf"^layer 1 has heads 0\.\.{heads - 1}, not {heads}$"):
+        pair_maps(a, b, kind, layer=1, head=heads)
+    pair_maps(a, b, kind, layer=1, head=-heads)  # negative heads count from the end, as in NumPy
 
 
 # ---- the CLI -----------------------------------------------------------------------------

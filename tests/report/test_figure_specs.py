@@ -1,0 +1,60 @@
+"""The report's chart specs against Plotly's own schema (``plotly.graph_objects.Figure``
+validates every key and value, so a misspelt or misplaced property fails), and by value:
+titles, heights, series names and values, cell text only where it stays readable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from actstore.report import figures as F
+
+
+def _valid(spec: dict[str, Any]) -> go.Figure:
+    return go.Figure(data=spec["data"], layout=spec["layout"])  # raises on any unknown property
+
+
+def test_line_spec_is_valid_and_carries_each_series() -> None:
+    y0, y1 = np.array([0.1, 0.25, np.nan]), np.array([1.0, -2.0, 3.5])
+    spec = F.line([0, 1, 2], [("hidden_out", y0, "#111111"), ("attn_out", y1, "#222222")],
+                  title="Drift per layer", ytitle="cosine", height=300, markers=True)  # fmt: skip
+    fig = _valid(spec)
+    assert fig.layout.title.text == "Drift per layer" and fig.layout.height == 300
+    assert fig.layout.yaxis.title.text == "cosine" and fig.layout.xaxis.title.text == "layer"
+    assert [t.name for t in fig.data] == ["hidden_out", "attn_out"]
+    assert [t.line.color for t in fig.data] == ["#111111", "#222222"]
+    assert fig.data[0].mode == "lines+markers"
+    assert list(fig.data[0].y) == [0.1, 0.25, None]  # NaN as a gap, not a point
+    assert list(fig.data[1].y) == [1.0, -2.0, 3.5] and list(fig.data[1].x) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("shape", "text"), [((4, 5), True), ((3, 13), False), ((40, 11), False)])
+def test_heatmap_spec_is_valid_and_writes_cell_text_only_when_readable(shape: tuple[int, int], text: bool) -> None:
+    z = np.arange(np.prod(shape), dtype=float).reshape(shape) / 7
+    spec = F.heatmap(z, list(range(shape[1])), [f"r{i}" for i in range(shape[0])], title="Cosine", zmin=0.0,
+                     zmax=2.0, height=410)  # fmt: skip
+    fig = _valid(spec)
+    trace = fig.data[0]
+    assert fig.layout.title.text == "Cosine" and fig.layout.height == 410
+    np.testing.assert_allclose(np.array(trace.z, dtype=float), np.round(z, 4))
+    assert (trace.zmin, trace.zmax) == (0.0, 2.0)
+    assert list(trace.y) == [f"r{i}" for i in range(shape[0])] and list(trace.x) == [str(i) for i in range(shape[1])]
+    assert fig.layout.yaxis.autorange == "reversed"  # first row at the top
+    assert trace.texttemplate == ("%{z:.2f}" if text else None)
+
+
+def test_heatmap_height_follows_rows_when_not_given() -> None:
+    for rows, height in ((2, 220), (20, 510), (60, 900)):
+        spec = F.heatmap(np.zeros((rows, 3)), ["a", "b", "c"], [str(i) for i in range(rows)], title="t")
+        assert _valid(spec).layout.height == height
+
+
+def test_signed_heatmap_and_bars_are_valid() -> None:
+    spec = F.heatmap(np.array([[-1.0, 2.0]]), ["a", "b"], ["r"], title="signed", signed=True)
+    trace = _valid(spec).data[0]
+    assert trace.zmid == 0 and trace.reversescale is False
+    fig = _valid(F.bars(["x", "y"], np.array([0.5, 0.25]), title="Bars", height=200))
+    assert fig.layout.title.text == "Bars" and list(fig.data[0].x) == [0.5, 0.25] and list(fig.data[0].y) == ["x", "y"]

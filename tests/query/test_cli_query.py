@@ -152,3 +152,13 @@ def test_every_query_command_has_help() -> None:
         assert cmd in res.output
         sub = CliRunner().invoke(main, ["query", cmd, "--help"])
         assert sub.exit_code == 0 and "--store" in sub.output
+
+
+def test_a_command_given_the_wrong_number_of_states_lists_them(synth_store: Any) -> None:
+    """``query depth`` takes one state; ``initial`` over three runs is three: the error names
+    them as RUN@STATE, comma separated, and says how to pick one."""
+    ids = synth_store.run_ids()
+    res = CliRunner().invoke(main, ["query", "depth", "initial", "--runs", "all", "--store", str(synth_store.location)])
+    assert res.exit_code == 2
+    shown = ", ".join(f"{i}@initial" for i in ids)
+    assert f"depth takes 1 state(s), got {len(ids)} ({shown}); name one run per state with RUN@STATE" in res.output

@@ -273,6 +273,32 @@ def test_next_token(tiny: Any) -> None:
     some = next_token(run, steps=[-1, 0])
     assert some["step"].tolist() == [run.n_steps - 1, 0]
     np.testing.assert_allclose(some["entropy"], ent[[-1, 0]], atol=1e-10)
+    # each step's generated token is the token the next position holds (the last step's is
+    # in the run's record only: nothing was fed after it)
+    import zarr
+
+    tokens = np.asarray(zarr.open_group(store=str(tiny.store.location), mode="r")[f"runs/{run.id}/tokens"][:])
+    assert df["generated_token"].tolist()[:-1] == [int(tokens[p + 1]) for p in last[:-1]]
+
+
+def test_next_token_of_a_step_without_a_generated_token_is_missing(tiny: Any, tmp_path: Path) -> None:
+    """A step whose record has no generated token (files that do not say) shows <NA>,
+    not an error, and the other steps keep theirs."""
+    import shutil
+
+    import zarr
+
+    from actstore.store.store import ActStore
+
+    shutil.copytree(tiny.store.location, tmp_path / "s.zarr")
+    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{tiny.run.id}", mode="r+")
+    steps = json.loads(np.asarray(group["steps"][:]).tobytes())  # the run's step records, read here
+    kept = steps[0]["generated_token_id"]
+    del steps[-1]["generated_token_id"]
+    group.attrs["run"] = {**group.attrs["run"], "steps": steps}  # how older runs kept them
+    df = next_token(ActStore.open(tmp_path / "s.zarr").run(tiny.run.id))
+    assert df["generated_token"].isna().tolist() == [False] * (len(df) - 1) + [True]
+    assert df["generated_token"].iloc[0] == kept
 
 
 def test_errors(tiny: Any, synth_store: Any) -> None:
@@ -333,3 +359,26 @@ def test_cli_depth_bad_input_is_one_line(synth_store: Any, args: list[str], need
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+
+
+def test_convergence_through_a_zero_vector_is_quietly_undefined(tmp_path: Path) -> None:
+    """A position whose hidden state is zero at one layer has no direction there: the
+    cosine into that layer is NaN, counted as undefined, without a NumPy warning."""
+    import warnings
+
+    import zarr
+
+    from actstore.store.store import ActStore
+    from query.synth import write_synthetic_run
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(st, n_layers=4, prompt_len=6, n_steps=2, width=16, store_dtype="float32")
+    residual = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")["acts/residual"]
+    residual[2, 3] = np.zeros(residual.shape[-1], dtype=residual.dtype)  # hidden_out of layer 1 at position 3
+    (sel,) = resolve(ActStore.open(tmp_path / "s.zarr"), [f"{run_id}@step:0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        df = convergence(sel, "hidden_out")
+    row = df[df["layer"] == 0].iloc[0]
+    assert row["undefined"] == 1 and np.isfinite(row["cos_mean"])
+    assert (df[df["layer"] == 2]["undefined"] == 0).all()

@@ -449,3 +449,30 @@ def test_inter_section_names_each_pair_by_its_runs(two_run_store: Any) -> None:
     assert legend.columns == ["run", "id", "scenario", "generated"]
     names = {rid: run_group(two_run_store, rid).attrs["run"]["scenario"]["name"] for rid in (a, b)}
     assert [[c.text for c in r[:3]] for r in legend.rows] == [[la, a, names[a]], [lb, b, names[b]]]
+
+
+def test_a_reference_with_no_direction_is_never_the_closest(tmp_path: Path) -> None:
+    """A reference whose vectors are all zero has no cosine with anything (NaN): every
+    message's closest reference is another one, the best by NumPy's own count. A run whose
+    metadata does not name its model still reports (it forms its own model group)."""
+    import zarr
+
+    from actstore.report.gather import gather
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=4,
+                                 labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
+    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")
+    for source in SOURCES:
+        refs = group[f"references/{source}"]
+        refs[1] = np.zeros(refs.shape[1:], dtype=refs.dtype)  # "fear"
+    meta = dict(group.attrs["run"])
+    del meta["model"]
+    group.attrs["run"] = meta
+    rr = gather(ActStore.open(tmp_path / "s.zarr").runs(["all"])).runs[0]
+    mr = rr.message_reference
+    assert mr is not None and mr["fear"].isna().all()
+    g = run_group(st, run_id)
+    z = np.nanmean([_svr_cosines(g, s).mean(-1) for s in SOURCES], axis=0)  # (M, R), NaN for fear
+    expected = [["joy", "fear", "calm"][i] for i in np.nanargmax(np.where(np.isnan(z), -np.inf, z), axis=1)]
+    assert "fear" not in expected and mr["best"].tolist() == expected

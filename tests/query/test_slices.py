@@ -140,3 +140,16 @@ def test_memory_follows_the_bins_not_the_slice(tmp_path: Any) -> None:
     assert peak < 56 * 2**20 < whole / 2, f"peak {peak / 2**20:.1f} MiB"
     want = np_block_means(raw(run, "attn_weights")[0, :, :2048, :2048].mean(axis=0), 4, 4)
     np.testing.assert_allclose(img.data, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(("shape", "limits"), [((37, 90), (10, 10)), ((90, 37), (10, 10)), ((30, 8), (4, 50))])
+def test_block_means_of_an_oblong_array(shape: tuple[int, int], limits: tuple[int, int]) -> None:
+    """Rows and columns are binned each by their own factor: at most ``max_rows`` x
+    ``max_cols`` bins, each the NaN-skipping mean of its block."""
+    x = np.random.default_rng(1).normal(size=shape)
+    x[3, 5] = np.nan
+    bins, fr, fc = slices.block_means(x, *limits)
+    assert bins.shape == (math.ceil(shape[0] / fr), math.ceil(shape[1] / fc))
+    assert bins.shape[0] <= limits[0] and bins.shape[1] <= limits[1]
+    assert (fr, fc) == (math.ceil(shape[0] / limits[0]), math.ceil(shape[1] / limits[1]))
+    np.testing.assert_allclose(bins, np_block_means(x, fr, fc), rtol=1e-12, atol=1e-12)

@@ -89,3 +89,16 @@ def test_check_and_gc_on_an_fsspec_store_whose_path_starts_with_a_slash() -> Non
     [g] = collect_garbage(ActStore.open(url), min_age=0)
     assert (g.what, g.where, g.bytes) == ("temp file", f"{naming.CATALOG_PREFIX}/.tmp-abc", 77)
     fs.rm("/checks", recursive=True)
+
+
+def test_generated_text_is_the_runs_own_or_empty(one_run: tuple[Path, str]) -> None:
+    """``generated_text()`` is the text the run's metadata holds (read here with zarr), and
+    an empty string, not "None", for metadata that holds none."""
+    import zarr
+
+    location, run_id = one_run
+    group = zarr.open_group(store=str(location), path=naming.run_path(run_id), mode="r+")
+    text = group.attrs["run"]["generated_text"]
+    assert ActStore.open(location).run(run_id).generated_text() == text
+    group.attrs["run"] = {k: v for k, v in group.attrs["run"].items() if k != "generated_text"}
+    assert ActStore.open(location).run(run_id).generated_text() == ""

@@ -243,3 +243,23 @@ def test_capture_loads_the_scenario_model_itself(tiny_folder: Any, tmp_path: Any
     hout = run.array("hidden_out").compute()
     for layer in range(len(run.layers) - 1):
         np.testing.assert_allclose(hout[layer], out.hidden_states[layer + 1][0].numpy(), atol=ATOL, rtol=1e-4)
+
+
+def test_tokens_and_position_steps_cover_every_fed_position(store: Any) -> None:
+    """``tokens`` holds the prompt's ids then the generated ones that were fed back (not
+    the last, which no pass read); ``position_step`` says which forward pass wrote each
+    position: 0 for the prompt, then 1, 2, ... one per decode step. Both read with zarr,
+    against the chat template's ids and HF's greedy ``generate``."""
+    loaded = loaded_tiny("llama")
+    sc = make_scenario(generation={"max_new_tokens": 5})
+    res = capture_run(sc, store, loaded, progress=False)
+    prompt = render_ids(loaded.tokenizer, MESSAGES)
+    with torch.inference_mode():
+        out = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long))  # fmt: skip
+    generated = out[0, len(prompt):].tolist()
+    group = zarr.open_group(store=str(store.location), path=f"runs/{res.run_id}", mode="r")
+    tokens = np.asarray(group["tokens"][:]).tolist()
+    steps = np.asarray(group["position_step"][:]).tolist()
+    assert tokens == prompt + generated[:-1]
+    assert steps == [0] * len(prompt) + list(range(1, len(generated)))

@@ -202,6 +202,11 @@ def test_the_estimate_counts_what_the_prefill_holds() -> None:
     assert est.logits == out.logits[0].numel() * (4 + 2)
     assert est.activations == layers * t * out.hidden_states[0].shape[-1] * 2
     assert budget.estimate(sites, layers, ["hidden_in"], t, 2, eager=False).attention_scores == 0
+    # embeddings: one more hidden-size row per token, whatever the number of layers
+    width = out.hidden_states[0].shape[-1]
+    with_emb = budget.estimate(sites, layers, ["hidden_in", "embeddings"], t, 2, eager=False)
+    assert with_emb.activations == (layers + 1) * t * width * 2
+    assert budget.estimate(sites, layers, ["embeddings"], t, 4, eager=False).activations == t * width * 4
 
 
 def test_context_limit_reads_each_family_and_unknown_is_none() -> None:

@@ -195,3 +195,26 @@ def test_failed_capture_keeps_a_new_store_another_writer_committed_into(tmp_path
     others = ActStore.open(location).run_ids()
     assert len(others) == 1 and others[0].startswith("synth")  # the other writer's run, readable
     assert ActStore.open(location).run(others[0]).array("hidden_out").shape[0] > 0
+
+
+def test_a_recorder_that_cannot_hook_every_site_removes_the_hooks_it_set() -> None:
+    """Hooks are set layer by layer; when one cannot be (a layer the model does not
+    have), the error is the one that happened and the model is left without any hook."""
+    from actstore.capture.hooks import Recorder
+    from actstore.models.architectures import resolve_sites
+
+    loaded = loaded_tiny("llama", eager=False)
+    sites = resolve_sites(loaded.model)
+    n = len(sites.layers)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in loaded.model.modules())
+
+    before = hooks()
+    with pytest.raises(IndexError):
+        with Recorder(sites, [0, 1, n + 5], {"hidden_in", "hidden_out", "q", "attn_out"}, torch.float32):
+            pass
+    assert hooks() == before
+    with Recorder(sites, [0, 1], {"hidden_in", "hidden_out", "q", "attn_out"}, torch.float32):
+        assert hooks() > before  # the same recorder on real layers does hook
+    assert hooks() == before

@@ -102,3 +102,29 @@ def test_generated_text_is_the_runs_own_or_empty(one_run: tuple[Path, str]) -> N
     assert ActStore.open(location).run(run_id).generated_text() == text
     group.attrs["run"] = {k: v for k, v in group.attrs["run"].items() if k != "generated_text"}
     assert ActStore.open(location).run(run_id).generated_text() == ""
+
+
+def test_a_zarr_group_that_is_not_a_store_is_refused_by_name(tmp_path: Path) -> None:
+    import zarr
+
+    from actstore.errors import StoreError
+
+    zarr.open_group(store=str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreError) as info:
+        ActStore.open(tmp_path / "plain.zarr")
+    assert str(info.value).startswith(f"{tmp_path / 'plain.zarr'}: a Zarr group, but not an actstore store")
+
+
+def test_one_run_is_needed_and_a_name_gives_two(tmp_path: Path) -> None:
+    """``run()`` takes one run: a scenario name whose runs came from two captures names
+    both (an error that says so); a scenario-run id stands for its latest run."""
+    from actstore.errors import RunNotFoundError
+    from query.synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    first = write_synthetic_run(store, name="twice", n_layers=2, prompt_len=4, n_steps=2, width=8)
+    write_synthetic_run(store, name="twice", n_layers=2, prompt_len=4, n_steps=2, width=8, seed=1)
+    write_synthetic_run(store, name="other", n_layers=2, prompt_len=4, n_steps=2, width=8)
+    with pytest.raises(RunNotFoundError, match="'twice' names 2 runs; pick one id"):
+        store.run("twice")
+    assert store.run(first).id == first

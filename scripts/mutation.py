@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     names_file = None
     sample_note = None
     sample_to_run: list[str] = []
+    sample: list[str] = []
     before: dict[str, tuple[int, int]] | None = None
     if args.sample:
         _child({"only_mutate": only, "tests": args.tests, "max_children": args.max_children,
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutmut run exited with {rc}; {args.out} not written", file=sys.stderr)
         return rc
 
-    results = _collect(files, only=set(_draw_sample(files, args.sample, args.seed)) if args.sample else None)
+    results = _collect(files, only=set(sample) if args.sample else None)
     _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note, resumed,
            sample_note=sample_note, before=before)
     print(f"wrote {args.out}")

@@ -9,11 +9,15 @@ model run would be cheap to make, e.g. the out-of-core test.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
 from actstore import naming
 from actstore.store import layout
@@ -137,6 +141,21 @@ def write_synthetic_run(
                           "n_positions": position, "n_steps": n_steps, "layers": layers,
                           "sources": served})  # fmt: skip
     return run_id
+
+
+def raw_run_group(store_path: str | Path, run_id: str) -> zarr.Group:
+    """A run's Zarr group opened for writing straight through zarr, bypassing actstore."""
+    return zarr.open_group(store=str(store_path), path=f"runs/{run_id}", mode="r+")
+
+
+@contextmanager
+def edited_run_meta(store_path: str | Path, run_id: str) -> Iterator[dict[str, Any]]:
+    """Edit a run's stored attributes in place, as an older version or a hand edit would have
+    left them: yields a copy of the ``run`` attribute and writes it back on exit."""
+    group = raw_run_group(store_path, run_id)
+    meta = dict(group.attrs["run"])
+    yield meta
+    group.attrs["run"] = meta
 
 
 def _causal_rows(rng: np.random.Generator, heads: int, first: int, rows: int) -> np.ndarray:

@@ -286,16 +286,16 @@ def test_next_token_of_a_step_without_a_generated_token_is_missing(tiny: Any, tm
     not an error, and the other steps keep theirs."""
     import shutil
 
-    import zarr
-
     from actstore.store.store import ActStore
+    from query.synth import edited_run_meta, raw_run_group
 
     shutil.copytree(tiny.store.location, tmp_path / "s.zarr")
-    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{tiny.run.id}", mode="r+")
+    group = raw_run_group(tmp_path / "s.zarr", tiny.run.id)
     steps = json.loads(np.asarray(group["steps"][:]).tobytes())  # the run's step records, read here
     kept = steps[0]["generated_token_id"]
     del steps[-1]["generated_token_id"]
-    group.attrs["run"] = {**group.attrs["run"], "steps": steps}  # how older runs kept them
+    with edited_run_meta(tmp_path / "s.zarr", tiny.run.id) as meta:
+        meta["steps"] = steps  # how older runs kept them
     df = next_token(ActStore.open(tmp_path / "s.zarr").run(tiny.run.id))
     assert df["generated_token"].isna().tolist() == [False] * (len(df) - 1) + [True]
     assert df["generated_token"].iloc[0] == kept
@@ -366,14 +366,12 @@ def test_convergence_through_a_zero_vector_is_quietly_undefined(tmp_path: Path) 
     cosine into that layer is NaN, counted as undefined, without a NumPy warning."""
     import warnings
 
-    import zarr
-
     from actstore.store.store import ActStore
-    from query.synth import write_synthetic_run
+    from query.synth import raw_run_group, write_synthetic_run
 
     st = ActStore.open(tmp_path / "s.zarr", create=True)
     run_id = write_synthetic_run(st, n_layers=4, prompt_len=6, n_steps=2, width=16, store_dtype="float32")
-    residual = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")["acts/residual"]
+    residual = raw_run_group(tmp_path / "s.zarr", run_id)["acts/residual"]
     residual[2, 3] = np.zeros(residual.shape[-1], dtype=residual.dtype)  # hidden_out of layer 1 at position 3
     (sel,) = resolve(ActStore.open(tmp_path / "s.zarr"), [f"{run_id}@step:0"])
     with warnings.catch_warnings():

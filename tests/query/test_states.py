@@ -12,7 +12,7 @@ from actstore.errors import SelectionError
 from actstore.query import states as S
 
 from .helpers import raw, raw_stack
-from .synth import write_synthetic_run
+from .synth import edited_run_meta, write_synthetic_run
 
 
 def test_parse_states() -> None:
@@ -169,10 +169,8 @@ def test_generated_reply_snapshot(tmp_path: Any) -> None:
     run = store.run(rid)
     with pytest.raises(SelectionError, match=rf"^run {rid} has no generated-reply snapshot \(.*\); its snapshots are 0\.\.3$"):
         S.state_vectors(run, "snapshot:generated", "hidden_out")
-    g = zarr.open_group(store=run.group.store, path=run.group.path, mode="r+")
-    meta = dict(g.attrs["run"])
-    meta["snapshots"][2]["generated"] = True  # the row the index marks, not the last one
-    g.attrs["run"] = meta
+    with edited_run_meta(store.location, rid) as meta:
+        meta["snapshots"][2]["generated"] = True  # the row the index marks, not the last one
     run = store.run(rid)
     assert S.snapshot_row(run, "generated", 4) == 2
     np.testing.assert_array_equal(

@@ -7,7 +7,6 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
-import zarr
 
 from actstore.query.tables import paper_tables
 
@@ -80,18 +79,16 @@ def test_paper_tables_of_partial_runs(tmp_path: Any) -> None:
     # without a preview): the other role's column is NaN, and so is the gap.
     from actstore.store.store import ActStore
 
-    from .synth import write_synthetic_run
+    from .synth import edited_run_meta, write_synthetic_run
 
     store = ActStore.open(tmp_path / "s.zarr", create=True)
     bare = store.run(write_synthetic_run(store, n_layers=2, prompt_len=4, n_steps=2, width=16, labels=()))
     assert set(paper_tables(bare)) == {"intra_run_drift"}
 
     rid = write_synthetic_run(store, n_layers=2, prompt_len=4, n_steps=2, width=16, n_snapshots=2)
-    g = zarr.open_group(store=store.run(rid).group.store, path=store.run(rid).group.path, mode="r+")
-    meta = dict(g.attrs["run"])
-    assert [s["role"] for s in meta["snapshots"]] == ["system", "user"]
-    del meta["snapshots"][1]["content_preview"]
-    g.attrs["run"] = meta
+    with edited_run_meta(store.location, rid) as meta:
+        assert [s["role"] for s in meta["snapshots"]] == ["system", "user"]
+        del meta["snapshots"][1]["content_preview"]
     run = store.run(rid)
     t = paper_tables(run)
     assert t["message_reference"]["preview"].tolist() == ["m0", ""]
@@ -105,8 +102,8 @@ def test_paper_tables_of_partial_runs(tmp_path: Any) -> None:
         assert row["user"] == pytest.approx(user, rel=1e-9)
         assert np.isnan(row["assistant"]) and np.isnan(row["gap"])
 
-    meta["snapshots"][1]["role"] = "assistant"  # now the other role only
-    g.attrs["run"] = meta
+    with edited_run_meta(store.location, rid) as meta:
+        meta["snapshots"][1]["role"] = "assistant"  # now the other role only
     gap = paper_tables(store.run(rid))["role_gap"]
     assert gap["user"].isna().all() and gap["assistant"].notna().all() and gap["gap"].isna().all()
     system_only = write_synthetic_run(store, n_layers=2, prompt_len=4, n_steps=2, width=16, n_snapshots=1)

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from actstore.cli import main
 from actstore.store.store import ActStore
-from query.synth import write_synthetic_run
+from query.synth import edited_run_meta, raw_run_group, write_synthetic_run
 
 from .helpers import SOURCES, cosine, run_group, stacked, vectors_at
 
@@ -321,7 +321,6 @@ def test_reference_block_follows_each_snapshot_role_and_generated_flag(tmp_path:
     """A run whose turns are a system prompt and two assistant turns, the last generated:
     each message keeps its own role and generated flag, and the role averages hold the
     assistant's (2 messages) though the run has no user turn."""
-    import zarr
 
     from actstore.report import figures as F
     from actstore.report.gather import gather
@@ -330,11 +329,9 @@ def test_reference_block_follows_each_snapshot_role_and_generated_flag(tmp_path:
     st = ActStore.open(tmp_path / "store.zarr", create=True)
     run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=3,
                                  labels=("joy", "fear"), store_dtype="float32")  # fmt: skip
-    group = zarr.open_group(store=str(tmp_path / "store.zarr"), path=f"runs/{run_id}", mode="r+")
-    meta = dict(group.attrs["run"])
-    meta["snapshots"] = [{**s, "role": "system" if k == 0 else "assistant", "generated": k == 2}
-                         for k, s in enumerate(meta["snapshots"])]  # fmt: skip
-    group.attrs["run"] = meta
+    with edited_run_meta(tmp_path / "store.zarr", run_id) as meta:
+        meta["snapshots"] = [{**s, "role": "system" if k == 0 else "assistant", "generated": k == 2}
+                             for k, s in enumerate(meta["snapshots"])]  # fmt: skip
     rr = gather(ActStore.open(tmp_path / "store.zarr").runs(["all"])).runs[0]
     block = reference_block(rr, F.Figures())
     shown = [(m["index"], m["role"], m["generated"]) for m in block["messages"]]
@@ -377,17 +374,14 @@ def test_message_texts_are_the_scenarios_messages_and_the_generated_reply(two_ru
         expected[generated[0]] = attrs["generated_text"]
         assert message_texts(run) == expected
         assert generated_messages(run) == set(generated)
-    import zarr
 
     st = ActStore.open(tmp_path / "s.zarr", create=True)
     run_id = write_synthetic_run(st, n_snapshots=3)
     assert message_texts(st.run(run_id)) == {0: "m0", 1: "m1", 2: "m2"} and generated_messages(st.run(run_id)) == set()
     # the last turn marked generated: its text is the run's whole generated text, not its preview
-    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")
-    meta = dict(group.attrs["run"])
-    meta["snapshots"] = [{**sn, "generated": sn["index"] == 2} for sn in meta["snapshots"]]
-    meta["generated_text"] = "a reply longer than its stored preview"
-    group.attrs["run"] = meta
+    with edited_run_meta(tmp_path / "s.zarr", run_id) as meta:
+        meta["snapshots"] = [{**sn, "generated": sn["index"] == 2} for sn in meta["snapshots"]]
+        meta["generated_text"] = "a reply longer than its stored preview"
     again = ActStore.open(tmp_path / "s.zarr").run(run_id)
     assert message_texts(again) == {0: "m0", 1: "m1", 2: "a reply longer than its stored preview"}
     assert generated_messages(again) == {2}
@@ -396,23 +390,20 @@ def test_message_texts_are_the_scenarios_messages_and_the_generated_reply(two_ru
 def test_topk_explorer_steps_are_the_runs_own_top_k(tmp_path: Path) -> None:
     """Per step: its kind ("" when the run does not say, as in older files), the token it
     generated, and each top-k token with exp(logprob) rounded to 5 places."""
-    import zarr
 
     from actstore.report.run_section import topk_explorer
 
     st = ActStore.open(tmp_path / "s.zarr", create=True)
     run_id = write_synthetic_run(st, n_steps=3)
-    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")
-    meta = dict(group.attrs["run"])
     logp = [np.log(0.625), np.log(0.25), np.log(0.125)]
-    meta["steps"] = [
-        {**s, "generated_token": f"t{k}", "top_k": [{"token": f"t{k}", "id": 5, "logprob": logp[0]},
-                                                    {"token": None, "id": 9, "logprob": logp[k % 2 + 1]}]}
-        for k, s in enumerate(meta["steps"])
-    ]  # fmt: skip
-    meta["steps"][0].pop("kind", None)
-    meta["steps"][1]["kind"] = "decode"
-    group.attrs["run"] = meta
+    with edited_run_meta(tmp_path / "s.zarr", run_id) as meta:
+        meta["steps"] = [
+            {**s, "generated_token": f"t{k}", "top_k": [{"token": f"t{k}", "id": 5, "logprob": logp[0]},
+                                                        {"token": None, "id": 9, "logprob": logp[k % 2 + 1]}]}
+            for k, s in enumerate(meta["steps"])
+        ]  # fmt: skip
+        meta["steps"][0].pop("kind", None)
+        meta["steps"][1]["kind"] = "decode"
     got = topk_explorer(ActStore.open(tmp_path / "s.zarr").run(run_id))
     assert got is not None and got["k"] == 2
     steps = meta["steps"]
@@ -455,20 +446,18 @@ def test_a_reference_with_no_direction_is_never_the_closest(tmp_path: Path) -> N
     """A reference whose vectors are all zero has no cosine with anything (NaN): every
     message's closest reference is another one, the best by NumPy's own count. A run whose
     metadata does not name its model still reports (it forms its own model group)."""
-    import zarr
 
     from actstore.report.gather import gather
 
     st = ActStore.open(tmp_path / "s.zarr", create=True)
     run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=4,
                                  labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
-    group = zarr.open_group(store=str(tmp_path / "s.zarr"), path=f"runs/{run_id}", mode="r+")
+    group = raw_run_group(tmp_path / "s.zarr", run_id)
     for source in SOURCES:
         refs = group[f"references/{source}"]
         refs[1] = np.zeros(refs.shape[1:], dtype=refs.dtype)  # "fear"
-    meta = dict(group.attrs["run"])
-    del meta["model"]
-    group.attrs["run"] = meta
+    with edited_run_meta(tmp_path / "s.zarr", run_id) as meta:
+        del meta["model"]
     rr = gather(ActStore.open(tmp_path / "s.zarr").runs(["all"])).runs[0]
     mr = rr.message_reference
     assert mr is not None and mr["fear"].isna().all()

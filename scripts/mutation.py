@@ -26,8 +26,8 @@ session-scoped fixture runs inside the first test that needs it, so mutmut credi
 functions it calls to that test alone, and the file's other tests, which check what the
 fixture built, would never meet those functions' mutants. With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
 (mutants of functions whose source changed are made again and run). After adding tests,
-``--keep --retest-survivors`` runs again only the mutants that survived (or had no test),
-with the current tests: a killed verdict stays valid while the source is unchanged and
+``--keep --retest-survivors`` runs again only the mutants that survived (or had no test)
+and are not listed as equivalent, with the current tests: a killed verdict stays valid while the source is unchanged and
 tests are only added. ``[tool.mutmut]`` in pyproject.toml holds the defaults (fast suite, files copied
 alongside the tests); this script narrows ``only_mutate`` (``--package``/``--paths``) and the
 test selection (``--tests``) for one run by overriding mutmut's loaded configuration.
@@ -274,7 +274,7 @@ def _listed_equivalents(section: str) -> set[tuple[str, str]]:
 
 def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
            partial_note: str | None, resumed: str | None = None, sample_note: str | None = None,
-           before: dict[str, tuple[int, int]] | None = None) -> None:
+           before: dict[str, tuple[int, int]] | None = None, seed: int | None = None) -> None:
     equivalents = _keep_equivalents(out)
     listed = _listed_equivalents(equivalents)
     by_pkg: dict[str, Counter] = defaultdict(Counter)
@@ -292,7 +292,7 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
                 survivors[pkg].append(f"- `{path}:{line}` {desc}{tag}  \n  mutant `{key}`")
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# Mutation testing",
+        "# Mutation testing" + (f": the draw of seed {seed}" if seed is not None else ""),
         "",
         f"Written by `scripts/mutation.py` on {now} with mutmut {version}, fast suite (`-m \"not slow\"`), "
         "each mutant run against the tests of every test file that reaches its function.",
@@ -432,8 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.retest_survivors:
             # the same draw as before (same seed): run again only its survivors
             previous = _collect(files, only=set(sample))
-            sample_to_run = [k for rows in previous.values() for k, status, _ in rows
-                             if status in ("survived", "no tests")]
+            # a survivor listed as equivalent cannot be killed: running it again would only
+            # spend the longest test run there is (every reaching test passes) to learn that
+            listed = _listed_equivalents(_keep_equivalents(args.out))
+            sample_to_run = [k for path, rows in previous.items() for k, status, _ in rows
+                             if status in ("survived", "no tests")
+                             and (f"{_package_of(path)}/{Path(path).name}", k.rsplit(".", 1)[-1]) not in listed]
             before = _scores(previous)
             resumed = (f"`--keep --retest-survivors`: the draw's {len(sample_to_run)} survived / untested "
                        "mutants run again with today's tests; the other verdicts kept (same source)")
@@ -459,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = _collect(files, only=set(sample) if args.sample else None)
     _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note, resumed,
-           sample_note=sample_note, before=before)
+           sample_note=sample_note, before=before, seed=args.seed if args.sample else None)
     print(f"wrote {args.out}")
     return 0
 

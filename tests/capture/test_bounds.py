@@ -130,9 +130,10 @@ def test_a_capture_that_fits_still_works_under_the_limit(models: dict[str, Path]
     "extra,needles",
     [
         ({"generation": {"max_new_tokens": MAX_POSITIONS}},
-         ["generation.max_new_tokens", f"is {MAX_POSITIONS},", "or lower generation.max_new_tokens"]),
+         ["generation.max_new_tokens", f"is {MAX_POSITIONS},",
+          "(shorten prompt.messages or lower generation.max_new_tokens)"]),
         ({"reference_states": [{"label": "long", "messages": [{"role": "user", "content": "hi " * 600}]}]},
-         ["reference_states[0].messages", f"handles {MAX_POSITIONS}", "shorten that reference's messages"]),
+         ["reference_states[0].messages", f"handles {MAX_POSITIONS}", "(shorten that reference's messages)"]),
     ],
 )  # fmt: skip
 def test_context_errors_name_the_field(models: dict[str, Path], tmp_path: Path, extra: dict[str, Any],

@@ -186,6 +186,23 @@ def test_tiny_references_carry_qkv_last(tiny: tuple[ActStore, list[Any], Path]) 
             _check_qkv_last(runs[1], "reference", label, npz["qkv_last"])  # a later run follows references_run
 
 
+def test_a_scenario_run_id_opens_its_latest_run(tiny: tuple[ActStore, list[Any], Path], tmp_path: Path) -> None:
+    """Imported into a store that already holds another run, the export's three runs keep
+    their scenario run, whose id is no run's id there: ``run()`` given it opens the last
+    of the three (one scenario run, not three matches), and the other run stays apart."""
+    from query.synth import write_synthetic_run
+
+    _, runs, out = tiny
+    scenario_run = runs[0].meta["scenario_run"]
+    store = ActStore.open(tmp_path / "b.zarr", create=True)
+    other = write_synthetic_run(store, name="other", n_layers=2, prompt_len=4, n_steps=2, width=8)
+    ids = import_npz_dirs(store, read_seed_dirs(out), quiet=True)
+    assert len(ids) == 3 and scenario_run not in store.run_ids()
+    assert [store.run(i).meta["scenario_run"] for i in ids] == [scenario_run] * 3
+    assert store.run(scenario_run).id == ids[-1]
+    assert store.run(other).id == other
+
+
 def test_runs_recorded_before_message_prefix_get_the_same_names(
     tiny: tuple[ActStore, list[Any], Path], tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ NaN. :class:`SvrCube` is that cube for one run's snapshots-vs-references answer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,7 +65,9 @@ class SvrCube:
     def message_reference(self) -> pd.DataFrame:
         """message, role, preview, one column per reference (cosine averaged over layers
         within each source, then over sources), best: as ``reference_tables``."""
-        z = np.nanmean(np.nanmean(self.values[0], axis=-1), axis=-1)  # (M, R)
+        with warnings.catch_warnings():  # a reference with no direction: NaN, as intended
+            warnings.simplefilter("ignore", RuntimeWarning)
+            z = np.nanmean(np.nanmean(self.values[0], axis=-1), axis=-1)  # (M, R)
         df = pd.DataFrame({"message": self.messages, "role": self.roles, "preview": self.previews})
         for r, lab in enumerate(self.labels):
             df[lab] = z[:, r]

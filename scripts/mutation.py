@@ -272,6 +272,31 @@ def _listed_equivalents(section: str) -> set[tuple[str, str]]:
     return listed
 
 
+def _first_pass_scores(out: Path, seed: int) -> dict[str, tuple[int, int]] | None:
+    """(killed, run) per package of the draw's first pass, as an earlier retest of the same
+    seed wrote them to ``out`` (its "score before the retest" column), so that every later
+    retest compares with the suite the draw first met, not with the retest before it."""
+    if not out.exists():
+        return None
+    lines = out.read_text().splitlines()
+    if not lines or lines[0] != f"# Mutation testing: the draw of seed {seed}":
+        return None
+    header = next((line for line in lines if line.startswith("| package |")), None)
+    if header is None or "score before the retest" not in header:
+        return None
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    at, n_at = cols.index("score before the retest"), cols.index("mutants")
+    first: dict[str, tuple[int, int]] = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(cols) and cells[0] in PACKAGES:
+            pct = re.match(r"([\d.]+)%", cells[at])
+            if pct:
+                n = int(cells[n_at])
+                first[cells[0]] = (round(float(pct.group(1)) * n / 100), n)
+    return first or None
+
+
 def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
            partial_note: str | None, resumed: str | None = None, sample_note: str | None = None,
            before: dict[str, tuple[int, int]] | None = None, seed: int | None = None) -> None:
@@ -438,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             sample_to_run = [k for path, rows in previous.items() for k, status, _ in rows
                              if status in ("survived", "no tests")
                              and (f"{_package_of(path)}/{Path(path).name}", k.rsplit(".", 1)[-1]) not in listed]
-            before = _scores(previous)
+            before = _first_pass_scores(args.out, args.seed) or _scores(previous)
             resumed = (f"`--keep --retest-survivors`: the draw's {len(sample_to_run)} survived / untested "
                        "mutants run again with today's tests; the other verdicts kept (same source)")
         else:

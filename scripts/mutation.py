@@ -272,6 +272,15 @@ def _listed_equivalents(section: str) -> set[tuple[str, str]]:
     return listed
 
 
+def _title(seed: int | None) -> str:
+    return "# Mutation testing" + (f": the draw of seed {seed}" if seed is not None else "")
+
+
+def _equivalent_key(path: str, mutant: str) -> tuple[str, str]:
+    """How the Equivalent section names a mutant: its ``package/file.py`` heading and name."""
+    return f"{_package_of(path)}/{Path(path).name}", mutant.rsplit(".", 1)[-1]
+
+
 def _first_pass_scores(out: Path, seed: int) -> dict[str, tuple[int, int]] | None:
     """(killed, run) per package of the draw's first pass, as an earlier retest of the same
     seed wrote them to ``out`` (its "score before the retest" column), so that every later
@@ -279,7 +288,7 @@ def _first_pass_scores(out: Path, seed: int) -> dict[str, tuple[int, int]] | Non
     if not out.exists():
         return None
     lines = out.read_text().splitlines()
-    if not lines or lines[0] != f"# Mutation testing: the draw of seed {seed}":
+    if not lines or lines[0] != _title(seed):
         return None
     header = next((line for line in lines if line.startswith("| package |")), None)
     if header is None or "score before the retest" not in header:
@@ -311,13 +320,13 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
             if diff is not None:
                 line, desc = _mutant_line(ROOT / path, key, diff)
                 tag = " (no fast test reaches it)" if status == "no tests" else ""
-                if (f"{pkg}/{Path(path).name}", key.rsplit(".", 1)[-1]) in listed:
+                if _equivalent_key(path, key) in listed:
                     by_pkg[pkg]["listed"] += 1
                     tag += " (listed as equivalent)"
                 survivors[pkg].append(f"- `{path}:{line}` {desc}{tag}  \n  mutant `{key}`")
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# Mutation testing" + (f": the draw of seed {seed}" if seed is not None else ""),
+        _title(seed),
         "",
         f"Written by `scripts/mutation.py` on {now} with mutmut {version}, fast suite (`-m \"not slow\"`), "
         "each mutant run against the tests of every test file that reaches its function.",
@@ -462,10 +471,11 @@ def main(argv: list[str] | None = None) -> int:
             listed = _listed_equivalents(_keep_equivalents(args.out))
             sample_to_run = [k for path, rows in previous.items() for k, status, _ in rows
                              if status in ("survived", "no tests")
-                             and (f"{_package_of(path)}/{Path(path).name}", k.rsplit(".", 1)[-1]) not in listed]
+                             and _equivalent_key(path, k) not in listed]
             before = _first_pass_scores(args.out, args.seed) or _scores(previous)
             resumed = (f"`--keep --retest-survivors`: the draw's {len(sample_to_run)} survived / untested "
-                       "mutants run again with today's tests; the other verdicts kept (same source)")
+                       "mutants (those not listed as equivalent) run again with today's tests; the other "
+                       "verdicts kept (same source)")
         else:
             # with --keep, a mutant of the draw that has a verdict keeps it (a larger --sample
             # extends the draw and runs only the new ones)

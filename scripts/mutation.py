@@ -63,6 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("capture", "store", "query", "report")
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mutation.md"
 EQUIV_HEADER = "## Equivalent mutants"
+# mutants/ of a full run is ~9 GiB and the tests' temporary folders grow by several more
+MIN_FREE_GIB = 20.0
 
 # Runs inside a child interpreter: load mutmut's configuration from pyproject.toml, narrow it
 # for this run, then hand over to mutmut's own command line (`mutmut run`).
@@ -272,6 +274,22 @@ def _listed_equivalents(section: str) -> set[tuple[str, str]]:
     return listed
 
 
+def _too_little_space(min_free_gib: float = MIN_FREE_GIB) -> str | None:
+    """Why a run should not start, or None. Every mutant's tests write pytest temporary folders
+    (tiny-model captures) that pile up under the temporary directory when a mutant is killed
+    mid-run; a full disk then fails every test with ENOSPC, which mutmut reports as "Failed to
+    run clean test" or as mutants killed for the wrong reason."""
+    import tempfile
+
+    for where in (ROOT, Path(tempfile.gettempdir())):
+        free = shutil.disk_usage(where).free / 2**30
+        if free < min_free_gib:
+            return (f"mutation: only {free:.1f} GiB free under {where}; a run needs {min_free_gib:.0f} GiB "
+                    f"(fix: delete old pytest folders, e.g. {tempfile.gettempdir()}/pytest-of-*/, "
+                    "or mutants/ from an earlier run)")
+    return None
+
+
 def _title(seed: int | None) -> str:
     return "# Mutation testing" + (f": the draw of seed {seed}" if seed is not None else "")
 
@@ -423,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         only = [f"src/actstore/{p}/*" for p in pkgs]
     if args.retest_survivors and not args.keep:
         ap.error("--retest-survivors needs --keep")
+    if (problem := _too_little_space()) is not None:
+        print(problem, file=sys.stderr)
+        return 2
     if not args.keep and (ROOT / "mutants").exists():
         shutil.rmtree(ROOT / "mutants")
 

@@ -18,8 +18,9 @@ import pytest
 
 from actstore.store.store import ActStore
 from actstore.view import serve
+from actstore.view.limits import Slots
 from actstore.view.security import Policy, split_host
-from actstore.view.server import Slots, ViewServer, scrub
+from actstore.view.server import ViewServer, scrub
 from query.synth import write_synthetic_run
 
 

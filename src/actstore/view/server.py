@@ -17,9 +17,9 @@ Safety (the rules are :mod:`actstore.view.security`'s):
   Host and Origin checked on every request; a POST needs the token in a header;
 * heavy routes run at most ``slots`` at a time in worker threads, each holding its slot
   until its answer is sent; up to ``queue`` more wait, and beyond that (or after
-  ``QUEUE_WAIT_S``) a request is answered 503 with ``Retry-After``. So memory is bounded
+  ``limits.QUEUE_WAIT_S``) a request is answered 503 with ``Retry-After``. So memory is bounded
   by slots x what one answer needs (a heatmap: its bins, ``query.slices``; the lab's
-  analyses: ``api.MAX_REQUEST_BYTES``) plus the answer cache (``CACHE_BYTES``);
+  analyses: ``api.MAX_REQUEST_BYTES``) plus the answer cache (``limits.CACHE_BYTES``);
 * a request's head must arrive within ``header_timeout`` seconds (a silent or trickling
   connection is closed), idle keep-alive connections close after 5 s, at most
   ``MAX_CONNECTIONS`` are open, heads are at most 16 KiB (uvicorn's h11 limit) and a
@@ -31,7 +31,6 @@ Safety (the rules are :mod:`actstore.view.security`'s):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
@@ -39,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -57,29 +55,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actstore.errors import ActstoreError, SelectionError
 from actstore.view.app import ROUTES, Params, ViewApp
+from actstore.view.limits import CACHE_BYTES, AnswerCache, Slots, default_slots
 from actstore.view.security import TOKEN_HEADER, Policy, is_loopback
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8"}  # fmt: skip
 MAX_BODY = 64 * 2**10  # bytes of a POST body
 MAX_CONNECTIONS = 512  # open connections (uvicorn answers 503 beyond)
-QUEUE_WAIT_S = 30.0  # longest wait for a slot before a 503
 SEND_TIMEOUT_S = 60.0  # longest a client may take to read an answer that holds a slot
 BODY_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 1
-CACHE_BYTES = 64 * 2**20  # encoded answers kept (a 512 x 512 heatmap is ~2.5 MB)
 _PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
              "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
              "frame-ancestors 'none'; form-action 'none'")  # fmt: skip
 _COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                    "X-Frame-Options": "DENY", "Cross-Origin-Resource-Policy": "same-origin"}  # fmt: skip
-
-
-def default_slots() -> int:
-    """Heavy requests at once: 2 to 4, following the machine's cores."""
-    import os
-
-    return max(2, min(4, (os.cpu_count() or 2) // 2))
 
 
 @cache
@@ -152,80 +142,6 @@ class _Guard:
             return
         scope.setdefault("state", {})["authenticated"] = self.policy.authenticated(query, headers)
         await self.app(scope, receive, send)
-
-
-# ---- the slots heavy requests run in ----------------------------------------------------
-class Slots:
-    """At most ``n`` heavy requests at once; at most ``queue`` more wait (each up to
-    ``wait_s``); the rest are turned away (503)."""
-
-    def __init__(self, n: int, queue: int, wait_s: float = QUEUE_WAIT_S):
-        self.n, self.queue, self.wait_s = n, queue, wait_s
-        self._sem = asyncio.Semaphore(n)
-        self.waiting = 0
-        self.busy = 0
-
-    async def acquire(self) -> bool:
-        if self._sem.locked() and self.waiting >= self.queue:
-            return False
-        self.waiting += 1
-        try:
-            async with asyncio.timeout(self.wait_s):
-                await self._sem.acquire()
-        except TimeoutError:
-            return False
-        finally:
-            self.waiting -= 1
-        self.busy += 1
-        return True
-
-    def release(self) -> None:
-        self.busy -= 1
-        self._sem.release()
-
-
-class AnswerCache:
-    """Encoded answers of GET routes, most recent kept, up to ``max_bytes`` in all (0:
-    no cache). The store's runs do not change once committed, so an answer stays right;
-    the page asks for the same heatmap again whenever a control goes back and forth.
-    One computation per key at a time: a request for a key being computed waits for it
-    instead of computing it again (so a burst of identical heavy requests costs one)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[Any, bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-        self._running: dict[Any, threading.Event] = {}
-        self.hits = self.misses = 0
-
-    def get_or_compute(self, key: Any, compute: Callable[[], tuple[int, bytes]]) -> tuple[int, bytes]:
-        if self.max_bytes <= 0:
-            return compute()
-        while True:
-            with self._lock:
-                if key in self._items:
-                    self._items.move_to_end(key)
-                    self.hits += 1
-                    return 200, self._items[key]
-                running = self._running.get(key)
-                if running is None:
-                    self._running[key] = threading.Event()
-                    self.misses += 1
-                    break
-            running.wait()  # then: cached, or it failed and this request computes it itself
-        try:
-            status, body = compute()
-            if status == 200 and len(body) <= self.max_bytes // 4:
-                with self._lock:
-                    self._items[key] = body
-                    self._size += len(body)
-                    while self._size > self.max_bytes:
-                        self._size -= len(self._items.popitem(last=False)[1])
-            return status, body
-        finally:
-            with self._lock:
-                self._running.pop(key).set()
 
 
 class _HeldResponse(Response):

@@ -81,7 +81,11 @@ def test_effective_depth_is_the_start_of_the_settled_tail() -> None:
     })  # fmt: skip
     row = effective_depth(conv).iloc[0]
     assert row["effective_depth_last"] == 2 and pd.isna(row["effective_depth_mean"])
-    assert effective_depth(conv, threshold=0.97).iloc[0]["effective_depth_mean"] == 0
+    assert (row["run"], row["state"], row["source"], row["threshold"]) == ("r", "s", "hidden_out", 0.99)
+    lower = effective_depth(conv, threshold=0.97)
+    assert list(lower.columns) == ["run", "state", "source", "threshold", "effective_depth_last",
+                                   "effective_depth_mean"]  # fmt: skip
+    assert lower.iloc[0]["effective_depth_mean"] == 0 and lower.iloc[0]["threshold"] == 0.97
 
 
 def test_effective_depth_on_a_run(tiny: Any) -> None:

@@ -116,3 +116,63 @@ def test_errors(two_run_store: Any, tmp_path: Path) -> None:
         H.write_heatmaps(run, "hidden_out", [0], [0], cmap="nope", out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown source"):
         H.write_heatmaps(run, "bogus", [0], [0], out=tmp_path, progress=False)
+
+
+def test_the_package_serves_its_two_entry_points_and_nothing_else() -> None:
+    """``actstore.report`` imports its entry points on first use (so the progress module
+    stays light): each name gives its own function, any other name is an AttributeError."""
+    import actstore.report as report
+    from actstore.report.build import build_report
+    from actstore.report.heatmaps import write_heatmaps
+
+    assert report.build_report is build_report and report.write_heatmaps is write_heatmaps
+    with pytest.raises(AttributeError):
+        report.make_report  # noqa: B018 - the lookup is the test
+    assert not hasattr(report, "heatmaps_of")
+
+
+@pytest.mark.parametrize("ylabel", ["token position", "query position"])
+def test_position_rows_are_labelled_by_their_positions(tmp_path: Path, monkeypatch: Any, ylabel: str) -> None:
+    """A slice of rows starting at position 20 is drawn with its y axis running from
+    position 20 (top) to 29 (bottom), one row per position, whatever the bins it holds;
+    other axes (a grid of one position's vector) count from 0."""
+    from matplotlib.figure import Figure
+
+    from actstore.report.heatmaps import render_png
+
+    drawn: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **_: drawn.append(
+        (fig.axes[0].images[0].get_extent(), fig.axes[0].get_ylim())))  # fmt: skip
+    data = np.arange(60, dtype=np.float32).reshape(10, 6)
+    render_png(data, tmp_path / "a.png", "t", "dim", ylabel, "viridis", 0.0, 59.0, first_position=20)
+    render_png(data[:5, :3], tmp_path / "b.png", "t", "dim", ylabel, "viridis", 0.0, 59.0, first_position=20,
+               shape=(10, 6))  # bin means of the same slice  # fmt: skip
+    render_png(data, tmp_path / "c.png", "t", "column", "row", "viridis", 0.0, 59.0, first_position=20)
+    (ext_a, ylim_a), (ext_b, ylim_b), (ext_c, ylim_c) = drawn
+    assert tuple(ext_a) == tuple(ext_b) == (-0.5, 5.5, 29.5, 19.5)
+    assert tuple(ylim_a) == tuple(ylim_b) == (29.5, 19.5)
+    assert tuple(ext_c) == (-0.5, 5.5, 9.5, -0.5) and tuple(ylim_c) == (9.5, -0.5)
+
+
+def test_a_global_source_is_one_image_per_step(two_run_store: Any, tmp_path: Path) -> None:
+    """Logits have no layer: one image per step, named by the step alone, drawn as the
+    step's positions x vocabulary."""
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    assert "logits" in run.sources and run.n_steps >= 2
+    planned = H.plan_slices(run, "logits", None, [1, 0, -1], False, tmp_path)
+    base = tmp_path / run.id / "logits"
+    last = run.n_steps - 1
+    assert planned == [H.Slice(None, 1, None, base / "step_001.png", "logits · step 1"),
+                       H.Slice(None, 0, None, base / "step_000.png", "logits · step 0"),
+                       H.Slice(None, last, None, base / f"step_{last:03d}.png", f"logits · step {last}")]  # fmt: skip
+    written = H.write_heatmaps(run, "logits", steps=[0], out=tmp_path / "png", progress=False)
+    assert [p.relative_to(tmp_path / "png").as_posix() for p in written] == [f"{run.id}/logits/step_000.png"]
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_png_goes_into_folders_made_for_it(tmp_path: Path) -> None:
+    from actstore.report.heatmaps import render_png
+
+    path = render_png(np.eye(4, dtype=np.float32), tmp_path / "a" / "b" / "c.png", "t", "x", "y", "viridis",
+                      0.0, 1.0)  # fmt: skip
+    assert path == tmp_path / "a" / "b" / "c.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -193,3 +193,33 @@ def torch_cat(parts: list[Any]) -> Any:
     import torch
 
     return torch.cat(parts)
+
+
+def test_check_names_an_array_chunked_unlike_its_marker(tmp_path: Path) -> None:
+    """An array of a segment whose rows or chunking differ from what the commit marker
+    records (a hand edit, a writer of another version) is named with both sides' figures."""
+    import json
+
+    loc = tmp_path / "s.zarr"
+    id_layout(loc, [40], chunk_rows=16, name="lay")
+    meta_file = folder(loc, "lay", "seg000") / "sites/hidden_out.3/zarr.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [16, 4]
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [8, 4]
+    meta_file.write_text(json.dumps(meta))
+    res = _check(loc)
+    assert res.exit_code == 1
+    [line] = [ln for ln in res.output.splitlines() if "hidden_out.3/zarr.json" in ln]
+    assert line.startswith("inconsistent")
+    assert "array of 40 rows in chunks of 8, the marker says 40 in chunks of 16" in line
+
+
+
+def test_opening_a_missing_layout_says_which_exist_and_how_to_make_one(tmp_path: Path) -> None:
+    from actstore.errors import StoreError
+
+    empty = ActStore.open(tmp_path / "empty.zarr", create=True)
+    with pytest.raises(StoreError) as e:
+        TrainLayout.open(empty, "lay")
+    assert str(e.value).endswith("no committed layout 'lay' (the store has no layouts; make one with "
+                                 "`actstore materialize`)")  # fmt: skip

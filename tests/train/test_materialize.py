@@ -103,3 +103,37 @@ def test_cli_materialize_and_its_errors(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["materialize", "all", "--store", str(loc), "--name", "lay",
                                     "--source", "hidden_out", "--layers", "1", "-q"])  # fmt: skip
     assert res.exit_code == 2 and "already holds hidden_out.0, hidden_out.2" in res.output
+
+
+def test_layers_are_a_list_ranges_or_both() -> None:
+    from actstore.errors import SelectionError
+    from actstore.store.materialize import parse_layers
+
+    assert parse_layers("8,16") == [8, 16]
+    assert parse_layers("4-7") == [4, 5, 6, 7]
+    assert parse_layers(" 1-2, 9 ,0-0") == [1, 2, 9, 0]
+    for bad in ("x", "4-", "a-b", "1,,x"):
+        with pytest.raises(SelectionError, match="use a list of layers like 8,16 or a range like 4-7"):
+            parse_layers(bad)
+    with pytest.raises(SelectionError, match="name at least one layer"):
+        parse_layers(" , ")
+
+
+def test_a_derived_source_is_the_product_of_its_stored_parts(tmp_path: Path) -> None:
+    """A gated MLP's ``mlp_down_in`` is not stored: the reader serves ``mlp_act * mlp_up``.
+    Its site in a layout holds that product, computed here with NumPy from the two raw
+    arrays, at the site's own width (24, unlike the run's 32 positions)."""
+    from query.synth import edited_run_meta
+
+    loc = tmp_path / "s.zarr"
+    store = ActStore.open(loc, create=True)
+    rid = write_synthetic_run(store, n_layers=2, prompt_len=30, n_steps=3, width=24, store_dtype="float32",
+                              sources=("mlp_act", "mlp_up"))  # fmt: skip
+    with edited_run_meta(loc, rid) as meta:
+        assert "mlp_down_in" not in meta["sources"]
+        meta["sources"] = [*meta["sources"], "mlp_down_in"]  # served, derived from the two
+    materialize(ActStore.open(loc), ["all"], "lay", ["mlp_down_in"], "1", chunk_rows=8)
+    got = _raw_segment(loc, "lay", rid, "sites/mlp_down_in.1")
+    want = _raw_run(loc, rid, "acts/mlp_act")[1] * _raw_run(loc, rid, "acts/mlp_up")[1]
+    assert got.shape == want.shape == (32, 24) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)

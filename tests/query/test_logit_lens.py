@@ -136,6 +136,28 @@ def test_logit_lens_layers_measures_from_last_captured_layer(tiny: Any, monkeypa
     np.testing.assert_array_equal(df["argmax_id"], expected[: len(chosen)].argmax(-1))
 
 
+
+def test_logit_lens_reads_and_projects_each_layer_once(tiny: Any, monkeypatch: Any) -> None:
+    """Chosen layers that include the last captured one: that read serves as the KL
+    reference too, so no layer is read or sent through the LM head twice."""
+    run, loaded = tiny.run, tiny.loaded
+    chosen = [run.layers[0], run.layers[-1]]
+    reads: list[Any] = []
+    select = lens_module.select
+    monkeypatch.setattr(lens_module, "select", lambda *a, **k: reads.append(a[3]) or select(*a, **k))
+    projected: list[int] = []
+    make_lens = lens_module.lens_function
+
+    def counting_lens(model: Any) -> Any:
+        lens = make_lens(model)
+        return lambda h: projected.append(h.shape[0]) or lens(h)
+
+    monkeypatch.setattr(lens_module, "lens_function", counting_lens)
+    df = logit_lens(run, loaded, steps=[0, 1], top_k=3, layers=chosen)
+    assert reads == [chosen] and projected == [len(chosen)] * 2  # one read; per step, each layer once
+    assert sorted(df["layer"].unique()) == chosen
+    assert (df.loc[df["layer"] == run.layers[-1], "kl_from_final"] == 0).all()
+
 def test_records_are_plain_python() -> None:
     # Columns that hold NumPy scalars (object dtype, as from concatenating mixed frames)
     # still give JSON-ready records.

@@ -66,6 +66,37 @@ def test_garbled_run_metadata_is_one_finding_that_says_so(one_run: tuple[Path, s
     assert result.objects == 0
 
 
+
+def test_array_metadata_missing_or_garbled_is_named_by_which(one_run: tuple[Path, str]) -> None:
+    """An array's own zarr.json deleted is "missing"; one that does not parse is "damaged"."""
+    location, run_id = one_run
+    base = naming.run_path(run_id)
+    tokens = location / base / naming.TOKENS_ARRAY / "zarr.json"
+    tokens.unlink()
+    (location / base / naming.POSITION_STEP_ARRAY / "zarr.json").write_text("{ not json")
+    result = check_store(ActStore.open(location), [run_id], progress=False)
+    what = "array or group metadata is missing or does not parse"
+    assert Finding("missing", f"{base}/{naming.TOKENS_ARRAY}/zarr.json", what, run_id) in result.findings
+    assert Finding("damaged", f"{base}/{naming.POSITION_STEP_ARRAY}/zarr.json", what, run_id) in result.findings
+
+
+def test_the_progress_bar_counts_every_chunk_it_will_decode(one_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar's total is every chunk object the check decodes: the runs' and, store-wide,
+    the train layouts' (counted on disk here), so it ends full, not past its end."""
+    import actstore.report.progress as progress
+    from actstore.store.materialize import materialize
+
+    location, run_id = one_run
+    materialize(ActStore.open(location), [run_id], "lay", ["hidden_out"], "0,1", chunk_rows=4, progress=False)
+    bars: list[object] = []
+    make = progress.bar
+    monkeypatch.setattr(progress, "bar", lambda *a, **k: bars.append(make(*a, **k)) or bars[-1])
+    result = check_store(ActStore.open(location), progress=True)
+    on_disk = len(_chunk_files(location / naming.run_path(run_id))) + len(_chunk_files(location / "layouts"))
+    assert result.ok and len(_chunk_files(location / "layouts")) > 0
+    [pbar] = bars
+    assert pbar.total == pbar.n == on_disk  # type: ignore[attr-defined]
+
 def test_check_and_gc_on_an_fsspec_store_whose_path_starts_with_a_slash() -> None:
     """An in-memory fsspec store (its paths start with "/", unlike S3's): the keys check
     and gc name are relative to the store, and sizes come from the filesystem's listing."""

@@ -226,6 +226,34 @@ def test_runs_recorded_before_message_prefix_get_the_same_names(
             root[naming.run_path(run_id)].attrs["run"] = meta
 
 
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("prompt_index", -1), ("prompt_index", 10**6), ("prompt_index", True), ("prompt_index", 2.0),
+    ("message_prefix", [0, 2]), ("message_prefix", [3, 2]), ("message_prefix", [1, 2.0]),
+    ("message_prefix", [True, 2]), ("message_prefix", [1]),
+])  # fmt: skip
+def test_placement_metadata_out_of_range_is_refused_by_name(
+    tiny: tuple[ActStore, list[Any], Path], tmp_path: Path, key: str, value: Any
+) -> None:
+    """A run's prompt_index and message_prefix become folder names (prompt_<i>_msg<k>of<m>):
+    a value that is no small whole number (a bool, a float, negative, huge) or a prefix
+    that is no [k, m] with 1 <= k <= m is refused, naming the run and the value, and
+    nothing is written."""
+    import shutil
+
+    from query.synth import edited_run_meta
+
+    store, runs, _ = tiny
+    shutil.copytree(store.location, tmp_path / "s.zarr")
+    run_id = runs[0].id
+    with edited_run_meta(tmp_path / "s.zarr", run_id) as meta:
+        meta[key] = value
+    copy = ActStore.open(tmp_path / "s.zarr")
+    want = "is not a number 0 to 999999" if key == "prompt_index" else r"is not \[k, m\] with 1 <= k <= m"
+    with pytest.raises(StoreError, match=rf"run {run_id}: {key} .* {want}"):
+        export_npz(scenario_runs(copy.run(run_id)), tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
 def test_runs_without_full_passes_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     from test_npz import make_seed_dir
 

@@ -339,6 +339,31 @@ def test_reference_block_follows_each_snapshot_role_and_generated_flag(tmp_path:
     assert [(r["role"], r["n"]) for r in block["roles"]] == [("assistant", 2)]
 
 
+
+def test_each_message_chart_is_its_cosine_per_layer(tmp_path: Path) -> None:
+    """Each message's charts (one per source) draw, per reference, the cosine of that
+    message's snapshot with the reference at each layer: NumPy on the raw arrays."""
+    from actstore.report import figures as F
+    from actstore.report.gather import gather
+    from actstore.report.run_section import reference_block
+
+    st = ActStore.open(tmp_path / "store.zarr", create=True)
+    run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=3,
+                                 labels=("joy", "fear"), store_dtype="float32")  # fmt: skip
+    rr = gather(ActStore.open(tmp_path / "store.zarr").runs(["all"])).runs[0]
+    figs = F.Figures()
+    block = reference_block(rr, figs)
+    g = run_group(st, run_id)
+    for k, message in enumerate(block["messages"]):
+        assert len(message["charts"]) == len(SOURCES)
+        for fid, source in zip(message["charts"], SOURCES, strict=True):
+            spec = figs.specs[fid]
+            assert source in spec["layout"]["title"]["text"]
+            want = _svr_cosines(g, source)[k]  # (references, layers)
+            assert [t["name"] for t in spec["data"]] == ["joy", "fear"]
+            # the page holds 4 decimals (figures.num): off by at most 5e-5 each
+            np.testing.assert_allclose([t["y"] for t in spec["data"]], want, rtol=0, atol=5.1e-5)
+
 def test_reference_source_table_lays_out_each_metric_under_its_source() -> None:
     """Rows are references (their label cell styled as a row label), columns cos / MAE /
     overlap per source in that order, each the mean given, to 3 decimals."""

@@ -139,6 +139,9 @@ def test_tiny_capture_exports_activation_labs_layout(tiny: tuple[ActStore, list[
         assert refs["input_token_ids"][label] == runs[0].pass_tokens("reference", label).tolist()
     for run, name in zip(runs, names, strict=True):
         d = out / name
+        # Activation Lab's prompt folder: these entries and no others (no stray folder either)
+        assert sorted(p.name for p in d.iterdir()) == ["conversation_snapshots", "run.json", "steps.json", "tensors"]
+        assert {p.suffix for p in (d / "tensors").iterdir()} == {".npz"}
         run_json = _json(d / "run.json")
         assert list(run_json) == [*RUN_KEYS, "actstore"] and run_json["actstore"]["run_id"] == run.id
         steps = _json(d / "steps.json")["steps"]

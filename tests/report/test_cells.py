@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from actstore.report.cells import Cell, fmt, num_cell, scale_bg, text_cell
+from actstore.report.cells import Cell, fmt, frame_table, num_cell, scale_bg, text_cell
 
 
 @pytest.mark.parametrize("missing", [None, float("nan"), np.float32("nan"), pd.NA])
@@ -29,3 +29,12 @@ def test_numbers_are_written_and_coloured_on_their_scale() -> None:
     assert num_cell(1.0, 0.0, 1.0).bg == "rgba(90,180,60,0.35)" == scale_bg(0.0, 0.0, 1.0, reverse=True)
     assert math.isclose(float(num_cell(0.25, 0.0, 1.0).text), 0.25)
     assert num_cell(0.25, 0.0, 1.0).bg == "rgba(220,120,60,0.35)"  # 60 + 240 * 0.25
+
+
+def test_a_frame_becomes_a_table_of_text_and_numbers() -> None:
+    df = pd.DataFrame({"source": ["a", "b"], "cos": [0.5, 0.25], "n": [3, None]})
+    t = frame_table(df, {"cos": (0.0, 1.0, False)}, digits=2)
+    assert t.columns == ["source", "cos", "n"]
+    assert [[c.text for c in row] for row in t.rows] == [["a", "0.50", "3.00"], ["b", "0.25", "–"]]
+    assert [row[1].bg for row in t.rows] == [scale_bg(0.5, 0.0, 1.0), scale_bg(0.25, 0.0, 1.0)]
+    assert t.rows[0][2].bg is None  # an uncoloured column

@@ -253,6 +253,12 @@ def test_first_screen_closest_reference_sentence(two_run_store: Any, screen: dic
         assert int(m.group(1)) == max(counts.values()) == counts[m.group(3)]
         table = entry["messages"]
         assert [row[2].text for row in table.rows] == best
+        assert [row[3].text for row in table.rows] == [f"{v:.3f}" for v in z.max(1)]
+        # leans toward: the reference this message beats the conversation's mean for by most
+        rel = z - z.mean(0)
+        lean, delta = [labels[i] for i in rel.argmax(1)], rel.max(1)
+        assert [row[4].text for row in table.rows] == [la if d > 0 else "–" for la, d in zip(lean, delta, strict=True)]
+        assert [row[5].text for row in table.rows] == [f"{d:.3f}" if d > 0 else "–" for d in delta]
 
 
 # ---- the compact first screen (more runs than FULL_DETAIL_RUNS) -------------------------------

@@ -58,3 +58,13 @@ def test_signed_heatmap_and_bars_are_valid() -> None:
     assert trace.zmid == 0 and trace.reversescale is False
     fig = _valid(F.bars(["x", "y"], np.array([0.5, 0.25]), title="Bars", height=200))
     assert fig.layout.title.text == "Bars" and list(fig.data[0].x) == [0.5, 0.25] and list(fig.data[0].y) == ["x", "y"]
+
+
+def test_inlined_script_cannot_end_its_element_in_any_case() -> None:
+    """HTML ends a <script> element at ``</script`` in any letter case: each is defused."""
+    from actstore.report.figures import script_safe
+
+    code = 'a="</script>"; b="</SCRIPT >"; c="</ScRiPt"; d="<\\/script>"; e="</scrip"'
+    out = script_safe(code)
+    assert out == 'a="<\\/script>"; b="<\\/SCRIPT >"; c="<\\/ScRiPt"; d="<\\/script>"; e="</scrip"'
+    assert "</script" not in out.lower()

@@ -500,3 +500,50 @@ def test_a_reference_with_no_direction_is_never_the_closest(tmp_path: Path) -> N
     z = np.nanmean([_svr_cosines(g, s).mean(-1) for s in SOURCES], axis=0)  # (M, R), NaN for fear
     expected = [["joy", "fear", "calm"][i] for i in np.nanargmax(np.where(np.isnan(z), -np.inf, z), axis=1)]
     assert "fear" not in expected and mr["best"].tolist() == expected
+
+
+def test_pair_sentence_names_the_most_and_least_similar_pairs(tmp_path: Path) -> None:
+    """Three runs: at the final state of hidden_out, the most and least similar pairs and
+    their mean cosines over layers are NumPy's, from vectors read straight from the Zarr
+    arrays. Also: the inter-run frame is one clean table (index 0..n-1) when the runs come
+    from two models, and with at most OPEN_CARDS_UP_TO runs every run card starts open."""
+    from itertools import combinations
+
+    from actstore.report.build import OPEN_CARDS_UP_TO, build_report
+    from actstore.report.gather import gather
+    from actstore.report.narrative import first_screen
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    ids = [write_synthetic_run(st, name=f"p{i}", seed=i, n_layers=3, prompt_len=5 + i, n_steps=3, width=16,
+                               store_dtype="float32") for i in range(3)]  # fmt: skip
+    data = gather(st.runs(ids))
+    final = {}
+    for rid in ids:
+        g = run_group(st, rid)
+        final[rid] = vectors_at(g, "hidden_out", _position(g, "final"))
+    mean_cos = {(a, b): cosine(final[a], final[b]).mean() for a, b in combinations(ids, 2)}
+    hi, lo = max(mean_cos, key=mean_cos.__getitem__), min(mean_cos, key=mean_cos.__getitem__)
+    assert mean_cos[hi] - mean_cos[lo] > 1e-3
+    [sentence] = first_screen(data)["pairs"]
+    lab = data.labels
+    assert sentence == (
+        f"At the final state (hidden_out), the most similar runs are {' and '.join(sorted(lab[r] for r in hi))}"
+        f" (mean cosine {mean_cos[hi]:.3f} over layers); the least similar are "
+        f"{' and '.join(sorted(lab[r] for r in lo))} ({mean_cos[lo]:.3f})."
+    )
+
+    with edited_run_meta(tmp_path / "s.zarr", ids[2]) as meta:  # a fourth run, of another model
+        meta["model"] = {**meta["model"], "id": "other"}
+    fourth = write_synthetic_run(st, name="p3", seed=3, n_layers=3, prompt_len=5, n_steps=3, width=16,
+                                 store_dtype="float32")  # fmt: skip
+    with edited_run_meta(tmp_path / "s.zarr", fourth) as meta:
+        meta["model"] = {**meta["model"], "id": "other"}
+    two_models = gather(ActStore.open(tmp_path / "s.zarr").runs([*ids, fourth]))
+    assert len({tuple(sorted(p)) for p in two_models.inter[["run_a", "run_b"]].itertuples(index=False)}) == 2
+    assert two_models.inter.index.equals(pd.RangeIndex(len(two_models.inter)))
+
+    assert len(ids) == OPEN_CARDS_UP_TO
+    cards = r'<details class="card run-card" id="run-[^"]+"( open)?>'
+    for runs, opened in ((ids, ["open"] * 3), ([*ids, fourth], [""] * 4)):
+        html = build_report(ActStore.open(tmp_path / "s.zarr"), runs, tmp_path / f"out{len(runs)}", progress=False)
+        assert [m.strip() for m in re.findall(cards, html.read_text())] == opened

@@ -153,3 +153,24 @@ def test_block_means_of_an_oblong_array(shape: tuple[int, int], limits: tuple[in
     assert bins.shape[0] <= limits[0] and bins.shape[1] <= limits[1]
     assert (fr, fc) == (math.ceil(shape[0] / limits[0]), math.ceil(shape[1] / limits[1]))
     np.testing.assert_allclose(bins, np_block_means(x, fr, fc), rtol=1e-12, atol=1e-12)
+
+
+def test_a_bin_with_no_defined_value_is_nan_without_a_warning() -> None:
+    """Blocks of rows with NaN (a grid's padding, undefined values) in any order: each bin
+    is the mean of its defined values, NumPy's nanmean of the block; a bin with none is
+    NaN, quietly (no "invalid value" warning from its 0 / 0)."""
+    x = np.arange(48, dtype=np.float64).reshape(6, 8)
+    x[0:2, 0:4] = np.nan  # bin (0, 0): nothing defined
+    x[4, 5] = np.nan  # bin (2, 1): partly defined
+    b = slices.Binner(6, 8, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b.add(3, x[3:6])
+        b.add(0, x[0:3])
+        got = b.result()
+    blocks = x.reshape(3, 2, 2, 4).transpose(0, 2, 1, 3).reshape(3, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the oracle's own empty-slice warning
+        want = np.nanmean(blocks, axis=-1)
+    assert np.isnan(got[0, 0]) and np.isnan(want[0, 0])
+    np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -176,3 +176,19 @@ def test_a_png_goes_into_folders_made_for_it(tmp_path: Path) -> None:
     path = render_png(np.eye(4, dtype=np.float32), tmp_path / "a" / "b" / "c.png", "t", "x", "y", "viridis",
                       0.0, 1.0)  # fmt: skip
     assert path == tmp_path / "a" / "b" / "c.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_image_is_titled_with_what_it_shows(two_run_store: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Source, layer, step and its kind, the slice's shape, and ' · |x|' when magnitudes
+    are drawn; the run id on the second line."""
+    from matplotlib.figure import Figure
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    titles: list[str] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **_: titles.append(fig.axes[0].get_title()))
+    for reduce in ("abs", "signed"):
+        H.write_heatmaps(run, "hidden_out", layers=[0], steps=[0], reduce=reduce, out=tmp_path / reduce,
+                         progress=False)  # fmt: skip
+    shape = (run.prompt_len, int(run.group["acts/residual"].shape[-1]))
+    assert titles == [f"hidden_out · layer 0 · step 0 (prefill) · {shape} · |x|\n{run.id}",
+                      f"hidden_out · layer 0 · step 0 (prefill) · {shape}\n{run.id}"]  # fmt: skip

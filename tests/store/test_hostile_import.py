@@ -169,6 +169,14 @@ def _huge_prompt(d: Path, outside: Path) -> str:
     )
 
 
+
+def _integer_tensors(d: Path, outside: Path) -> str:
+    # step 0's tensors as int32: no store dtype; the file and key are named
+    arrays = _npz(d / "tensors/step_000.npz")
+    np.savez(d / "tensors/step_000.npz", **{k: v.astype(np.int32) for k, v in arrays.items()})
+    first = re.escape(next(iter(arrays)))
+    return rf"step_000\.npz: {first}: dtype int32 is not a store dtype \(float16, float32, bfloat16 as float32\)"
+
 CASES: dict[str, Callable[[Path, Path], str]] = {
     "label_path_pieces": _label("../../../../../x/PWN"),
     "label_colon": _label("a:b"),
@@ -197,6 +205,7 @@ CASES: dict[str, Callable[[Path, Path], str]] = {
     "pickle_in_unread_key": _pickle("conversation_snapshots/snapshot_00_user.npz", "qkv_last"),
     "lying_npy_header": _lying_header,
     "huge_declared_prompt": _huge_prompt,
+    "integer_tensors": _integer_tensors,
 }
 
 

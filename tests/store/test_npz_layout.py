@@ -144,6 +144,8 @@ def test_tiny_capture_exports_activation_labs_layout(tiny: tuple[ActStore, list[
         assert {p.suffix for p in (d / "tensors").iterdir()} == {".npz"}
         run_json = _json(d / "run.json")
         assert list(run_json) == [*RUN_KEYS, "actstore"] and run_json["actstore"]["run_id"] == run.id
+        info = run_json["actstore"]
+        assert (info["layers"], info["sources"], info["prompt_len"]) == (run.layers, list(run.sources), run.prompt_len)
         steps = _json(d / "steps.json")["steps"]
         P = run.prompt_len
         for i, s in enumerate(steps):

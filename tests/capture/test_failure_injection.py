@@ -218,3 +218,27 @@ def test_a_recorder_that_cannot_hook_every_site_removes_the_hooks_it_set() -> No
     with Recorder(sites, [0, 1], {"hidden_in", "hidden_out", "q", "attn_out"}, torch.float32):
         assert hooks() > before  # the same recorder on real layers does hook
     assert hooks() == before
+
+
+
+def test_a_recorder_on_a_model_without_attention_weights_names_the_fix() -> None:
+    """Capture switches a model to eager attention when weights are asked for; a recorder
+    used on its own with an SDPA model (which returns no weights) fails on the first pass
+    with the fix, instead of storing nothing."""
+    from actstore.capture.hooks import Recorder
+    from actstore.models.architectures import resolve_sites
+
+    loaded = loaded_tiny("llama", eager=False)
+    assert loaded.model.config._attn_implementation != "eager"
+    ids = torch.tensor([[1, 2, 3]])
+    with Recorder(resolve_sites(loaded.model), [0], {"attn_weights"}, torch.float32) as rec:
+        rec.mode = "step"
+        with pytest.raises(RuntimeError) as e:
+            loaded.model(ids)
+    assert str(e.value) == ("attention module returned no weights: load the model with "
+                            "attn_implementation='eager' to capture attention_weights")  # fmt: skip
+    loaded.model.set_attn_implementation("eager")
+    with Recorder(resolve_sites(loaded.model), [0], {"attn_weights"}, torch.float32) as rec:
+        rec.mode = "step"
+        loaded.model(ids)
+    assert rec.tensors[("attn_weights", 0)].shape[-2:] == (3, 3)

@@ -78,8 +78,10 @@ def test_state_vectors_snapshots_and_references(any_run: Any) -> None:
         S.state_vectors(run, "reference:nope", "hidden_out")
     with pytest.raises(SelectionError):
         S.state_vectors(run, "snapshot:99", "hidden_out")
-    with pytest.raises(SelectionError, match="keep only"):
+    with pytest.raises(SelectionError, match=r"^snapshots keep only hidden_in, hidden_out, attn_out, mlp_down_out"):
         S.state_vectors(run, "snapshot:0", "q")
+    with pytest.raises(SelectionError, match=r"^references keep only hidden_in, hidden_out, attn_out, mlp_down_out"):
+        S.state_vectors(run, f"reference:{label}", "q")
 
 
 def test_selection_errors(any_run: Any) -> None:

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("capture", "store", "query", "report")
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mutation.md"
 EQUIV_HEADER = "## Equivalent mutants"
-# mutants/ of a full run is ~9 GiB and the tests' temporary folders grow by several more
+# the tests' temporary folders grow by gigabytes over a run (5 GiB in a 60-per-package draw)
 MIN_FREE_GIB = 20.0
 
 # Runs inside a child interpreter: load mutmut's configuration from pyproject.toml, narrow it

@@ -122,3 +122,30 @@ def test_drift_table_is_per_source_over_every_row(synth_store: Any) -> None:
         cos = [np_cos(x[i, r.prompt_len - 1], x[i, -1]) for r in runs for x in [raw(r, s)] for i in range(len(r.layers))]
         row = table[table.source == s].iloc[0]
         assert row["mean"] == pytest.approx(np.mean(cos), rel=1e-9) and row["min"] == pytest.approx(min(cos))
+
+
+def test_a_message_with_no_direction_has_no_best_reference(tmp_path: Any) -> None:
+    """A snapshot whose vectors are all zero has no cosine with any reference (NaN): its
+    row's best is None, not the first label and not pandas' all-NA error; the other rows'
+    best are NumPy's argmax of vectors read straight from the store."""
+    from actstore.store.store import ActStore
+
+    from .synth import raw_run_group, write_synthetic_run
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    rid = write_synthetic_run(store, n_layers=3, prompt_len=4, n_steps=2, width=16, n_snapshots=3,
+                              labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
+    group = raw_run_group(store.location, rid)
+    for s in RESIDUAL:
+        snaps = group[f"snapshots/{s}"]
+        snaps[1] = np.zeros(snaps.shape[1:], dtype=snaps.dtype)
+    run = store.run(rid)
+    labels = run.reference_labels
+    mr = paper_tables(run)["message_reference"]
+    assert mr.loc[1, labels].isna().all()
+    expected = []
+    for m in (0, 2):
+        cos = np.mean([[np.mean([np_cos(raw_stack(run, "snapshots", s)[m, la], raw_stack(run, "references", s)[r, la])
+                                 for la in range(3)]) for r in range(len(labels))] for s in RESIDUAL], axis=0)
+        expected.append(labels[int(np.argmax(cos))])
+    assert mr["best"].tolist() == [expected[0], None, expected[1]]

@@ -547,3 +547,54 @@ def test_pair_sentence_names_the_most_and_least_similar_pairs(tmp_path: Path) ->
     for runs, opened in ((ids, ["open"] * 3), ([*ids, fourth], [""] * 4)):
         html = build_report(ActStore.open(tmp_path / "s.zarr"), runs, tmp_path / f"out{len(runs)}", progress=False)
         assert [m.strip() for m in re.findall(cards, html.read_text())] == opened
+
+
+def test_a_message_with_no_direction_has_no_closest_reference(tmp_path: Path) -> None:
+    """A snapshot whose vectors are all zero has no cosine with any reference: its message
+    has no closest reference and leans toward none (rather than the first label, or a
+    crash), the first-screen sentence counts it apart, the role sentence is left out when
+    that message was its role's only one, and the whole report renders,
+    without NumPy's all-NaN warnings. The other messages' closest references are NumPy's."""
+    import warnings
+
+    from actstore.report import build_report
+    from actstore.report.gather import gather
+    from actstore.report.narrative import closest_references, message_table, run_points
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    labels = ["joy", "fear", "calm"]
+    run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=4,
+                                 labels=tuple(labels), store_dtype="float32")  # fmt: skip
+    group = raw_run_group(tmp_path / "s.zarr", run_id)
+    for source in SOURCES:
+        snaps = group[f"snapshots/{source}"]
+        snaps[2] = np.zeros(snaps.shape[1:], dtype=snaps.dtype)  # message 2
+    g = run_group(st, run_id)
+    z = np.mean([_svr_cosines(g, s).mean(-1) for s in SOURCES], axis=0)  # (M, R), NaN row 2
+    assert np.isnan(z[2]).all() and not np.isnan(np.delete(z, 2, axis=0)).any()
+    expected = [labels[int(i)] for i in np.delete(z, 2, axis=0).argmax(1)]
+    expected.insert(2, None)
+    rel = np.delete(z, 2, axis=0)
+    rel = rel - rel.mean(0)
+    leans = [labels[int(i)] for i in rel.argmax(1)]
+    leans.insert(2, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rr = gather(ActStore.open(tmp_path / "s.zarr").runs(["all"])).runs[0]
+        cr = closest_references(rr)
+        points = run_points(rr)
+        table = message_table(cr)
+        path = build_report(ActStore.open(tmp_path / "s.zarr"), None, tmp_path / "out", progress=False)
+    assert rr.message_reference is not None and rr.message_reference["best"].tolist() == expected
+    assert cr is not None and cr["best"].tolist() == expected and cr["leans"].tolist() == leans
+    assert np.isnan(cr["best_cosine"][2]) and np.isnan(cr["lean"][2])
+    np.testing.assert_allclose(np.delete(cr["best_cosine"].to_numpy(), 2), np.delete(z, 2, axis=0).max(1))
+    assert [row[2].text for row in table.rows] == [b or "" for b in expected]
+    [sentence] = [p for p in points if p.startswith("Averaged over layers and sources")]
+    top, n = Counter(b for b in expected if b).most_common(1)[0]
+    assert f"{n} of 4 messages are closest to “{top}”" in sentence
+    assert "1 has no cosine with any reference" in sentence
+    # message 2 is the run's only assistant turn: no role has the closer references
+    assert [s["role"] for s in g.attrs["run"]["snapshots"]][2] == "assistant"
+    assert not any("turns sit closer to the references" in p for p in points)
+    assert path.exists()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from actstore import naming
@@ -67,7 +68,9 @@ def reference_tables(svr: pd.DataFrame, run: Any) -> dict[str, pd.DataFrame]:
     mr = mr[labels].reset_index()
     previews = {s["index"]: s.get("content_preview", "") for s in run.snapshot_index}
     mr.insert(2, "preview", mr["message"].map(previews))
-    mr["best"] = mr[labels].idxmax(axis=1)
+    # A message without a defined cosine to any reference (a zero vector) has no best one.
+    cos = mr[labels]
+    mr["best"] = cos.fillna(-np.inf).idxmax(axis=1).astype(object).where(cos.notna().any(axis=1), None)
     mr.columns.name = None
 
     rs = svr.groupby(["reference", "source"], sort=False)["cosine"].mean().unstack("source")

@@ -41,6 +41,25 @@ def dense(df: pd.DataFrame, axes: Sequence[tuple[str, Sequence[Any]]], values: S
 METRICS = ("cosine", "mae", "jaccard")
 
 
+def quiet_nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """``np.nanmean`` without NumPy's "Mean of empty slice" warning: a cosine with a zero
+    vector (a reference or snapshot with no direction) is NaN by design, left out of the
+    means and drawn as a gap, and a slice of nothing but those is NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
+
+
+def _best_labels(z: np.ndarray, labels: Sequence[str]) -> list[str | None]:
+    """Per row of ``z`` (rows, labels): the label of its highest value, None when the row
+    has no defined (non-NaN) value: a message with no cosine to any reference has no
+    closest one (``query.tables.reference_tables`` says the same)."""
+    filled = np.where(np.isnan(z), -np.inf, z)
+    if not len(labels):
+        return [None] * len(filled)
+    return [labels[i] if np.isfinite(row[i]) else None for row, i in zip(filled, filled.argmax(axis=1), strict=True)]
+
+
 class SvrCube:
     """One run's snapshots-vs-references frame as ``values[metric, message, reference,
     source, layer]``, with the reductions the report shows. Each equals the matching
@@ -65,22 +84,23 @@ class SvrCube:
     def message_reference(self) -> pd.DataFrame:
         """message, role, preview, one column per reference (cosine averaged over layers
         within each source, then over sources), best: as ``reference_tables``."""
-        with warnings.catch_warnings():  # a reference with no direction: NaN, as intended
-            warnings.simplefilter("ignore", RuntimeWarning)
-            z = np.nanmean(np.nanmean(self.values[0], axis=-1), axis=-1)  # (M, R)
+        z = quiet_nanmean(quiet_nanmean(self.values[0], axis=-1), axis=-1)  # (M, R)
         df = pd.DataFrame({"message": self.messages, "role": self.roles, "preview": self.previews})
         for r, lab in enumerate(self.labels):
             df[lab] = z[:, r]
-        df["best"] = [self.labels[i] for i in np.nanargmax(np.where(np.isnan(z), -np.inf, z), axis=1)]
+        df["best"] = pd.Series(_best_labels(z, self.labels), dtype=object)  # None stays None
         return df
 
     def role_mean(self, role: str) -> np.ndarray | None:
         """``(metric, reference, source, layer)`` mean over the role's snapshots, as
         ``role_averages``; None when the run has no message of that role."""
         rows = [i for i, r in enumerate(self.roles) if r == role]
-        return np.nanmean(self.values[:, rows], axis=1) if rows else None
+        return quiet_nanmean(self.values[:, rows], axis=1) if rows else None
 
     def within(self) -> np.ndarray:
         """``(source, layer)``: mean over snapshots of the cosine distance to the closest
-        reference (the ``within`` of layer discrimination)."""
-        return np.nanmean(np.nanmin(1 - self.values[0], axis=1), axis=0)
+        reference (the ``within`` of layer discrimination). A snapshot with no cosine to
+        any reference (a zero vector) is left out, as the query layer leaves it out."""
+        with warnings.catch_warnings():  # its all-NaN row: NaN, then skipped by the mean
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.nanmin(1 - self.values[0], axis=1), axis=0)

@@ -62,16 +62,31 @@ def closest_references(rr: RunResult) -> pd.DataFrame | None:
         return None
     labels = list(rr.run.reference_labels)
     z = mr[labels].to_numpy(dtype=float)
-    rel = z - np.nanmean(z, axis=0, keepdims=True)
+    # A reference with no direction, or a message with none (zero vectors), has no cosine:
+    # NaN, left out of the averages and maxima; NaN or None where nothing is defined.
+    defined = ~np.isnan(z)
+    counts = defined.sum(axis=0, keepdims=True)
+    rel = z - np.where(counts > 0, np.where(defined, z, 0.0).sum(axis=0, keepdims=True) / np.maximum(counts, 1),
+                       np.nan)  # fmt: skip
     out = mr[["message", "role", "preview", "best"]].copy()
     texts = message_texts(rr.run)  # the whole message, not the 80-character preview
     out["preview"] = [texts.get(int(m), p) for m, p in zip(out["message"], out["preview"], strict=True)]
     gen = generated_messages(rr.run)
     out["generated"] = [int(m) in gen for m in out["message"]]
-    out["best_cosine"] = np.nanmax(z, axis=1)
-    out["leans"] = [labels[i] for i in np.nanargmax(rel, axis=1)]
-    out["lean"] = np.nanmax(rel, axis=1)
+    out["best_cosine"] = _row_max(z)
+    rel_filled = np.where(np.isnan(rel), -np.inf, rel)
+    out["leans"] = pd.Series([labels[i] if np.isfinite(row[i]) else None
+                              for row, i in zip(rel_filled, rel_filled.argmax(axis=1), strict=True)],
+                             index=out.index, dtype=object)  # fmt: skip
+    out["lean"] = _row_max(rel)
     return out
+
+
+def _row_max(x: np.ndarray) -> np.ndarray:
+    """Per row, the largest defined value; NaN for a row with none (without NumPy's
+    all-NaN warning)."""
+    filled = np.where(np.isnan(x), -np.inf, x).max(axis=1)
+    return np.where(np.isfinite(filled), filled, np.nan)
 
 
 def role_gap(rr: RunResult) -> dict[str, Any] | None:
@@ -84,8 +99,10 @@ def role_gap(rr: RunResult) -> dict[str, Any] | None:
     if source is None or user is None or assistant is None:
         return None
     si = c.sources.index(source)
-    return {"source": source, "user": float(np.nanmean(user[0, :, si])),
-            "assistant": float(np.nanmean(assistant[0, :, si]))}  # fmt: skip
+    u, a = user[0, :, si], assistant[0, :, si]
+    if np.isnan(u).all() or np.isnan(a).all():  # a role whose snapshots have no cosine: no gap to tell
+        return None
+    return {"source": source, "user": float(np.nanmean(u)), "assistant": float(np.nanmean(a))}
 
 
 def run_points(rr: RunResult) -> list[str]:
@@ -106,13 +123,17 @@ def run_points(rr: RunResult) -> list[str]:
             f"mean cosine of {d['mean']:.2f} across layers; it changes most at layer {d['layer']} (cosine {d['min']:.2f})."
         )
     cr = closest_references(rr)
-    if cr is not None:
-        counts = Counter(cr["best"])
+    counts = Counter(b for b in cr["best"] if b is not None) if cr is not None else Counter()
+    if cr is not None and counts:
         first, n = counts.most_common(1)[0]
         rest = ", ".join(f"{lab} ({k})" for lab, k in counts.most_common()[1:])
+        undefined = len(cr) - sum(counts.values())
         points.append(
             f"Averaged over layers and sources, {n} of {len(cr)} messages are closest to “{first}”"
-            + (f"; the others to {rest}." if rest else ".")
+            + (f"; the others to {rest}" if rest else "")
+            + (f"; {undefined} {'has' if undefined == 1 else 'have'} no cosine with any reference (a zero vector)"
+               if undefined else "")
+            + "."
         )
         if len(counts) < 3 and len(rr.run.reference_labels) > 2:
             points.append(
@@ -168,7 +189,7 @@ def compact_table(data: ReportData) -> Table:
     rows = []
     for rr in data.runs:
         d, b, cr = drift(rr), best_layer(rr), closest_references(rr)
-        top = Counter(cr["best"]).most_common(1)[0] if cr is not None else None
+        top = next(iter(Counter(b for b in cr["best"] if b is not None).most_common(1)), None) if cr is not None else None
         rows.append([
             Cell(rr.label, None, "label"), text_cell(rr.run.scenario.get("name", "")),
             num_cell(d["mean"] if d else None), text_cell(d["layer"] if d else None),

@@ -16,7 +16,7 @@ from actstore.query.compare import SUMMARY_COLUMNS
 from actstore.query.tokens import display_token
 from actstore.report import figures as F
 from actstore.report.cells import Cell, Table, frame_table, num_cell, span, text_cell
-from actstore.report.frames import dense
+from actstore.report.frames import dense, quiet_nanmean
 from actstore.report.gather import RunResult
 
 METRIC_TITLES = {"cosine": "Cosine similarity", "mae": "MAE", "jaccard": "Top-1% overlap (Jaccard)"}
@@ -94,7 +94,7 @@ def reference_block(rr: RunResult, figs: F.Figures) -> dict[str, Any]:
     gen = generated_messages(run)
     xlabels = [message_label(m, r, m in gen) for m, r in zip(c.messages, c.roles, strict=True)]
     cube = c.values  # (metric, message, reference, source, layer)
-    over_layers = np.nanmean(cube, axis=-1)  # (metric, message, reference, source)
+    over_layers = quiet_nanmean(cube, axis=-1)  # (metric, message, reference, source)
     line_charts = [
         figs.add(
             F.line(
@@ -133,10 +133,10 @@ def reference_block(rr: RunResult, figs: F.Figures) -> dict[str, Any]:
             continue
         roles.append({
             "role": role, "n": c.roles.count(role),
-            "table": reference_source_table(np.nanmean(mean, axis=-1), labels, sources),
+            "table": reference_source_table(quiet_nanmean(mean, axis=-1), labels, sources),
             "charts": layer_reference_charts(mean[0], labels, colors, sources, layers, figs, f"{role} average"),
         })  # fmt: skip
-    summary = reference_source_table(np.nanmean(over_layers, axis=1), labels, sources)
+    summary = reference_source_table(quiet_nanmean(over_layers, axis=1), labels, sources)
     return {"labels": labels, "line_charts": line_charts, "heatmap": heat, "summary": summary,
             "messages": messages, "roles": roles}  # fmt: skip
 

@@ -223,3 +223,7 @@ def test_opening_a_missing_layout_says_which_exist_and_how_to_make_one(tmp_path:
         TrainLayout.open(empty, "lay")
     assert str(e.value).endswith("no committed layout 'lay' (the store has no layouts; make one with "
                                  "`actstore materialize`)")  # fmt: skip
+    store = id_layout(tmp_path / "s.zarr", [8], chunk_rows=4, name="ids")
+    with pytest.raises(StoreError) as e:
+        TrainLayout.open(store, "lay")
+    assert str(e.value).endswith("no committed layout 'lay' (layouts here: ids; make one with `actstore materialize`)")

@@ -284,6 +284,8 @@ def list_layouts(zstore: Any) -> list[str]:
         return [k.rstrip("/") async for k in zstore.list_dir(LAYOUTS_PREFIX)]
 
     try:
-        return sorted(d.rsplit("/", 1)[-1] for d in sync(dirs()))
+        names = {d.rsplit("/", 1)[-1] for d in sync(dirs())}
     except FileNotFoundError:
         return []
+    # list_dir gives objects and prefixes alike: layouts/zarr.json is the group's metadata
+    return sorted(names - {"zarr.json"})

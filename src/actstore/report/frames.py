@@ -50,7 +50,7 @@ def quiet_nanmean(x: np.ndarray, axis: int) -> np.ndarray:
         return np.nanmean(x, axis=axis)
 
 
-def _best_labels(z: np.ndarray, labels: Sequence[str]) -> list[str | None]:
+def best_labels(z: np.ndarray, labels: Sequence[str]) -> list[str | None]:
     """Per row of ``z`` (rows, labels): the label of its highest value, None when the row
     has no defined (non-NaN) value: a message with no cosine to any reference has no
     closest one (``query.tables.reference_tables`` says the same)."""
@@ -88,7 +88,7 @@ class SvrCube:
         df = pd.DataFrame({"message": self.messages, "role": self.roles, "preview": self.previews})
         for r, lab in enumerate(self.labels):
             df[lab] = z[:, r]
-        df["best"] = pd.Series(_best_labels(z, self.labels), dtype=object)  # None stays None
+        df["best"] = pd.Series(best_labels(z, self.labels), dtype=object)  # None stays None
         return df
 
     def role_mean(self, role: str) -> np.ndarray | None:

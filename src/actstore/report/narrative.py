@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from actstore.report.cells import Cell, Table, num_cell, text_cell
+from actstore.report.frames import best_labels, quiet_nanmean
 from actstore.report.gather import ReportData, RunResult
 from actstore.report.run_section import generated_messages, message_label, message_texts
 
@@ -64,20 +65,14 @@ def closest_references(rr: RunResult) -> pd.DataFrame | None:
     z = mr[labels].to_numpy(dtype=float)
     # A reference with no direction, or a message with none (zero vectors), has no cosine:
     # NaN, left out of the averages and maxima; NaN or None where nothing is defined.
-    defined = ~np.isnan(z)
-    counts = defined.sum(axis=0, keepdims=True)
-    rel = z - np.where(counts > 0, np.where(defined, z, 0.0).sum(axis=0, keepdims=True) / np.maximum(counts, 1),
-                       np.nan)  # fmt: skip
+    rel = z - quiet_nanmean(z, axis=0)
     out = mr[["message", "role", "preview", "best"]].copy()
     texts = message_texts(rr.run)  # the whole message, not the 80-character preview
     out["preview"] = [texts.get(int(m), p) for m, p in zip(out["message"], out["preview"], strict=True)]
     gen = generated_messages(rr.run)
     out["generated"] = [int(m) in gen for m in out["message"]]
     out["best_cosine"] = _row_max(z)
-    rel_filled = np.where(np.isnan(rel), -np.inf, rel)
-    out["leans"] = pd.Series([labels[i] if np.isfinite(row[i]) else None
-                              for row, i in zip(rel_filled, rel_filled.argmax(axis=1), strict=True)],
-                             index=out.index, dtype=object)  # fmt: skip
+    out["leans"] = pd.Series(best_labels(rel, labels), index=out.index, dtype=object)
     out["lean"] = _row_max(rel)
     return out
 
@@ -87,6 +82,11 @@ def _row_max(x: np.ndarray) -> np.ndarray:
     all-NaN warning)."""
     filled = np.where(np.isnan(x), -np.inf, x).max(axis=1)
     return np.where(np.isfinite(filled), filled, np.nan)
+
+
+def _closest_counts(cr: pd.DataFrame | None) -> Counter[str]:
+    """How many messages each reference is closest to (messages with none left out)."""
+    return Counter(b for b in cr["best"] if b is not None) if cr is not None else Counter()
 
 
 def role_gap(rr: RunResult) -> dict[str, Any] | None:
@@ -123,7 +123,7 @@ def run_points(rr: RunResult) -> list[str]:
             f"mean cosine of {d['mean']:.2f} across layers; it changes most at layer {d['layer']} (cosine {d['min']:.2f})."
         )
     cr = closest_references(rr)
-    counts = Counter(b for b in cr["best"] if b is not None) if cr is not None else Counter()
+    counts = _closest_counts(cr)
     if cr is not None and counts:
         first, n = counts.most_common(1)[0]
         rest = ", ".join(f"{lab} ({k})" for lab, k in counts.most_common()[1:])
@@ -189,7 +189,7 @@ def compact_table(data: ReportData) -> Table:
     rows = []
     for rr in data.runs:
         d, b, cr = drift(rr), best_layer(rr), closest_references(rr)
-        top = next(iter(Counter(b for b in cr["best"] if b is not None).most_common(1)), None) if cr is not None else None
+        top = next(iter(_closest_counts(cr).most_common(1)), None)
         rows.append([
             Cell(rr.label, None, "label"), text_cell(rr.run.scenario.get("name", "")),
             num_cell(d["mean"] if d else None), text_cell(d["layer"] if d else None),

@@ -27,7 +27,8 @@ functions it calls to that test alone, and the file's other tests, which check w
 fixture built, would never meet those functions' mutants. With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
 (mutants of functions whose source changed are made again and run). After adding tests,
 ``--keep --retest-survivors`` runs again only the mutants that survived (or had no test)
-and are not listed as equivalent, with the current tests: a killed verdict stays valid while the source is unchanged and
+and are not listed as equivalent, with the current tests (with ``--sample``, also the drawn mutants a
+stopped run never reached): a killed verdict stays valid while the source is unchanged and
 tests are only added. ``[tool.mutmut]`` in pyproject.toml holds the defaults (fast suite, files copied
 alongside the tests); this script narrows ``only_mutate`` (``--package``/``--paths``) and the
 test selection (``--tests``) for one run by overriding mutmut's loaded configuration.
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--keep", action="store_true", help="reuse mutants/ from an earlier run (mutmut resumes)")
     ap.add_argument("--retest-survivors", action="store_true",
-                    help="with --keep: run the survived and untested mutants again (after adding tests)")
+                    help="with --keep: run the survived and untested mutants again (after adding tests), "
+                         "and a sample's mutants that a stopped run never reached")
     ap.add_argument("--partial-note", help="sentence written under the header when the run is partial")
     ap.add_argument("--sample", type=int, default=None, metavar="N",
                     help="run a seeded random sample of N mutants per package instead of all of them "
@@ -485,18 +487,21 @@ def main(argv: list[str] | None = None) -> int:
         sample = _draw_sample(files, args.sample, args.seed)
         sample_file = ROOT / "mutants" / "sample.json"
         if args.retest_survivors:
-            # the same draw as before (same seed): run again only its survivors
+            # the same draw as before (same seed): run again only its survivors, and the
+            # mutants a stopped first pass never reached (so the draw ends complete)
             previous = _collect(files, only=set(sample))
             # a survivor listed as equivalent cannot be killed: running it again would only
             # spend the longest test run there is (every reaching test passes) to learn that
             listed = _listed_equivalents(_keep_equivalents(args.out))
-            sample_to_run = [k for path, rows in previous.items() for k, status, _ in rows
-                             if status in ("survived", "no tests")
-                             and _equivalent_key(path, k) not in listed]
-            before = _first_pass_scores(args.out, args.seed) or _scores(previous)
-            resumed = (f"`--keep --retest-survivors`: the draw's {len(sample_to_run)} survived / untested "
-                       "mutants (those not listed as equivalent) run again with today's tests; the other "
-                       "verdicts kept (same source)")
+            retest = [k for path, rows in previous.items() for k, status, _ in rows
+                      if status in ("survived", "no tests") and _equivalent_key(path, k) not in listed]
+            unreached = [k for rows in previous.values() for k, status, _ in rows if status == "not checked"]
+            sample_to_run = retest + unreached
+            # a package this file has no first pass for is scored as it stands before this run
+            before = {**_scores(previous), **(_first_pass_scores(args.out, args.seed) or {})}
+            resumed = (f"`--keep --retest-survivors`: the draw's {len(retest)} survived / untested "
+                       "mutants (those not listed as equivalent) run again with today's tests, and its "
+                       f"{len(unreached)} not yet run are run; the other verdicts kept (same source)")
         else:
             # with --keep, a mutant of the draw that has a verdict keeps it (a larger --sample
             # extends the draw and runs only the new ones)

@@ -327,7 +327,8 @@ def _first_pass_scores(out: Path, seed: int) -> dict[str, tuple[int, int]] | Non
 
 def _write(out: Path, results, scope: list[str], tests: list[str], seconds: float, version: str,
            partial_note: str | None, resumed: str | None = None, sample_note: str | None = None,
-           before: dict[str, tuple[int, int]] | None = None, seed: int | None = None) -> None:
+           before: dict[str, tuple[int, int]] | None = None, seed: int | None = None,
+           note: str | None = None) -> None:
     equivalents = _keep_equivalents(out)
     listed = _listed_equivalents(equivalents)
     by_pkg: dict[str, Counter] = defaultdict(Counter)
@@ -359,6 +360,8 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
     if sample_note:
         lines.append(f"- Sampled: {sample_note}. The score is the sample's; the interval is the 95% "
                      "Wilson interval of the whole package's score it estimates.")
+    if note:
+        lines += ["", note]
     if partial_note:
         lines += ["", f"**Partial run.** {partial_note}"]
     lines += [
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --keep: run the survived and untested mutants again (after adding tests), "
                          "and a sample's mutants that a stopped run never reached")
     ap.add_argument("--partial-note", help="sentence written under the header when the run is partial")
+    ap.add_argument("--note", help="sentence written under the header (what this run is part of)")
     ap.add_argument("--sample", type=int, default=None, metavar="N",
                     help="run a seeded random sample of N mutants per package instead of all of them "
                          "(the score is then an estimate, written with its 95%% interval)")
@@ -524,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = _collect(files, only=set(sample) if args.sample else None)
     _write(args.out, results, scope, args.tests, seconds, mutmut_version, args.partial_note, resumed,
-           sample_note=sample_note, before=before, seed=args.seed if args.sample else None)
+           sample_note=sample_note, before=before, seed=args.seed if args.sample else None, note=args.note)
     print(f"wrote {args.out}")
     return 0
 

@@ -462,9 +462,13 @@ def main(argv: list[str] | None = None) -> int:
         # A file in scope that the earlier run left unmutated (it was out of its scope) has
         # a plain copy in mutants/ that mutmut takes for an already mutated one (its mtime
         # is newer than the source's): remove it so mutmut copies and mutates it afresh.
+        # A narrower run also overwrites the mutated copies of files outside its scope with
+        # plain ones while their .meta stays: found by content, they are made again too
+        # (mutmut keeps the verdicts of functions whose source is unchanged).
         for path in files:
             copy = ROOT / "mutants" / path
-            if copy.exists() and not (ROOT / "mutants" / (str(path) + ".meta")).exists():
+            if copy.exists() and (not (ROOT / "mutants" / (str(path) + ".meta")).exists()
+                                  or copy.read_bytes() == (ROOT / path).read_bytes()):
                 copy.unlink()
         # mutmut records which tests reach which function once, and afterwards only for new
         # tests: functions mutated since (a wider scope, changed source) would be tested with

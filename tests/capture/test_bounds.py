@@ -10,6 +10,7 @@ messages rendered snapshot prefixes for minutes.
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -228,7 +229,9 @@ def test_available_memory_honours_the_address_space_limit() -> None:
 def test_prefix_rendering_shows_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = ActStore.open(tmp_path / "s.zarr", create=True)
     capture_run(make_scenario(generation={"max_new_tokens": 1}), store, loaded_tiny("llama"), progress=True)
-    assert "render tiny prefixes" in capsys.readouterr().err
+    # the bar counts the conversation's messages, one prefix each, in messages
+    bar = re.search(r"render tiny prefixes: +\d+%\|[^|]*\| \d+/(\d+) \[[^]]*msg/s\]", capsys.readouterr().err)
+    assert bar is not None and int(bar.group(1)) == len(MESSAGES)
     capture_run(make_scenario(generation={"max_new_tokens": 1}), store, loaded_tiny("llama"), progress=False)
     assert "prefixes" not in capsys.readouterr().err
 

@@ -263,3 +263,20 @@ def test_tokens_and_position_steps_cover_every_fed_position(store: Any) -> None:
     steps = np.asarray(group["position_step"][:]).tolist()
     assert tokens == prompt + generated[:-1]
     assert steps == [0] * len(prompt) + list(range(1, len(generated)))
+
+
+def test_a_run_records_the_software_and_machine_it_ran_on(store: Any) -> None:
+    import platform
+
+    import transformers
+    import zarr
+
+    import actstore
+
+    loaded = loaded_tiny("llama")
+    run = store.run(capture_run(make_scenario(generation={"max_new_tokens": 1}), store, loaded, progress=False).run_id)
+    assert run.meta["env"] == {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "numpy": np.__version__, "zarr": zarr.__version__, "actstore": actstore.__version__, "device": "cpu",
+        "platform": platform.platform(),
+    }  # fmt: skip

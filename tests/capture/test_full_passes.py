@@ -21,6 +21,7 @@ gemma2's sliding-window cache is never sliced: its passes are full prefills (sha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -589,7 +590,7 @@ class _EarlierApi(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = True) -> Any:
         out = self.inner(input_ids=input_ids, cache=past_key_values, use_cache=use_cache)
-        return type("Output", (), {"logits": out.logits, "past_key_values": out.cache})()
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
 
 
 def test_a_cache_goes_in_and_comes_out_under_the_earlier_name() -> None:

@@ -154,7 +154,10 @@ def test_pca_is_one_pca_over_every_state_and_layer(group: Any) -> None:
             np.testing.assert_allclose(got, exp, atol=1e-9)
             assert got[np.argmax(np.abs(got))] > 0  # the sign convention
         var = res.variance[res.variance["source"] == s]
+        assert list(var.columns) == ["source", "component", "explained_variance", "singular_value"]
+        assert var["component"].tolist() == [1, 2, 3]
         np.testing.assert_allclose(var["explained_variance"], w[:3] / w.sum(), atol=1e-12)
+        np.testing.assert_allclose(var["singular_value"], np.sqrt(w[:3]), rtol=1e-9)
         assert var["explained_variance"].is_monotonic_decreasing
 
 

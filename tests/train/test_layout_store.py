@@ -4,6 +4,7 @@ segment, and the same code works on object storage."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -227,3 +228,26 @@ def test_opening_a_missing_layout_says_which_exist_and_how_to_make_one(tmp_path:
     with pytest.raises(StoreError) as e:
         TrainLayout.open(store, "lay")
     assert str(e.value).endswith("no committed layout 'lay' (layouts here: ids; make one with `actstore materialize`)")
+
+
+def test_a_missing_chunk_on_object_storage_is_damage_not_zeros() -> None:
+    """Off a local disk every chunk is read through zarr's store: a chunk object deleted
+    from a committed segment is named as missing, never read as the fill value (zeros)."""
+    import fsspec
+
+    from actstore.errors import DamagedRunError
+
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/lay-missing"):
+        fs.rm("/lay-missing", recursive=True)
+    url = "memory://lay-missing/s.zarr"
+    id_layout(url, [40], chunk_rows=16, name="lay")  # type: ignore[arg-type]
+    marker = json.loads(fs.cat("/lay-missing/s.zarr/layouts/lay/committed/seg000.json"))
+    key = f"layouts/lay/segments/{marker['folder']}/sites/{SITE[0]}.{SITE[1]}/c/1/0"
+    assert fs.exists(f"/lay-missing/s.zarr/{key}")
+    fs.rm(f"/lay-missing/s.zarr/{key}")
+    layout = TrainLayout.open(ActStore.open(url), "lay")
+    assert not layout.local
+    with pytest.raises(DamagedRunError, match=f"stored object {key} is missing"):
+        layout.read_site(SITE)
+    fs.rm("/lay-missing", recursive=True)

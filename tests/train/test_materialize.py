@@ -4,6 +4,7 @@ normalisation statistics computed with plain NumPy."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,25 @@ def test_rerun_skips_committed_segments_and_adds_new_runs(tmp_path: Path) -> Non
     res = materialize(store, ["all"], "lay", "hidden_out", [0])
     assert res.skipped == [first] and res.written == [second]
     assert marker.stat().st_mtime_ns == before  # a committed segment is never rewritten
-    assert TrainLayout.open(ActStore.open(loc), "lay").n_rows == 41 + 31
+    lay = TrainLayout.open(ActStore.open(loc), "lay")
+    assert lay.n_rows == 41 + 31
+    # each segment names the run it holds, as its commit marker (plain JSON) records it
+    assert [seg.source_run for seg in lay.segments] == [first, second]
+    assert json.loads(marker.read_text())["source_run"] == first
+
+
+def test_a_conversation_runs_rows_have_a_corpus_runs_dtypes(tmp_path: Path) -> None:
+    """A conversation run has no rows group: its rows are made from its tokens, with the
+    dtypes a corpus run stores (rows.py): int32 token ids and positions, int64 sequences."""
+    from actstore.store.rows import run_rows
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(store, n_layers=2, prompt_len=12, n_steps=2, width=8)
+    rows = run_rows(store.run(run_id))
+    tokens = _raw_run(tmp_path / "s.zarr", run_id, "tokens")
+    assert np.array_equal(rows.token_ids, tokens) and rows.token_ids.dtype == np.int32
+    assert rows.position.dtype == np.int32 and np.array_equal(rows.position, np.arange(len(tokens)))
+    assert rows.sequence_index.dtype == np.int64 and not rows.sequence_index.any()
 
 
 def test_cli_materialize_and_its_errors(tmp_path: Path) -> None:

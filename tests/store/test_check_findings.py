@@ -80,6 +80,32 @@ def test_array_metadata_missing_or_garbled_is_named_by_which(one_run: tuple[Path
     assert Finding("damaged", f"{base}/{naming.POSITION_STEP_ARRAY}/zarr.json", what, run_id) in result.findings
 
 
+def test_an_array_zarr_cannot_open_is_one_finding_with_zarrs_reason(one_run: tuple[Path, str]) -> None:
+    """Metadata that parses and agrees with the run's consolidated copy, but names a codec
+    zarr does not have: the array does not open, and the finding quotes zarr's own reason
+    (its first line, read here by opening the array with zarr directly)."""
+    import json
+
+    import zarr
+
+    location, run_id = one_run
+    base = naming.run_path(run_id)
+    run_doc_path = location / base / "zarr.json"
+    own_path = location / base / naming.TOKENS_ARRAY / "zarr.json"
+    own = json.loads(own_path.read_text())
+    own["codecs"][-1]["name"] = "no_such_codec"
+    own_path.write_text(json.dumps(own))
+    run_doc = json.loads(run_doc_path.read_text())
+    run_doc["consolidated_metadata"]["metadata"][naming.TOKENS_ARRAY] = own
+    run_doc_path.write_text(json.dumps(run_doc))
+    with pytest.raises(Exception) as opening:  # noqa: PT011 - whatever zarr raises, quoted below
+        zarr.open_array(store=str(location / base / naming.TOKENS_ARRAY), mode="r", zarr_format=3)
+    reason = str(opening.value).strip().splitlines()[0][:160]
+    result = check_store(ActStore.open(location), [run_id], progress=False)
+    assert result.findings == [Finding("damaged", f"{base}/{naming.TOKENS_ARRAY}/zarr.json",
+                                       f"array does not open ({reason})", run_id)]  # fmt: skip
+
+
 def test_the_progress_bar_counts_every_chunk_it_will_decode(one_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The bar's total is every chunk object the check decodes: the runs' and, store-wide,
     the train layouts' (counted on disk here), so it ends full, not past its end."""

@@ -66,3 +66,21 @@ def test_down_in_is_rounded_alike_on_every_path(tmp_path: Path) -> None:
                 parts.append(npz[f"layer_{layer:02d}/mlp_down_in"][0])
         got = np.concatenate(parts).astype(np.float64)
         np.testing.assert_array_equal(got, expected[i], err_msg=f"NPZ export, layer {layer}")
+
+
+def test_rounding_to_bfloat16_is_torchs_ties_to_even() -> None:
+    """float32 -> bfloat16 rounding, bit for bit as torch converts (round to nearest, ties
+    to even): random values, and exact ties below both an even and an odd last bit."""
+    import torch
+
+    from actstore.store.layout import round_to_bfloat16
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-6, 6, 10_000)
+    ties = (np.arange(1, 2001, dtype=np.uint32) << np.uint32(16)) | np.uint32(0x8000)  # half way
+    ties |= np.uint32(0x3F800000)
+    x = np.concatenate([x, ties.view(np.float32), -ties.view(np.float32)])
+    want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    got = round_to_bfloat16(x)
+    assert got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -24,7 +24,7 @@ def test_vector_heatmaps_default_layout(two_run_store: Any, tmp_path: Path) -> N
     import matplotlib.image
 
     run = two_run_store.run(two_run_store.run_ids()[0])
-    paths = H.write_heatmaps(run, "hidden_out", [0, 1], [0, -1], out=tmp_path, progress=False)
+    paths = H.write_heatmaps(run, layers=[0, 1], steps=[0, -1], out=tmp_path, progress=False)  # source: the default
     last = run.n_steps - 1
     expected = {
         tmp_path / run.id / "hidden_out" / f"layer_{la:02d}_step_{s:03d}.png"

@@ -103,7 +103,10 @@ def test_text_columns(two_run_store: Any, two_run_report: Path) -> None:
     summary = pd.read_csv(two_run_report.parent / "intra_run_report.csv")
     run = two_run_store.run(two_run_store.run_ids()[0])
     row = summary[summary["run"] == run.id].iloc[0]
-    assert "user: I am thrilled, the sun is out!" in row["prompt"]
+    from .conftest import MESSAGES_A
+
+    # the conversation as "role: content", one line per message (the first run is MESSAGES_A's)
+    assert row["prompt"] == "\n".join(f"{m['role']}: {m['content']}" for m in MESSAGES_A)
     assert (
         str(row["generated"]) == " ".join(run.generated_text().split()) or run.generated_text().strip() == ""
     )

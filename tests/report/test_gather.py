@@ -20,6 +20,21 @@ def test_discrimination_equals_layer_discrimination(two_run_store: Any) -> None:
         pd.testing.assert_frame_equal(rr.discrimination, expected, check_exact=False, rtol=1e-10)
 
 
+def test_discrimination_of_a_run_with_references_but_no_snapshots(tmp_path: Any) -> None:
+    """No snapshots: no snapshot x reference cube, so ``within`` (and Fisher) is NaN, and the
+    report's table still equals ``layer_discrimination``'s."""
+    from actstore.store.store import ActStore
+    from query.synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    write_synthetic_run(store, n_layers=3, prompt_len=8, n_steps=2, width=16, n_snapshots=0,
+                        labels=("joy", "fear", "anger"))  # fmt: skip
+    [rr] = gather(store.runs(["all"])).runs
+    assert rr.cube is None and rr.discrimination is not None
+    assert rr.discrimination["within"].isna().all() and rr.discrimination["separation"].notna().all()
+    pd.testing.assert_frame_equal(rr.discrimination, layer_discrimination(rr.run), check_exact=False, rtol=1e-10)
+
+
 def test_gather_shapes(two_run_store: Any) -> None:
     runs = two_run_store.runs(["all"])
     data = gather(runs)

@@ -33,3 +33,32 @@ def test_first_run_groups_of_a_new_store_do_not_collide(tmp_path: Path) -> None:
             start = time.time() + 0.5
             errors = [e for e in pool.map(_create_run, [(location, f"r{i}", start) for i in range(WRITERS)]) if e]
             assert not errors, f"trial {trial}: {errors[0]}"
+
+
+def test_discard_waits_for_writes_in_flight_but_not_for_itself() -> None:
+    """Before a failed run's group is deleted, the writes still running on zarr's event loop
+    finish (one landing after the delete would leave half a group). The wait runs as a task
+    on that loop and must leave itself out: waiting on itself it would sit out its whole
+    timeout (30 s by default; 600 s here, so a wait that includes itself cannot pass)."""
+    import asyncio
+    import threading
+
+    from zarr.core.sync import sync
+
+    from actstore.store.store import _settle
+
+    landed: list[str] = []
+    started = threading.Event()
+
+    async def write() -> None:
+        started.set()
+        await asyncio.sleep(0.5)
+        landed.append("write")
+
+    threading.Thread(target=lambda: sync(write()), daemon=True).start()  # a task on zarr's loop
+    assert started.wait(timeout=60)
+    settle = threading.Thread(target=lambda: sync(_settle(timeout=600)), daemon=True)
+    settle.start()
+    settle.join(timeout=120)
+    assert not settle.is_alive(), "the wait included its own task"
+    assert landed == ["write"]  # the write in flight finished first

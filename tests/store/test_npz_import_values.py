@@ -195,3 +195,25 @@ def test_an_exports_scenario_run_is_kept_unless_the_store_holds_it(tmp_path: Pat
 
     again = import_npz(first, out, quiet=True)  # the store already holds runs of it
     assert first.run(again).meta["scenario_run"] == again
+
+
+def test_snapshots_without_a_generated_flag_export_as_not_generated(tmp_path: Path) -> None:
+    """An index.json whose entries carry no "generated" flag (Activation Lab before it
+    appended the reply as a snapshot): every snapshot is a message of the conversation,
+    and the export marks each one not generated."""
+    d = make_seed_dir(tmp_path)
+    _full_pass_snapshots(d)  # Activation Lab's own layout holds whole passes
+    index_path = d / "conversation_snapshots" / "index.json"
+    index = _json(index_path)
+    entries = index["snapshots"] if isinstance(index, dict) else index
+    assert entries
+    for e in entries:
+        e.pop("generated", None)
+    index_path.write_text(json.dumps(index))
+    store = ActStore.open(str(tmp_path / "s.zarr"), create=True)
+    run = store.run(import_npz(store, d, quiet=True))
+    out = export_npz(run, tmp_path / "out", quiet=True)
+    [exported] = list(Path(out).rglob("conversation_snapshots/index.json"))
+    got = _json(exported)["snapshots"]
+    assert [e["index"] for e in got] == [e["index"] for e in entries]
+    assert [e["generated"] for e in got] == [False] * len(entries)

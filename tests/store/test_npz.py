@@ -531,3 +531,23 @@ def test_cli_bad_dir_is_one_line_exit_2(tmp_path: Path) -> None:
     assert r.exit_code == 2
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
+
+
+def test_the_export_bar_names_the_run_and_counts_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal, exporting a run shows one bar named after it that ends at the number
+    of NPZ files written (counted on disk)."""
+    import io
+    import re
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    store = ActStore.open(str(tmp_path / "s.zarr"), create=True)
+    run = store.run(import_npz(store, make_seed_dir(tmp_path), quiet=True))
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    out = export_npz(run, tmp_path / "out", layout="readme", quiet=False)
+    n = len(list(Path(out).rglob("*.npz")))
+    last = err.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert n > 0 and re.match(rf"export {re.escape(run.id)}: 100%.* {n}/{n} ", last), last

@@ -232,6 +232,23 @@ def test_runs_recorded_before_message_prefix_get_the_same_names(
 
 
 
+def test_a_scenario_run_without_a_time_stamp_is_dated_by_created_at(
+    tiny: tuple[ActStore, list[Any], Path], tmp_path: Path
+) -> None:
+    """A scenario run named without actstore's ``_YYYYmmddTHHMMSS_`` stamp: the folder is
+    dated by the run's ``created_at``, in UTC, in Activation Lab's format."""
+    from actstore.store.npz_lab import dir_name
+
+    store, runs, _ = tiny
+    group = zarr.open_group(store.location, mode="r+")[naming.run_path(runs[0].id)]
+    saved = dict(group.attrs["run"])
+    try:
+        group.attrs["run"] = {**saved, "scenario_run": "named_by_hand", "created_at": "2025-01-02T03:04:05+01:00"}
+        assert dir_name([store.run(runs[0].id)]) == "tiny_lab_2025-01-02T02-04-05Z"
+    finally:
+        group.attrs["run"] = saved
+
+
 @pytest.mark.parametrize(("key", "value"), [
     ("prompt_index", -1), ("prompt_index", 10**6), ("prompt_index", True), ("prompt_index", 2.0),
     ("message_prefix", [0, 2]), ("message_prefix", [3, 2]), ("message_prefix", [1, 2.0]),

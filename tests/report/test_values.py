@@ -346,6 +346,16 @@ def test_reference_block_follows_each_snapshot_role_and_generated_flag(tmp_path:
 
 
 
+def test_a_message_label_is_its_index_and_role_unless_generated() -> None:
+    """Chart labels: the snapshot index and a three-letter role; the generated reply says so
+    instead, and only when marked."""
+    from actstore.report.run_section import message_label
+
+    got = [message_label(0, "system"), message_label(1, "user"), message_label(2, "assistant"), message_label(3, "tool")]
+    assert got == ["0·sys", "1·usr", "2·ast", "3·too"]
+    assert message_label(4, "assistant", generated=True) == "4·gen"
+
+
 def test_each_message_chart_is_its_cosine_per_layer(tmp_path: Path) -> None:
     """Each message's charts (one per source) draw, per reference, the cosine of that
     message's snapshot with the reference at each layer: NumPy on the raw arrays."""

@@ -38,3 +38,29 @@ def test_a_frame_becomes_a_table_of_text_and_numbers() -> None:
     assert [[c.text for c in row] for row in t.rows] == [["a", "0.50", "3.00"], ["b", "0.25", "–"]]
     assert [row[1].bg for row in t.rows] == [scale_bg(0.5, 0.0, 1.0), scale_bg(0.25, 0.0, 1.0)]
     assert t.rows[0][2].bg is None  # an uncoloured column
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_overview_table_is_each_rows_mean_cosine_per_source(pairs: bool) -> None:
+    """The first screen's table: a row per run (or pair of runs), the mean cosine of each
+    source in order, then the mean, std and median over the sources (NumPy's)."""
+    from actstore.report.overview_section import overview_table
+
+    values = {"r1": [0.91, 0.52, 0.70], "r2": [0.33, 0.64, 0.25]}
+    sources = ["hidden_out", "attn_out", "mlp_out"]
+    rows = [(r, s, v) for r, vs in values.items() for s, v in zip(sources, vs, strict=True)][::-1]  # any order
+    summary = pd.DataFrame(rows, columns=["run", "source", "mean_cosine"])
+    if pairs:  # rows keyed by two columns (the inter-run table's pairs)
+        pair_of = {"r1": ("ra", "rb"), "r2": ("ra", "rc")}
+        summary["run_a"] = summary["run"].map(lambda r: pair_of[r][0])
+        summary["run_b"] = summary["run"].map(lambda r: pair_of[r][1])
+        keys: str | list[str] = ["run_a", "run_b"]
+        labels = {pair_of["r1"]: [text_cell("P1")], pair_of["r2"]: [text_cell("P2")]}
+    else:
+        keys, labels = "run", {"r1": [text_cell("R1")], "r2": [text_cell("R2")]}
+    table = overview_table(summary, keys, labels, ["row"])  # type: ignore[arg-type]
+    assert table.columns == ["row", *sources[::-1], "mean", "std", "median"]
+    for row, (rid, vs) in zip(table.rows, values.items(), strict=True):
+        per_source = vs[::-1]
+        stats = [np.mean(vs), np.std(vs), np.median(vs)]
+        assert [c.text for c in row[1:]] == [f"{x:.3f}" for x in per_source + stats], rid

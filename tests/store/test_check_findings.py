@@ -57,6 +57,20 @@ def test_a_deleted_chunk_is_one_missing_finding_and_not_decoded(one_run: tuple[P
     assert result.objects == len(chunks) - 1
 
 
+def test_a_chunk_outside_the_arrays_grid_is_one_inconsistent_finding(one_run: tuple[Path, str]) -> None:
+    """A chunk object whose coordinates lie past the array's shape (a hand copy, another
+    writer's leftovers) is named as such; every chunk inside the grid still decodes."""
+    location, run_id = one_run
+    chunks = _chunk_files(location / naming.run_path(run_id))
+    tokens = location / naming.run_path(run_id) / naming.TOKENS_ARRAY / "c"
+    stray = tokens / "999"
+    stray.write_bytes((tokens / "0").read_bytes())
+    result = check_store(ActStore.open(location), progress=False)
+    key = stray.relative_to(location).as_posix()
+    assert result.findings == [Finding("inconsistent", key, "chunk object outside the array's grid", run_id)]
+    assert result.objects == len(chunks)
+
+
 def test_garbled_run_metadata_is_one_finding_that_says_so(one_run: tuple[Path, str]) -> None:
     location, run_id = one_run
     (location / naming.run_path(run_id) / "zarr.json").write_text("{ not json")

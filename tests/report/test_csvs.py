@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from .conftest import MESSAGES_A
 from .helpers import SOURCES, cosine, mae, overlap, run_group, vectors_at
 
 # The seed's columns (notebooks/compare_runs.py), written out here on purpose.
@@ -103,8 +104,6 @@ def test_text_columns(two_run_store: Any, two_run_report: Path) -> None:
     summary = pd.read_csv(two_run_report.parent / "intra_run_report.csv")
     run = two_run_store.run(two_run_store.run_ids()[0])
     row = summary[summary["run"] == run.id].iloc[0]
-    from .conftest import MESSAGES_A
-
     # the conversation as "role: content", one line per message (the first run is MESSAGES_A's)
     assert row["prompt"] == "\n".join(f"{m['role']}: {m['content']}" for m in MESSAGES_A)
     assert (

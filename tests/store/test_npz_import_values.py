@@ -204,12 +204,11 @@ def test_snapshots_without_a_generated_flag_export_as_not_generated(tmp_path: Pa
     d = make_seed_dir(tmp_path)
     _full_pass_snapshots(d)  # Activation Lab's own layout holds whole passes
     index_path = d / "conversation_snapshots" / "index.json"
-    index = _json(index_path)
-    entries = index["snapshots"] if isinstance(index, dict) else index
+    entries = _json(index_path)  # the hand-made directory's index: a list of entries
     assert entries
     for e in entries:
         e.pop("generated", None)
-    index_path.write_text(json.dumps(index))
+    index_path.write_text(json.dumps(entries))
     store = ActStore.open(str(tmp_path / "s.zarr"), create=True)
     run = store.run(import_npz(store, d, quiet=True))
     out = export_npz(run, tmp_path / "out", quiet=True)

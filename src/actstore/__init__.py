@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # not typing's: `python -m actstore` imports this first, keep it instant
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

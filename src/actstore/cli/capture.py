@@ -9,7 +9,6 @@ import click
 
 from actstore.cli.common import (
     _fail_cleanly,
-    _interruptible,
     _quiet_option,
     parse_storage_options,
     store_options,
@@ -33,7 +32,6 @@ def _quiet_hf_loading() -> None:
               help="progress bars even when stderr is not a terminal (a log file, a background job)")
 @click.option("--force", is_flag=True, help="capture even if the memory estimate exceeds what is available")
 @click.option("--strict", is_flag=True, help="refuse a scenario with an unknown key (default: warn and ignore it)")
-@_interruptible
 @_fail_cleanly
 def capture(
     scenario_path: str, store_location: str | None, storage_options: tuple[str, ...],

@@ -47,12 +47,25 @@ def stop_on_signals() -> dict[int, Any]:
     Returns the handlers it replaced."""
 
     def stop(signum: int, frame: Any) -> None:
-        if _stopping:
+        if _stopping or _held_back(signum, frame):
             return
         _stopping.append(signum)
         raise KeyboardInterrupt
 
     return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _held_back(signum: int, frame: Any) -> bool:
+    """An exception raised inside an ``import`` can be swallowed by it (the command then
+    runs to the end), leave a module that can never load again ("cannot load module more
+    than once per process") or, inside torch's C++ start-up, abort the process. So a
+    signal that lands in one is sent again a moment later, until the import is over."""
+    while frame is not None:
+        if "importlib._bootstrap" in frame.f_code.co_filename.replace("/", "."):
+            threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -78,8 +91,8 @@ def _ignore_signals() -> None:
 
 
 def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """For commands that write: an interrupt cleans up, prints one line and exits
-    128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
+    """An interrupt cleans up, prints one line and exits 128 + the signal (130 for
+    Ctrl-C, 143 for SIGTERM), the shell's convention. Every command runs in it (``_Main``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -205,7 +218,16 @@ def _quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--quiet", "-q", is_flag=True, help="no progress bars")(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The ``actstore`` group: every command runs :func:`_interruptible`, so Ctrl-C or
+    SIGTERM anywhere cleans up and ends with one ``interrupted`` line (click's own answer
+    is ``Aborted!`` and exit code 1, and SIGTERM would kill without any cleanup)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return _interruptible(super().invoke)(ctx)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="actstore")
 def main() -> None:
     """Capture every activation of a causal LM into a Zarr store, and query it."""

@@ -8,7 +8,6 @@ import click
 
 from actstore.cli.common import (
     _fail_cleanly,
-    _interruptible,
     _quiet_option,
     open_store,
     parse_storage_options,
@@ -50,7 +49,6 @@ from actstore.distributed import scheduler_address_option
 @store_options
 @scheduler_address_option
 @_quiet_option
-@_interruptible
 @_fail_cleanly
 def capture_dataset_cmd(input_path: str, store_location: str | None, storage_options: tuple[str, ...],
                         scheduler_address: str | None, quiet: bool, capture: tuple[str, ...],

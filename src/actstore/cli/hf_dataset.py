@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from actstore.cli.common import _fail_cleanly, _interruptible, _quiet_option, open_store, store_options
+from actstore.cli.common import _fail_cleanly, _quiet_option, open_store, store_options
 from actstore.cli.npz import _subgroup
 
 
@@ -25,7 +25,6 @@ def register(main: click.Group) -> None:
     @click.option("--overwrite", is_flag=True, help="replace an existing dataset at --out")
     @store_options
     @_quiet_option
-    @_interruptible
     @_fail_cleanly
     def export_hf_cmd(
         runs: tuple[str, ...], out: str, hooks: tuple[str, ...], context: int, overwrite: bool,

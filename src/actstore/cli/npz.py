@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from actstore.cli.common import _fail_cleanly, _interruptible, _quiet_option, open_store, store_options
+from actstore.cli.common import _fail_cleanly, _quiet_option, open_store, store_options
 
 
 def _subgroup(main: click.Group, name: str, help_text: str) -> click.Group:
@@ -35,7 +35,6 @@ def register(main: click.Group) -> None:
     @click.option("--overwrite", is_flag=True, help="replace an existing export of the run")
     @store_options
     @_quiet_option
-    @_interruptible
     @_fail_cleanly
     def export_npz_cmd(
         run: str, out: str, layout: str, overwrite: bool, store_location: str | None,
@@ -64,7 +63,6 @@ def register(main: click.Group) -> None:
     @click.argument("run_dir", metavar="DIR")
     @store_options
     @_quiet_option
-    @_interruptible
     @_fail_cleanly
     def import_npz_cmd(
         run_dir: str, store_location: str | None, storage_options: tuple[str, ...], quiet: bool

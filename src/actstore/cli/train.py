@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from actstore.cli.common import _fail_cleanly, _interruptible, _quiet_option, open_store, store_options
+from actstore.cli.common import _fail_cleanly, _quiet_option, open_store, store_options
 
 
 @click.command("materialize")
@@ -18,7 +18,6 @@ from actstore.cli.common import _fail_cleanly, _interruptible, _quiet_option, op
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
               help="rows per chunk (default: the measured default)")  # fmt: skip
 @_quiet_option
-@_interruptible
 @_fail_cleanly
 def materialize_cmd(runs: tuple[str, ...], store_location: str | None, storage_options: tuple[str, ...],
                     name: str, sources: tuple[str, ...], layers: str, chunk_rows: int | None,

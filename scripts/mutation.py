@@ -40,7 +40,8 @@ and each surviving mutant as ``file:line`` with the mutation (original -> mutant
 surviving mutant is then either killed by a new test or listed as equivalent, with the reason,
 in the "Equivalent mutants" section of that file (kept across runs, edited by hand).
 
-Scoring: ``timeout`` counts as killed (the mutant made the suite hang, which is detected);
+Scoring: ``timeout`` counts as killed (the mutant made the suite hang, which is detected:
+mutmut's own limit, or ``--wall-limit``, 20 minutes by default);
 ``no tests`` (no fast test reaches the function) counts as survived, since nothing would catch
 a bug there; ``skipped`` and ``caught by type check`` are listed but left out of the score.
 """
@@ -66,6 +67,9 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mutation.md"
 EQUIV_HEADER = "## Equivalent mutants"
 # the tests' temporary folders grow by gigabytes over a run (5 GiB in a 60-per-package draw)
 MIN_FREE_GIB = 20.0
+# a mutant's tests are a part of the fast suite, which runs serially in about 10 minutes here:
+# twice that is a hang (or a slowdown no one would miss), not a test still working
+WALL_LIMIT_MIN = 20.0
 
 # Runs inside a child interpreter: load mutmut's configuration from pyproject.toml, narrow it
 # for this run, then hand over to mutmut's own command line (`mutmut run`).
@@ -111,6 +115,12 @@ def _with_whole_files(*a, **k):
         for f in {t.split("::")[0] for t in tests}:
             tests |= by_file.get(f, set())
 m.collect_or_load_stats = _with_whole_files
+# mutmut stops a mutant after (the time of the tests that reach it + a constant) x a factor,
+# and with whole files that can be hours: one mutant that makes a test wait (not spin) held
+# a worker for 78 minutes. A hard wall limit stops it sooner; it counts as a timeout.
+from mutmut.workers import isolation
+_register = isolation.register_timeout
+isolation.register_timeout = lambda pid, seconds: _register(pid, min(seconds, args["wall_limit_s"]))
 argv = ["run"] + (["--max-children", str(args["max_children"])] if args["max_children"] else []) + names
 m.cli(argv, prog_name="mutmut")
 """
@@ -428,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run a seeded random sample of N mutants per package instead of all of them "
                          "(the score is then an estimate, written with its 95%% interval)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample's draw (a new seed draws a fresh sample)")
+    ap.add_argument("--wall-limit", type=float, default=WALL_LIMIT_MIN, metavar="MINUTES",
+                    help="stop a mutant's tests after this long, whatever mutmut's estimate (a timeout; "
+                         "default %(default)s: twice the fast suite's serial time on 2 cores)")
     args = ap.parse_args(argv)
 
     try:
@@ -491,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     before: dict[str, tuple[int, int]] | None = None
     if args.sample:
         _child({"only_mutate": only, "tests": args.tests, "max_children": args.max_children,
-                "generate_only": True, "names_file": None})
+                "generate_only": True, "names_file": None, "wall_limit_s": args.wall_limit * 60})
         sample = _draw_sample(files, args.sample, args.seed)
         sample_file = ROOT / "mutants" / "sample.json"
         if args.retest_survivors:
@@ -521,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         sample_note = (f"seed {args.seed}, up to {args.sample} mutants drawn per package; "
                        f"{len(sample_to_run)} run this time")
     child = {"only_mutate": only, "tests": args.tests, "max_children": args.max_children,
-             "generate_only": False, "names_file": names_file}
+             "generate_only": False, "names_file": names_file, "wall_limit_s": args.wall_limit * 60}
     t0 = time.monotonic()
     # an empty list of names would make mutmut run every mutant
     rc = _child(child) if not (args.sample and not sample_to_run) else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from actstore.cli.common import _fail_cleanly, open_store, stop_on_signals, store_options
+from actstore.cli.common import _fail_cleanly, open_store, store_options
 from actstore.errors import OptionError
 
 
@@ -61,7 +61,6 @@ def register(main: click.Group) -> None:
             raise OptionError(
                 f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
             ) from None
-        stop_on_signals()  # Ctrl-C and SIGTERM stop the server cleanly (exit 0)
         click.echo(f"actstore view: {server.url}  (Ctrl-C stops)")
         if not is_loopback(host):
             click.echo(f"note: listening on {host}: every request needs the token in this address", err=True)
@@ -71,7 +70,7 @@ def register(main: click.Group) -> None:
             webbrowser.open(server.url)
         try:
             server.serve_forever()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C and SIGTERM (cli.common._interruptible): a clean stop, exit 0
             pass
         finally:
             server.shutdown()

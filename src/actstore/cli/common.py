@@ -62,10 +62,16 @@ def _held_back(signum: int, frame: Any) -> bool:
     signal that lands in one is sent again a moment later, until the import is over."""
     while frame is not None:
         if "importlib._bootstrap" in frame.f_code.co_filename.replace("/", "."):
-            threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+            _send_again(signum, 0.02)
             return True
         frame = frame.f_back
     return False
+
+
+def _send_again(signum: int, delay: float) -> None:
+    """The signal to this process again after ``delay`` seconds, from a thread (it lands
+    in the main thread, past the place that could not take it)."""
+    threading.Timer(delay, os.kill, (os.getpid(), signum)).start()
 
 
 def _redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -76,7 +82,7 @@ def _redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def on_unraisable(unraisable: Any) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt) and _stopping:
             signum = _stopping.pop()  # the handler raises again on the next one
-            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            _send_again(signum, 0.01)
             return
         hook(unraisable)
 

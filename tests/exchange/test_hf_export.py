@@ -206,6 +206,21 @@ def test_bad_requests_write_nothing(exchange_store: dict[str, Any], tmp_path: Pa
     assert not (tmp_path / "x").exists()
 
 
+def test_a_source_the_run_lacks_is_named_with_the_ones_it_has(tmp_path: Path) -> None:
+    from actstore.store.store import ActStore
+    from query.synth import write_synthetic_run
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    run = store.run(write_synthetic_run(store, n_layers=2, prompt_len=8, n_steps=2, width=8,
+                                        sources=("hidden_in", "mlp_act")))  # fmt: skip
+    with pytest.raises(SelectionError) as e:
+        export_hf_dataset(run, tmp_path / "x" / "ds", ["blocks.0.attn.hook_q"], 4, quiet=True)
+    assert str(e.value) == (f"blocks.0.attn.hook_q: run {run.id} did not capture 'q'; "
+                            f"it has: {', '.join(run.sources)}")  # fmt: skip
+    assert set(run.sources) >= {"hidden_in", "hidden_out", "mlp_act"} and "q" not in run.sources
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli(exchange_store: dict[str, Any], tmp_path: Path) -> None:
     from actstore.cli import main
 

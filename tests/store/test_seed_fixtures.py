@@ -283,3 +283,15 @@ def test_full_pass_files_are_checked_before_anything_is_written(tmp_path: Path, 
     with pytest.raises(StoreError, match=pattern) as info:
         read_seed_dirs(d)  # the CLI checks every directory this way before opening the store
     assert "\n" not in str(info.value)
+
+
+def test_steps_without_kind_are_prefill_then_decode(tmp_path: Path) -> None:
+    """``kind`` is optional in steps.json (a hand-made run directory may leave it out): the
+    first step is the prefill, the rest decode, as Activation Lab labels them."""
+    assert SINGLE is not None
+    d = _copy(tmp_path, SINGLE)
+    steps = d / "prompt_0/steps.json"
+    assert [s["kind"] for s in _json(steps)["steps"]] == ["prefill", "decode"]
+    _edit(steps, lambda x: [s.pop("kind") for s in x["steps"]])
+    store, ids = _import(tmp_path, d)
+    assert [s["kind"] for s in store.run(ids[0]).steps] == ["prefill", "decode"]

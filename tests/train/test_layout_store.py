@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from actstore.cli import main
@@ -47,6 +48,14 @@ def test_check_passes_then_names_each_problem(tmp_path: Path) -> None:
     data[5] ^= 0x01
     chunk.write_bytes(bytes(data))
     (seg / "rows/position/c/2").unlink()
+    (seg / "rows/token_ids/zarr.json").unlink()
+    meta = seg / "rows/sequence_index/zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["codecs"][-1]["name"] = "no_such_codec"  # parses, but zarr cannot open the array
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(Exception) as opening:  # noqa: PT011 - whatever zarr raises, quoted below
+        zarr.open_array(store=str(meta.parent), mode="r", zarr_format=3)
+    reason = str(opening.value).strip().splitlines()[0][:160]
     (seg / "stray.bin").write_bytes(b"x")
     (loc / "layouts/lay/committed/seg001.json").write_text("{")
     res = _check(loc)
@@ -54,6 +63,10 @@ def test_check_passes_then_names_each_problem(tmp_path: Path) -> None:
     lines = res.output.splitlines()
     assert any(line.startswith("damaged") and "hidden_out.3/c/1/0" in line and "checksum" in line for line in lines)
     assert any(line.startswith("missing") and "rows/position/c/2" in line for line in lines)
+    assert any(line.startswith("missing") and "rows/token_ids/zarr.json" in line
+               and "array metadata is missing" in line for line in lines)  # fmt: skip
+    assert any(line.startswith("damaged") and "rows/sequence_index/zarr.json" in line
+               and f"array does not open ({reason})" in line for line in lines)  # fmt: skip
     assert any(line.startswith("inconsistent") and f"{seg.name}/stray.bin" in line for line in lines)
     assert any(line.startswith("damaged") and "committed/seg001.json" in line for line in lines)
 

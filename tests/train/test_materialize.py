@@ -13,6 +13,7 @@ import zarr
 from click.testing import CliRunner
 
 from actstore.cli import main
+from actstore.store import layout, shard_read
 from actstore.store.materialize import materialize
 from actstore.store.store import ActStore
 from actstore.store.train_read import TrainLayout
@@ -29,8 +30,12 @@ def _raw_segment(location: Path, name: str, segment: str, path: str) -> np.ndarr
     return np.asarray(zarr.open_array(store=str(location), path=f"{where}/{path}", mode="r")[...])
 
 
-@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
-def test_values_are_the_runs_bits(tmp_path: Path, store_dtype: str) -> None:
+@pytest.mark.parametrize(("store_dtype", "direct"), [("float16", True), ("bfloat16", True), ("float16", False)])
+def test_values_are_the_runs_bits(tmp_path: Path, store_dtype: str, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``direct``: the shards decoded by store/shard_read.py, as for every run written by
+    capture; otherwise zarr's own reads, which serve any chain that reader does not know."""
+    if not direct:
+        monkeypatch.setattr(shard_read, "read_layers", lambda *a: None)
     loc = tmp_path / "s.zarr"
     store = ActStore.open(loc, create=True)
     # prompt_len 300 and step_chunk 7: positions span several shards' worth of blocks
@@ -63,6 +68,26 @@ def test_values_are_the_runs_bits(tmp_path: Path, store_dtype: str) -> None:
     np.testing.assert_allclose(stats.std, x.std(0), rtol=1e-6)
     np.testing.assert_allclose(stats.mean_norm, np.linalg.norm(x, axis=1).mean(), rtol=1e-9)
     np.testing.assert_allclose(stats.rms_norm, np.sqrt((x**2).sum(1).mean()), rtol=1e-9)
+
+
+def test_the_direct_shard_reader_serves_a_written_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct reader answers (not None: it is the path materialize takes) with zarr's
+    values, over position ranges that start and stop inside inner chunks and shards, one
+    shard or several (decoded in threads)."""
+    monkeypatch.setattr(layout, "SHARD_BUDGET", 1)  # shards of MIN_BLOCK positions
+    monkeypatch.setattr(layout, "MIN_BLOCK", 64)
+    loc = tmp_path / "s.zarr"
+    store = ActStore.open(loc, create=True)
+    run_id = write_synthetic_run(store, name="r", n_layers=5, prompt_len=300, n_steps=3, width=24, seed=3)
+    run = store.run(run_id)
+    assert run.group["acts/residual"].shards[1] == 64 and run.group["acts/residual"].chunks[1] == 32
+    residual = _raw_run(loc, run_id, "acts/residual")
+    n = residual.shape[1]
+    for indices, start, stop in (([0, 5], 0, n), ([2], 1, n - 1), ([1, 3, 4], 37, 211), ([0, 3], 70, 90),
+                                 ([4], n - 1, n)):  # fmt: skip
+        got = shard_read.read_layers(run, "acts/residual", indices, start, stop)
+        assert got is not None, (indices, start, stop)
+        assert np.array_equal(got.view(np.uint16), residual[indices, start:stop].view(np.uint16))
 
 
 def test_rerun_skips_committed_segments_and_adds_new_runs(tmp_path: Path) -> None:

@@ -140,18 +140,21 @@ def _all_mutants(files: list[Path]) -> dict[str, list[str]]:
 
 
 def _draw_sample(files: list[Path], n: int, seed: int) -> list[str]:
-    """A seeded draw of up to ``n`` mutants per package, without replacement. The same seed
-    and source give the same draw, so survivors can be run again after tests are added; a
-    new seed gives a fresh sample, the unbiased estimate once tests were written against
-    an earlier one."""
-    import random
+    """A seeded draw of up to ``n`` mutants per package, without replacement: the ``n`` whose
+    seeded hash of the name is smallest. The same seed and source give the same draw, so
+    survivors can be run again after tests are added; a new seed gives a fresh sample, the
+    unbiased estimate once tests were written against an earlier one. Each mutant's place
+    depends on its own name only, so editing one function changes the draw only where that
+    function's mutants enter or leave it (a shuffle of the whole list would redraw the package),
+    and a larger ``n`` extends the same draw."""
+    import hashlib
+
+    def rank(name: str) -> bytes:
+        return hashlib.sha256(f"{seed}:{name}".encode()).digest()
 
     drawn: list[str] = []
-    for pkg, names in sorted(_all_mutants(files).items()):
-        # a seeded shuffle whose first n are the sample: a larger n extends the same draw
-        order = sorted(names)
-        random.Random(f"{seed}:{pkg}").shuffle(order)
-        drawn += order[:n]
+    for _pkg, names in sorted(_all_mutants(files).items()):
+        drawn += sorted(names, key=rank)[:n]
     return drawn
 
 

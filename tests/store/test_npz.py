@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from actstore import naming
 from actstore.errors import SelectionError, StoreError
+from actstore.store import npz_file
 from actstore.store.npz import export_npz, import_npz
 from actstore.store.store import ActStore
 
@@ -187,18 +188,67 @@ def test_export_values_match_zarr(f16_run: tuple[ActStore, str], f16_export: Pat
     assert _same_bits(ref["layer_00/hidden_out"], g["references/hidden_out"][0, 0])
 
 
+def _raw_step(g: Any, source: str, li: int, p0: int, p1: int) -> np.ndarray:
+    """One layer's values of one step, sliced from the Zarr arrays opened directly."""
+    meta = g.attrs["run"]
+    layer, bounds = meta["layers"][li], meta["residual_boundaries"]
+    if source in ("hidden_in", "hidden_out"):
+        return np.asarray(g["acts/residual"][bounds.index(layer + (source == "hidden_out")), p0:p1])
+    if source == "mlp_down_in":  # not stored: the product of its stored parts, in the store dtype
+        return np.asarray(g["acts/mlp_act"][li, p0:p1] * g["acts/mlp_up"][li, p0:p1])
+    if source == "attn_weights":
+        return np.asarray(g["acts/attn_weights"][li, :, p0:p1, :p1])
+    return np.asarray(g[f"acts/{source}"][li, p0:p1])
+
+
+@pytest.mark.parametrize("window", ["default", "one step each", "decode steps in pairs"])
+def test_every_step_file_is_the_zarr_slice_however_steps_are_read_together(
+    f16_run: tuple[ActStore, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: str
+) -> None:
+    """The export reads consecutive steps together (up to WINDOW_BYTES); each step file
+    still holds exactly its own positions: every member, every step, against Zarr."""
+    from actstore.store import npz_export
+
+    store, run_id = f16_run
+    run = store.run(run_id)
+    g = zarr.open_group(store.location, mode="r")[f"runs/{run_id}"]
+    P, n = run.prompt_len, run.n_steps
+    if window != "default":
+        per_position = sum(
+            (np.prod(a.shape[:-2]) * a.shape[-1] if a.ndim >= 3 else a.shape[-1]) * a.dtype.itemsize
+            for a in (run.array(s) for s in run.sources)
+        )  # fmt: skip
+        budget = 1 if window == "one step each" else 2 * per_position
+        monkeypatch.setattr(npz_export, "WINDOW_BYTES", budget)
+        arrays = {s: run.array(s) for s in run.sources}
+        want = [[i] for i in range(n)] if window == "one step each" else [[0], [1, 2], [3]]
+        assert npz_export._windows(run, list(range(n)), arrays) == want
+    d = export_npz(run, tmp_path / run_id, layout="readme", quiet=True)
+    compared = 0
+    for step in range(n):
+        p0, p1 = (0, P) if step == 0 else (P + step - 1, P + step)
+        got = _npz(d / f"tensors/step_{step:03d}.npz")
+        for li, layer in enumerate(run.layers):
+            for source in naming.LAYER_SOURCES:
+                assert _same_bits(got[naming.npz_key(layer, source)][0], _raw_step(g, source, li, p0, p1)), (step, source)
+                compared += 1
+        assert _same_bits(got["embeddings"][0], np.asarray(g["acts/embeddings"][p0:p1]))
+        assert _same_bits(got["logits"][0], np.asarray(g["acts/logits"][p0:p1]))
+    assert compared == n * len(run.layers) * len(naming.LAYER_SOURCES)
+
+
 def test_failed_export_leaves_nothing(
     f16_run: tuple[ActStore, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, run_id = f16_run
-    real = np.savez_compressed
+    real = npz_file.save_npz
 
-    def flaky(file: Any, **arrays: Any) -> None:
+    def flaky(file: Any, arrays: Any) -> None:
         if str(file).endswith("step_002.npz"):
             raise KeyboardInterrupt  # as if killed half-way
-        real(file, **arrays)
+        real(file, arrays)
 
-    monkeypatch.setattr(np, "savez_compressed", flaky)
+    monkeypatch.setattr(npz_file, "save_npz", flaky)
     with pytest.raises(KeyboardInterrupt):
         export_npz(store.run(run_id), tmp_path / "out" / run_id, quiet=True)
     assert not (tmp_path / "out").exists()  # the folder the export made goes too

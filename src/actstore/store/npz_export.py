@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from actstore import __version__, naming
 from actstore.errors import BadNameError, StoreError
 from actstore.paths import output_folder
+from actstore.store import npz_file
 from actstore.store.reader import RunReader
 
 # run.json keys the seed defines, in its order.
@@ -157,30 +159,63 @@ def _check_names(run: RunReader) -> None:
         raise StoreError(f"{e}; this run cannot be exported as files") from None
 
 
-def step_tensors(run: RunReader, step: int) -> dict[str, np.ndarray]:
-    """The seed's NPZ arrays of one forward pass, keyed ``layer_NN/<source>`` / global name."""
-    pos = run.step_positions(step)
-    p0, p1 = pos.start, pos.stop
-    lazy: dict[str, Any] = {}
-    for source in run.sources:
-        x = run.array(source)
-        if source == "attn_weights":
-            lazy[source] = x[:, :, p0:p1, :p1]  # kv_len = last position + 1, as the seed
-        elif source in naming.GLOBAL_SOURCES:
-            lazy[source] = x[p0:p1]
-        else:
-            lazy[source] = x[:, p0:p1]
-    # One compute: hidden_in / hidden_out / mlp_down_in share chunks, read them once.
-    values = dict(zip(lazy, dask.compute(*lazy.values()), strict=True))
-    out: dict[str, np.ndarray] = {}
-    for i, layer in enumerate(run.layers):
-        for source in naming.LAYER_SOURCES:
-            if source in values:
-                out[naming.npz_key(layer, source)] = np.ascontiguousarray(values[source][i])[None]
-    for source in naming.GLOBAL_SOURCES:
-        if source in values:
-            out[naming.npz_key(None, source)] = np.ascontiguousarray(values[source])[None]
-    return out
+# Consecutive steps are read in one compute, up to this many bytes of values: a decode
+# step is one position, so read alone each re-decoded the inner chunks its neighbours
+# share and paid for a graph and a compute of its own.
+WINDOW_BYTES = 64 * 2**20
+
+
+def _windows(run: RunReader, steps: list[int], arrays: dict[str, Any]) -> list[list[int]]:
+    """``steps`` in groups of consecutive steps, each group's values within WINDOW_BYTES
+    (a step bigger than that is a group alone)."""
+    per_position = 0
+    for x in arrays.values():
+        row = math.prod(x.shape[:-2]) * x.shape[-1] if x.ndim >= 3 else x.shape[-1]  # attention: every key
+        per_position += row * x.dtype.itemsize
+    groups: list[list[int]] = []
+    size = 0
+    for step in steps:
+        cost = len(run.step_positions(step)) * per_position
+        if not groups or step != groups[-1][-1] + 1 or size + cost > WINDOW_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(step)
+        size += cost
+    return groups
+
+
+def step_tensors(run: RunReader, steps: list[int]) -> Iterator[dict[str, np.ndarray]]:
+    """The seed's NPZ arrays of each forward pass of ``steps``, in order, keyed
+    ``layer_NN/<source>`` / global name."""
+    arrays = {source: run.array(source, dense=True) for source in run.sources}
+    for group in _windows(run, steps, arrays):
+        a, b = run.step_positions(group[0]).start, run.step_positions(group[-1]).stop
+        lazy: dict[str, Any] = {}
+        for source, x in arrays.items():
+            if source == "attn_weights":
+                lazy[source] = x[:, :, a:b, :b]
+            elif source in naming.GLOBAL_SOURCES:
+                lazy[source] = x[a:b]
+            else:
+                lazy[source] = x[:, a:b]
+        # One compute: hidden_in / hidden_out / mlp_down_in share chunks, read them once.
+        window = dict(zip(lazy, dask.compute(*lazy.values()), strict=True))
+        for step in group:
+            pos = run.step_positions(step)
+            p0, p1 = pos.start - a, pos.stop - a
+            out: dict[str, np.ndarray] = {}
+            for i, layer in enumerate(run.layers):
+                for source in naming.LAYER_SOURCES:
+                    if source == "attn_weights" and source in window:  # kv_len = last position + 1, as the seed
+                        out[naming.npz_key(layer, source)] = np.ascontiguousarray(
+                            window[source][i, :, p0:p1, : pos.stop]
+                        )[None]
+                    elif source in window:
+                        out[naming.npz_key(layer, source)] = np.ascontiguousarray(window[source][i, p0:p1])[None]
+            for source in naming.GLOBAL_SOURCES:
+                if source in window:
+                    out[naming.npz_key(None, source)] = np.ascontiguousarray(window[source][p0:p1])[None]
+            yield out
 
 
 def _write_run_dir(run: RunReader, root: Path, *, quiet: bool) -> None:
@@ -199,11 +234,10 @@ def _write_run_dir(run: RunReader, root: Path, *, quiet: bool) -> None:
         (root / "tensors").mkdir()
         steps_out = []
         npz_dtype = None
-        for step_meta in run.steps:
-            step = int(step_meta["step"])
-            arrays = step_tensors(run, step)
+        numbers = [int(s["step"]) for s in run.steps]
+        for step_meta, step, arrays in zip(run.steps, numbers, step_tensors(run, numbers), strict=True):
             rel = naming.step_file(step)
-            np.savez_compressed(_dest(root, rel), **arrays)  # type: ignore[arg-type]
+            npz_file.save_npz(_dest(root, rel), arrays)
             entry = {k: step_meta.get(k) for k in SEED_STEP_KEYS}
             entry["top_k"] = entry["top_k"] or []
             # Extra keys (e.g. positions) ride along: the seed's readers ignore them.
@@ -259,7 +293,7 @@ def _write_stacked(
         }
         dest = _dest(root, rel)
         dest.parent.mkdir(exist_ok=True)
-        np.savez_compressed(dest, **arrays)  # type: ignore[arg-type]
+        npz_file.save_npz(dest, arrays)
         bar.update()
 
 

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from actstore import naming
 from actstore.errors import BadNameError, SelectionError, StoreError
+from actstore.store import npz_file
 from actstore.store.npz_export import INFO_KEY, SEED_RUN_KEYS, _dest, _run_json, _write_json, step_tensors
 from actstore.store.reader import RunReader
 
@@ -233,9 +234,9 @@ def write_dir(runs: list[RunReader], root: Path, *, quiet: bool) -> None:
 def _write_prompt_dir(run: RunReader, d: Path, bar: Any) -> None:
     (d / "tensors").mkdir(parents=True)
     entries, npz_dtype = [], None
-    for step_meta in run.steps:
-        step = int(step_meta["step"])
-        arrays = ordered(step_tensors(run, step), run.layers)
+    numbers = [int(s["step"]) for s in run.steps]
+    for step_meta, step, tensors in zip(run.steps, numbers, step_tensors(run, numbers), strict=True):
+        arrays = ordered(tensors, run.layers)
         rel = naming.step_file(step)
         _savez(_dest(d, rel), arrays)
         npz_dtype = npz_dtype or next((str(a.dtype) for a in arrays.values()), None)
@@ -334,11 +335,11 @@ def pass_arrays(run: RunReader, kind: str, key: int | str) -> dict[str, np.ndarr
     """One full pass as Activation Lab's file holds it: every source but v at every
     position (1, T, ...), then qkv_last."""
     sources = [s for s in run.sources if s != "v"]
-    lazy: dict[str, Any] = {s: run.pass_array(kind, key, s) for s in sources}
+    lazy: dict[str, Any] = {s: run.pass_array(kind, key, s, dense=True) for s in sources}
     stored = run.pass_qkv_last(kind, key)
     compute_qkv = stored is None and {"q", "k", "v"} <= set(run.sources)
     if compute_qkv:
-        lazy["v"] = run.pass_array(kind, key, "v")[:, -1]
+        lazy["v"] = run.pass_array(kind, key, "v", dense=True)[:, -1]
     values = dict(zip(lazy, dask.compute(*lazy.values()), strict=True))
     out: dict[str, np.ndarray] = {}
     for i, layer in enumerate(run.layers):
@@ -375,4 +376,4 @@ def _tensor_index(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+    npz_file.save_npz(path, arrays)

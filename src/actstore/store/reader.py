@@ -36,6 +36,7 @@ class RunReader:
         self.group = group
         self.entry = entry
         self.store = store  # the ActStore it came from: runs of one file share reference passes
+        self._lazy: dict[tuple[str, bool], da.Array] = {}  # a committed run never changes
         with integrity.naming_damage(run_id, "run metadata (zarr.json)"):
             meta = self.meta
             for key in ("layers", "prompt_len", "n_positions", "sources", "store_dtype"):
@@ -149,7 +150,10 @@ class RunReader:
         """``dense``: one task for the whole array, so a slice of it is ONE Zarr read that
         decodes its chunks concurrently (a 612-token pass of q: 38 ms, against 88 ms as a
         task per inner chunk); for what is read whole into memory anyway. Otherwise a
-        task per inner chunk, which a streaming reduction holds a few of at a time."""
+        task per inner chunk, which a streaming reduction holds a few of at a time.
+        Made once per reader: an export asks for each array once per pass it writes."""
+        if (path, dense) in self._lazy:
+            return self._lazy[path, dense]
         arr = self.open_array(path)
         x = da.from_array(
             arr, chunks=arr.shape if dense else _task_chunks(arr),
@@ -158,6 +162,7 @@ class RunReader:
         )  # fmt: skip
         if arr.attrs.get("actstore_dtype") == "bfloat16":
             x = x.map_blocks(layout.bfloat16_to_float32, dtype=np.float32)
+        self._lazy[path, dense] = x
         return x
 
     def array(self, source: str, dense: bool = False) -> da.Array:

@@ -85,6 +85,7 @@ CHILD = textwrap.dedent(
     import numpy as np, dask, dask.array as da, zarr, pandas
     from actstore.store.store import ActStore
     from actstore.query import intra_run, residual_decomposition, cosine, norm
+    from actstore.cli import main
 
     def vm():
         for line in open("/proc/self/status"):
@@ -97,6 +98,10 @@ CHILD = textwrap.dedent(
     small = runs[1]
     intra_run([small])
     cosine(small.array("hidden_in"), small.array("hidden_out")).mean(axis=1).compute()
+    try:  # and the export below: what it imports (torch among it) is loaded before the limit
+        main(["export", "npz", small.id, "--store", sys.argv[1], "--out", sys.argv[3] + "-small", "--layout", "readme", "-q"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
     baseline = vm()
     limit = baseline + int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -118,10 +123,16 @@ CHILD = textwrap.dedent(
         out["eager_failed"] = False
     except MemoryError:
         out["eager_failed"] = True
-    except RuntimeError as e:  # codecs report a failed allocation their own way
-        if "memory" not in str(e):
-            raise
-        out["eager_failed"] = True
+    # a command that reads too much at once: one line and exit 1, not a traceback, and
+    # never "damaged" (a compressor that cannot allocate says nothing about the bytes)
+    import contextlib, io
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            main(["export", "npz", run.id, "--store", sys.argv[1], "--out", sys.argv[3], "--layout", "readme", "-q"])
+    except SystemExit as e:
+        out["export_exit"] = e.code
+    out["export_err"] = err.getvalue()
     print(json.dumps(out))
     """
 )
@@ -137,11 +148,16 @@ def test_query_over_store_larger_than_memory_limit(tmp_path: Path) -> None:
     headroom = 80 * 2**20
     assert size > 2.5 * headroom
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"}  # glibc reserves 64 MiB of address space per extra arena
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(headroom)],
+    export = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(headroom), str(export)],
                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["eager_failed"], "the limit should be too small to load the arrays eagerly"
+    lines = out["export_err"].splitlines()
+    assert out["export_exit"] == 1 and len(lines) == 1 and lines[0].startswith("error: "), out["export_err"]
+    assert "out of memory" in lines[0] and "damaged" not in lines[0], lines[0]
+    assert not export.exists()  # nothing half-written
     assert out["intra_rows"] == 4 * (12 + 2) and out["decomposition_rows"] == 2 * 12
     # spot-check the streamed reductions against direct zarr reads of layer 0
     run = store.runs(["all"])[0]

@@ -56,3 +56,21 @@ def test_a_run_written_before_checksums_reads_missing_chunks_as_absent(
     store = StrictStore(memory[0], lenient=["r1"])
     assert _partial(store, [MISSING]) == [None]
     assert sync(store.get(MISSING, default_buffer_prototype())) is None
+
+
+def test_a_decode_that_cannot_allocate_is_out_of_memory_not_damage() -> None:
+    """numcodecs' zstd reports a failed allocation as a RuntimeError (this message is the
+    one it gave under an address-space limit in test_out_of_core); that is no evidence
+    about the stored bytes, so it is a MemoryError, while a codec's other errors stay damage."""
+    from actstore.errors import DamagedRunError
+    from actstore.store import integrity
+
+    with pytest.raises(MemoryError, match=r"^run r1: acts/q: a chunk's decoding could not allocate \(Zstd"):
+        with integrity.naming_damage("r1", "acts/q"):
+            raise RuntimeError("Zstd decompression error: b'Allocation error : not enough memory'")
+    with pytest.raises(DamagedRunError, match="acts/q: a chunk cannot be decoded"):
+        with integrity.naming_damage("r1", "acts/q"):
+            raise RuntimeError("Zstd decompression error: b'Unknown frame descriptor'")
+    with pytest.raises(DamagedRunError, match="checksum"):
+        with integrity.naming_damage("r1", "acts/q"):
+            raise ValueError("Stored and computed checksum do not match")

@@ -2,7 +2,8 @@
 output formats, and the error and interrupt handling.
 
 Library errors (``ActstoreError``) become one line on stderr and exit code 2, here
-(``_fail_cleanly``) and nowhere else; anything else is a bug and keeps its traceback.
+(``_fail_cleanly``) and nowhere else, and so does running out of memory, with exit code 1;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ActstoreError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except MemoryError as e:  # not the input's fault: exit 1, but one line all the same
+            click.echo(f"error: out of memory{f': {e}' if str(e) else ''} (fix: read fewer layers or "
+                       "positions at once, or run where more memory is free)", err=True)  # fmt: skip
+            sys.exit(1)
 
     return wrapper
 

@@ -268,6 +268,7 @@ class _Checker:
                 arr[region]
                 self.result.objects += 1
             except integrity.DAMAGE_ERRORS as e:
+                integrity.raise_if_out_of_memory(e, f"{base}/{key}")
                 self.add("damaged", f"{base}/{key}", integrity.describe_damage(e), run_id)
             pbar.update()
 

@@ -126,6 +126,19 @@ def mark_lenient(group: Any, run_id: str) -> None:
         store.lenient.add(run_id)
 
 
+# How the compressors say an allocation failed (numcodecs' zstd: "Allocation error : not
+# enough memory"): a decode that ran out of memory says nothing about the stored bytes.
+_NO_MEMORY = ("not enough memory", "allocation error", "out of memory", "cannot allocate memory")
+
+
+def raise_if_out_of_memory(e: BaseException, where: str) -> None:
+    """Raise MemoryError (from ``e``) when ``e``, caught as possible damage, is a decode
+    that could not allocate: the answer is more memory or a smaller read, not ``check``."""
+    text = str(e).lower()
+    if isinstance(e, RuntimeError) and any(s in text for s in _NO_MEMORY):
+        raise MemoryError(f"{where}: a chunk's decoding could not allocate ({str(e).splitlines()[0][:120]})") from e
+
+
 @contextmanager
 def naming_damage(run_id: str, path: str) -> Iterator[None]:
     """Re-raise a decode failure of ``run_id``'s array ``path`` as a DamagedRunError."""
@@ -134,6 +147,7 @@ def naming_damage(run_id: str, path: str) -> Iterator[None]:
     except DamagedRunError:
         raise
     except DAMAGE_ERRORS as e:
+        raise_if_out_of_memory(e, f"run {run_id}: {path}")
         raise DamagedRunError(run_id, f"{path}: {describe_damage(e)}") from e
 
 

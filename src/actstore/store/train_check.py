@@ -166,6 +166,7 @@ def _check_segment(checker: Any, name: str, seg: str, marker: str, info: tl.Segm
                 arr[i * info.chunk_rows : (i + 1) * info.chunk_rows]
                 checker.result.objects += 1
             except integrity.DAMAGE_ERRORS as e:
+                integrity.raise_if_out_of_memory(e, f"{base}/{key}")
                 checker.add("damaged", f"{base}/{key}", integrity.describe_damage(e), label)
             pbar.update()
     for key in sorted(set(objs) - accounted):

@@ -192,6 +192,7 @@ class TrainLayout:
             for name, path in self.columns(sites, rows):
                 self._read_column(chunk, path, out[name][offset:stop])
         except integrity.DAMAGE_ERRORS as e:
+            integrity.raise_if_out_of_memory(e, f"layout {self.name}/{segment}")
             raise DamagedRunError(f"{self.name}/{segment}", integrity.describe_damage(e)) from e
 
     def _read_column(self, chunk: Chunk, path: str, dest: np.ndarray) -> None:

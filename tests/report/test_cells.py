@@ -64,3 +64,27 @@ def test_overview_table_is_each_rows_mean_cosine_per_source(pairs: bool) -> None
         per_source = vs[::-1]
         stats = [np.mean(vs), np.std(vs), np.median(vs)]
         assert [c.text for c in row[1:]] == [f"{x:.3f}" for x in per_source + stats], rid
+
+
+def test_aggregate_table_is_mean_and_spread_of_each_rows_statistic() -> None:
+    """Per source and metric: the mean ± population std, across rows, of each row's mean,
+    std and median (worked out with NumPy), written to 3 places, exact values in the title."""
+    from actstore.report.overview_section import AGG_METRICS, aggregate_table
+
+    rng = np.random.default_rng(0)
+    summary = pd.DataFrame({"source": ["hidden_out"] * 3 + ["attn_out"] * 2})
+    for metric, _ in AGG_METRICS:
+        for stat in ("mean", "std", "median"):
+            summary[f"{stat}_{metric}"] = rng.random(5)
+    table = aggregate_table(summary)
+    assert [row[0].text for row in table.rows] == ["hidden_out", "attn_out"]
+    for row, idx in zip(table.rows, ([0, 1, 2], [3, 4]), strict=True):
+        cells = iter(row[1:])
+        for metric, _ in AGG_METRICS:
+            for stat in ("mean", "std", "median"):
+                col = summary[f"{stat}_{metric}"].to_numpy()[idx]
+                m, s = float(np.mean(col)), float(np.std(col))
+                cell = next(cells)
+                assert cell.text == f"{m:.3f} ± {s:.3f}" and cell.cls == "num" and cell.bg is None
+                a, b = (float(x) for x in cell.title.split(" ± "))
+                assert a == pytest.approx(m, rel=1e-12) and b == pytest.approx(s, rel=1e-12)

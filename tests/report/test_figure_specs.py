@@ -68,3 +68,18 @@ def test_inlined_script_cannot_end_its_element_in_any_case() -> None:
     out = script_safe(code)
     assert out == 'a="<\\/script>"; b="<\\/SCRIPT >"; c="<\\/ScRiPt"; d="<\\/script>"; e="</scrip"'
     assert "</script" not in out.lower()
+
+
+def test_reference_charts_are_cosine_per_layer_one_line_per_reference() -> None:
+    from actstore.report.run_section import layer_reference_charts
+
+    cos = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4) / 24  # (reference, source, layer)
+    figs = F.Figures()
+    ids = layer_reference_charts(cos, ["joy", "fear"], ["#111111", "#222222"], ["hidden_out", "q", "v"],
+                                 [0, 5, 6, 9], figs, "vs references")  # fmt: skip
+    assert len(ids) == 3
+    for si, (fid, source) in enumerate(zip(ids, ["hidden_out", "q", "v"], strict=True)):
+        fig = _valid(figs.specs[fid])
+        assert fig.layout.title.text == f"{source} — vs references" and fig.layout.yaxis.title.text == "cosine"
+        assert [t.name for t in fig.data] == ["joy", "fear"] and list(fig.data[0].x) == [0, 5, 6, 9]
+        assert list(fig.data[1].y) == pytest.approx(cos[1, si].tolist(), abs=5e-5)  # written to 4 places

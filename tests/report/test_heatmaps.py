@@ -170,6 +170,24 @@ def test_a_global_source_is_one_image_per_step(two_run_store: Any, tmp_path: Pat
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_binned_slice_keeps_the_axes_of_the_whole_slice(two_run_store: Any, tmp_path: Path,
+                                                          monkeypatch: Any) -> None:  # fmt: skip
+    """Logits are wider than PNG_BINS: the image holds bin means, but its x axis still
+    spans the whole vocabulary (ids 0 to V-1) and its y axis the step's positions."""
+    from matplotlib.figure import Figure
+
+    run = two_run_store.run(two_run_store.run_ids()[0])
+    vocab = int(run.group["acts/logits"].shape[-1])
+    assert vocab > H.PNG_BINS
+    drawn: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **_: drawn.append(
+        (fig.axes[0].images[0].get_array().shape, fig.axes[0].images[0].get_extent())))  # fmt: skip
+    H.write_heatmaps(run, "logits", steps=[0], out=tmp_path, progress=False)
+    [(held, extent)] = drawn
+    assert held[1] <= H.PNG_BINS  # bin means, not the vocabulary's columns
+    assert tuple(extent) == (-0.5, vocab - 0.5, run.prompt_len - 0.5, -0.5)
+
+
 def test_a_png_goes_into_folders_made_for_it(tmp_path: Path) -> None:
     from actstore.report.heatmaps import render_png
 

@@ -65,3 +65,20 @@ def test_apply_removes_what_is_removable_and_says_so(littered: dict[str, Path]) 
     assert littered["temp"].exists() and not done[f"{naming.CATALOG_PREFIX}/.tmp-abc"].removed
     assert [g.removed for g in done.values()].count(True) == 3
     assert ActStore.open(littered["store"]).run_ids() == committed
+
+
+def test_check_names_an_orphan_with_its_objects_and_age(littered: dict[str, Path]) -> None:
+    """What ``check`` says of a run group without a catalog entry: its object count (two
+    files, counted here) and its age (the files' mtime, set two hours back)."""
+    from actstore.store.check import Finding, check_store
+
+    result = check_store(ActStore.open(littered["store"]), progress=False)
+    orphans = [f for f in result.findings if f.problem == "orphaned"]
+    assert len(orphans) == 1
+    (f,) = orphans
+    name = littered["orphan"].name
+    files = [p for p in littered["orphan"].rglob("*") if p.is_file()]
+    assert len(files) == 2 and f.key == f"{naming.RUNS_PREFIX}/{name}/" and f.run == name
+    assert f.age_s is not None and 7199 <= f.age_s <= 7260
+    assert f == Finding("orphaned", f.key, f"run group with no catalog entry (2 objects, last written "
+                        f"{f.age_s:.0f} s ago): a killed or still running capture", name, f.age_s)  # fmt: skip

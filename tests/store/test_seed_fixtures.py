@@ -295,3 +295,21 @@ def test_steps_without_kind_are_prefill_then_decode(tmp_path: Path) -> None:
     _edit(steps, lambda x: [s.pop("kind") for s in x["steps"]])
     store, ids = _import(tmp_path, d)
     assert [s["kind"] for s in store.run(ids[0]).steps] == ["prefill", "decode"]
+
+
+def test_what_run_json_leaves_out_is_filled_from_the_files_and_named(tmp_path: Path) -> None:
+    """A run.json without the device and the model's hidden size: the device is "unknown"
+    (env gives none either), the hidden size the width of hidden_in (576, SmolLM2's), read
+    from the files even when they hold neither attn_out nor embeddings; both are listed as
+    filled, so an export leaves them out again."""
+    assert SINGLE is not None
+    d = _copy(tmp_path, SINGLE)
+    run_json = d / "prompt_0/run.json"
+    _edit(run_json, lambda x: (x["env"].pop("device"), x["model"]["arch"].pop("hidden_size")))
+    for npz in d.rglob("*.npz"):
+        _rewrite_npz(npz, lambda a: [a.pop(k) for k in list(a) if k == "embeddings" or k.endswith("/attn_out")])
+    store, ids = _import(tmp_path, d)
+    meta = store.run(ids[0]).meta
+    assert "attn_out" not in store.run(ids[0]).sources and "embeddings" not in store.run(ids[0]).sources
+    assert meta["model"]["device"] == "unknown" and meta["model"]["arch"]["hidden_size"] == 576
+    assert {"model.device", "model.arch.hidden_size"} <= set(meta["npz_filled"])

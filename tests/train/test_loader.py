@@ -5,6 +5,7 @@ statistics. Row identities come from values written through the segment writer
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,7 @@ def test_every_codec_chain_reads_the_same(tmp_path: Path) -> None:
     store = ActStore.open(tmp_path / "s.zarr", create=True)
     values = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float16)
     rows = Rows(np.arange(50, dtype=np.int32), np.zeros(50, np.int64), np.arange(50, dtype=np.int32))
+    chains = {"raw": ["bytes", "crc32c"], "zstd": ["bytes", "zstd", "crc32c"], "gzip": ["bytes", "gzip"]}
     for name, codecs in (("raw", None), ("zstd", checksummed(ZstdCodec(level=1))), ("gzip", [GzipCodec()])):
         w = SegmentWriter(store, name, "s", [SITE], 6, "float16", chunk_rows=16, codecs=codecs)
         w.append({SITE: values}, rows)
@@ -180,6 +182,27 @@ def test_every_codec_chain_reads_the_same(tmp_path: Path) -> None:
         lay = TrainLayout.open(store, name)
         assert np.array_equal(lay.read_site(SITE), values), name
         assert np.array_equal(lay.read_rows()["token_ids"], np.arange(50)), name
+        # the chain asked for is the one stored (its array's own metadata, read as JSON)
+        meta = next((tmp_path / "s.zarr" / "layouts" / name / "segments").glob(f"*/sites/{SITE[0]}.{SITE[1]}/zarr.json"))
+        assert [c["name"] for c in json.loads(meta.read_text())["codecs"]] == chains[name], name
+
+
+def test_a_chunk_may_hold_one_row_but_not_none(tmp_path: Path) -> None:
+    from actstore.errors import SelectionError
+    from actstore.store.rows import Rows
+    from actstore.store.store import ActStore
+    from actstore.store.train_read import TrainLayout
+    from actstore.store.train_writer import SegmentWriter
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    values = np.arange(15, dtype=np.float32).reshape(5, 3)
+    w = SegmentWriter(store, "one", "s", [SITE], 3, "float32", chunk_rows=1)
+    w.append({SITE: values}, Rows(np.arange(5, dtype=np.int32), np.zeros(5, np.int64), np.arange(5, dtype=np.int32)))
+    w.commit()
+    lay = TrainLayout.open(store, "one")
+    assert len(lay.chunks) == 5 and np.array_equal(lay.read_site(SITE), values)
+    with pytest.raises(SelectionError, match="chunk_rows must be >= 1, not 0"):
+        SegmentWriter(store, "none", "s", [SITE], 3, "float32", chunk_rows=0)
 
 
 def test_text_labels_ride_along(tmp_path: Path) -> None:

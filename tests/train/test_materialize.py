@@ -143,6 +143,12 @@ def test_cli_materialize_and_its_errors(tmp_path: Path) -> None:
         res = CliRunner().invoke(main, ["materialize", "all", "--store", str(loc), "--name", "other", *opts, "-q"])
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output and res.output.startswith("error: ") and res.output.count("\n") == 1
+    # the sources it offers instead are the per-layer vector sources, attention weights not among them
+    res = CliRunner().invoke(main, ["materialize", "all", "--store", str(loc), "--name", "other", "--source",
+                                    "logits", "--layers", "0", "-q"])  # fmt: skip
+    offered = res.output.split("(one of ", 1)[1].split(")")[0].split(", ")
+    assert offered == ["hidden_in", "hidden_out", "q", "k", "v", "attn_out", "mlp_gate", "mlp_up", "mlp_act",
+                       "mlp_down_in", "mlp_down_out"]  # fmt: skip
     assert not (loc / "layouts/other").exists()  # nothing half-written
     res = CliRunner().invoke(main, ["materialize", "all", "--store", str(loc), "--name", "lay",
                                     "--source", "hidden_out", "--layers", "1", "-q"])  # fmt: skip

@@ -59,7 +59,7 @@ def aggregate_table(summary: pd.DataFrame) -> Table:
             for stat in ("mean", "std", "median"):
                 col = g[f"{stat}_{metric}"].astype(float)
                 m, s = col.mean(), col.std(ddof=0)
-                row.append(Cell(f"{m:.3f} ± {s:.3f}", None, "num", f"{m!r} ± {s!r}"))
+                row.append(Cell(f"{m:.3f} ± {s:.3f}", None, "num", f"{float(m)!r} ± {float(s)!r}"))
         rows.append(row)
     columns = ["source"] + ["mean", "std", "median"] * len(AGG_METRICS)
     return Table(columns, rows, [("", 1)] + [(title + " (mean ± std)", 3) for _, title in AGG_METRICS])

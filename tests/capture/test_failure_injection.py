@@ -242,3 +242,39 @@ def test_a_recorder_on_a_model_without_attention_weights_names_the_fix() -> None
         rec.mode = "step"
         loaded.model(ids)
     assert rec.tensors[("attn_weights", 0)].shape[-2:] == (3, 3)
+
+
+def test_abort_does_not_wait_forever_for_a_stuck_write(tmp_path: Path, monkeypatch: Any) -> None:
+    """A write stuck in the writer thread (here: a tensor whose copy to the host blocks)
+    holds ``abort`` for ABORT_WAIT_S at most; the thread finishes once the write does."""
+    import time
+
+    import numpy as np
+
+    from actstore.store.writer import ArrayPlan, RunWriter
+
+    monkeypatch.setattr(writer_mod, "ABORT_WAIT_S", 0.3)
+    release = threading.Event()
+
+    class Stuck:
+        def detach(self) -> Any:
+            release.wait(60)
+            return torch.zeros((1, 4))
+
+    store = ActStore.open(tmp_path / "s.zarr", create=True)
+    group = store.create_run_group(store.new_run_id("stuck"))
+    spec = layout.vector_spec("q", 1, 8, 4, np.dtype(np.float32))
+    w = RunWriter(group, [ArrayPlan("q", spec, (("q", 0),), {"actstore_dtype": "float32"})])
+    w.submit(0, {("q", 0): Stuck()})
+    time.sleep(0.2)  # the thread has taken it and is stuck in it
+    timer = threading.Timer(20, release.set)  # an abort that waited for the write would take 20 s
+    timer.start()
+    t0 = time.monotonic()
+    w.abort()
+    waited = time.monotonic() - t0
+    release.set()
+    timer.cancel()
+    assert 0.25 <= waited < 10, waited
+    w._thread.join(5)
+    assert not w._thread.is_alive()
+

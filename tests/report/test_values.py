@@ -604,7 +604,34 @@ def test_a_message_with_no_direction_has_no_closest_reference(tmp_path: Path) ->
     top, n = Counter(b for b in expected if b).most_common(1)[0]
     assert f"{n} of 4 messages are closest to “{top}”" in sentence
     assert "1 has no cosine with any reference" in sentence
+    assert table.columns == ["message", "text", "closest", "cosine", "leans toward", "Δ vs its mean"]
     # message 2 is the run's only assistant turn: no role has the closer references
     assert [s["role"] for s in g.attrs["run"]["snapshots"]][2] == "assistant"
     assert not any("turns sit closer to the references" in p for p in points)
     assert path.exists()
+
+
+def test_two_messages_without_direction_are_counted_in_the_plural(tmp_path: Path) -> None:
+    from actstore.report.gather import gather
+    from actstore.report.narrative import run_points
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(st, n_layers=2, prompt_len=6, n_steps=2, width=16, n_snapshots=4,
+                                 labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
+    group = raw_run_group(tmp_path / "s.zarr", run_id)
+    for source in SOURCES:
+        snaps = group[f"snapshots/{source}"]
+        for m in (1, 2):
+            snaps[m] = np.zeros(snaps.shape[1:], dtype=snaps.dtype)
+    rr = gather(ActStore.open(tmp_path / "s.zarr").runs(["all"])).runs[0]
+    [sentence] = [p for p in run_points(rr) if p.startswith("Averaged over layers and sources")]
+    assert "; 2 have no cosine with any reference (a zero vector)." in sentence
+
+
+def test_without_hidden_out_the_drift_sentence_takes_the_first_source() -> None:
+    from actstore.report.narrative import PREFERRED_SOURCE, _pick_source
+
+    assert _pick_source(["attn_out", PREFERRED_SOURCE, "q"]) == PREFERRED_SOURCE == "hidden_out"
+    assert _pick_source(["attn_out", "mlp_down_out"]) == "attn_out"
+    assert _pick_source([]) is None
+

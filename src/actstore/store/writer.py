@@ -141,6 +141,9 @@ def entropy_plan(attn: ArrayPlan) -> ArrayPlan:
     return ArrayPlan(naming.ATTN_ENTROPY_ARRAY, spec, attn.keys, attrs)
 
 
+ABORT_WAIT_S = 30.0
+
+
 class RunWriter:
     """Writes the step arrays of one run group from a background thread."""
 
@@ -203,10 +206,12 @@ class RunWriter:
             blocks.finish(n_positions)
 
     def abort(self) -> None:
-        """Stop the thread without writing more (the run stays uncommitted)."""
+        """Stop the thread without writing more (the run stays uncommitted). Waits at most
+        ABORT_WAIT_S for the block it is writing: a write stuck on storage must not hold
+        the failing capture's error back forever (the thread is a daemon)."""
         self._error = self._error or RuntimeError("aborted")
         self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=ABORT_WAIT_S)
 
 
 def _right_align(weights: np.ndarray, kv: int) -> np.ndarray:

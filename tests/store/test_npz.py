@@ -601,3 +601,24 @@ def test_the_export_bar_names_the_run_and_counts_its_files(tmp_path: Path, monke
     n = len(list(Path(out).rglob("*.npz")))
     last = err.getvalue().replace("\r", "\n").strip().splitlines()[-1]
     assert n > 0 and re.match(rf"export {re.escape(run.id)}: 100%.* {n}/{n} ", last), last
+
+
+def test_an_export_does_not_load_torch(f16_run: tuple[ActStore, str], tmp_path: Path) -> None:
+    """Only the import side needs torch (capture's writer): ``actstore export npz`` in a
+    fresh interpreter writes the files without loading it (3 s of start-up here)."""
+    import subprocess
+    import sys
+
+    store, run_id = f16_run
+    code = (
+        "import sys\n"
+        "from actstore.cli import main\n"
+        "try:\n"
+        f"    main(['export', 'npz', {run_id!r}, '--store', {str(store.location)!r}, '--out', {str(tmp_path)!r},"
+        " '--layout', 'readme', '-q'])\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["0", "False"], out.stdout + out.stderr
+    assert (tmp_path / run_id / "steps.json").exists()

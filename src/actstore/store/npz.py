@@ -46,8 +46,24 @@ The code lives in :mod:`actstore.store.npz_export`, :mod:`actstore.store.npz_lab
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from actstore.store.npz_export import LAYOUTS, default_export_dir, export_npz
-from actstore.store.npz_import import SeedDir, import_npz, import_npz_dirs, read_seed_dir, read_seed_dirs
+
+if TYPE_CHECKING:
+    from actstore.store.npz_import import SeedDir, import_npz, import_npz_dirs, read_seed_dir, read_seed_dirs
+
+_IMPORT_SIDE = ("SeedDir", "import_npz", "import_npz_dirs", "read_seed_dir", "read_seed_dirs")
+
+
+def __getattr__(name: str) -> Any:
+    """The import side writes through capture's pass log, which loads torch (3 s of a
+    command's start-up here): it is loaded when first asked for, so an export skips it."""
+    if name in _IMPORT_SIDE:
+        from actstore.store import npz_import
+
+        return getattr(npz_import, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LAYOUTS",

@@ -483,6 +483,20 @@ def test_inter_section_names_each_pair_by_its_runs(two_run_store: Any) -> None:
     assert [[c.text for c in r[:3]] for r in legend.rows] == [[la, a, names[a]], [lb, b, names[b]]]
 
 
+def _run_with_zero_rows(tmp_path: Path, where: str, rows: tuple[int, ...], **synth: Any) -> tuple[ActStore, str]:
+    """A synthetic run (references joy, fear, calm; 4 snapshots; float32) whose ``where``
+    rows (snapshots: messages, references: labels) are all zero in every source: vectors
+    with no direction, whose cosine with anything is undefined."""
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(st, n_snapshots=4, labels=("joy", "fear", "calm"), store_dtype="float32", **synth)
+    group = raw_run_group(tmp_path / "s.zarr", run_id)
+    for source in SOURCES:
+        arr = group[f"{where}/{source}"]
+        for r in rows:
+            arr[r] = np.zeros(arr.shape[1:], dtype=arr.dtype)
+    return st, run_id
+
+
 def test_a_reference_with_no_direction_is_never_the_closest(tmp_path: Path) -> None:
     """A reference whose vectors are all zero has no cosine with anything (NaN): every
     message's closest reference is another one, the best by NumPy's own count. A run whose
@@ -492,13 +506,8 @@ def test_a_reference_with_no_direction_is_never_the_closest(tmp_path: Path) -> N
 
     from actstore.report.gather import gather
 
-    st = ActStore.open(tmp_path / "s.zarr", create=True)
-    run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=4,
-                                 labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
-    group = raw_run_group(tmp_path / "s.zarr", run_id)
-    for source in SOURCES:
-        refs = group[f"references/{source}"]
-        refs[1] = np.zeros(refs.shape[1:], dtype=refs.dtype)  # "fear"
+    st, run_id = _run_with_zero_rows(tmp_path, "references", (1,), n_layers=3, prompt_len=6, n_steps=3,
+                                     width=32)  # "fear"  # fmt: skip
     with edited_run_meta(tmp_path / "s.zarr", run_id) as meta:
         del meta["model"]
     with warnings.catch_warnings():
@@ -571,14 +580,9 @@ def test_a_message_with_no_direction_has_no_closest_reference(tmp_path: Path) ->
     from actstore.report.gather import gather
     from actstore.report.narrative import closest_references, message_table, run_points
 
-    st = ActStore.open(tmp_path / "s.zarr", create=True)
     labels = ["joy", "fear", "calm"]
-    run_id = write_synthetic_run(st, n_layers=3, prompt_len=6, n_steps=3, width=32, n_snapshots=4,
-                                 labels=tuple(labels), store_dtype="float32")  # fmt: skip
-    group = raw_run_group(tmp_path / "s.zarr", run_id)
-    for source in SOURCES:
-        snaps = group[f"snapshots/{source}"]
-        snaps[2] = np.zeros(snaps.shape[1:], dtype=snaps.dtype)  # message 2
+    st, run_id = _run_with_zero_rows(tmp_path, "snapshots", (2,), n_layers=3, prompt_len=6, n_steps=3,
+                                     width=32)  # message 2  # fmt: skip
     g = run_group(st, run_id)
     z = np.mean([_svr_cosines(g, s).mean(-1) for s in SOURCES], axis=0)  # (M, R), NaN row 2
     assert np.isnan(z[2]).all() and not np.isnan(np.delete(z, 2, axis=0)).any()
@@ -615,14 +619,7 @@ def test_two_messages_without_direction_are_counted_in_the_plural(tmp_path: Path
     from actstore.report.gather import gather
     from actstore.report.narrative import run_points
 
-    st = ActStore.open(tmp_path / "s.zarr", create=True)
-    run_id = write_synthetic_run(st, n_layers=2, prompt_len=6, n_steps=2, width=16, n_snapshots=4,
-                                 labels=("joy", "fear", "calm"), store_dtype="float32")  # fmt: skip
-    group = raw_run_group(tmp_path / "s.zarr", run_id)
-    for source in SOURCES:
-        snaps = group[f"snapshots/{source}"]
-        for m in (1, 2):
-            snaps[m] = np.zeros(snaps.shape[1:], dtype=snaps.dtype)
+    _run_with_zero_rows(tmp_path, "snapshots", (1, 2), n_layers=2, prompt_len=6, n_steps=2, width=16)
     rr = gather(ActStore.open(tmp_path / "s.zarr").runs(["all"])).runs[0]
     [sentence] = [p for p in run_points(rr) if p.startswith("Averaged over layers and sources")]
     assert "; 2 have no cosine with any reference (a zero vector)." in sentence

@@ -24,7 +24,9 @@ and then runs, for each mutant, the tests that reach its function (mutmut's per-
 selection), widened here to every test of the files those tests are in: a module- or
 session-scoped fixture runs inside the first test that needs it, so mutmut credits the
 functions it calls to that test alone, and the file's other tests, which check what the
-fixture built, would never meet those functions' mutants. With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
+fixture built, would never meet those functions' mutants; and widened again to every test,
+in any file, that uses a shared (class- to session-scoped) fixture whose set-up called the
+function (recorded while the tests' reach is: ``mutants/fixture-tests.json``). With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
 (mutants of functions whose source changed are made again and run). After adding tests,
 ``--keep --retest-survivors`` runs again only the mutants that survived (or had no test)
 and are not listed as equivalent, with the current tests (with ``--sample``, also the drawn mutants a
@@ -74,7 +76,7 @@ WALL_LIMIT_MIN = 20.0
 # Runs inside a child interpreter: load mutmut's configuration from pyproject.toml, narrow it
 # for this run, then hand over to mutmut's own command line (`mutmut run`).
 _CHILD = r"""
-import dataclasses, json, sys
+import dataclasses, json, os, sys
 from mutmut import configuration as c
 args = json.loads(sys.argv[1])
 cfg = c._load_config()
@@ -115,6 +117,68 @@ def _with_whole_files(*a, **k):
         for f in {t.split("::")[0] for t in tests}:
             tests |= by_file.get(f, set())
 m.collect_or_load_stats = _with_whole_files
+# Narrower and finer than whole files: while the tests' reach is recorded, note which functions
+# each shared (class-, module-, package- or session-scoped) fixture calls while it is set up,
+# and which tests use that fixture. Those functions are then tested with every such test,
+# wherever it is: a session fixture of conftest.py is built inside one test of one file.
+import pytest
+from mutmut.runners import harness
+SHARED = os.path.abspath("mutants/fixture-tests.json")  # the tests run inside mutants/
+class _SharedFixtures:
+    def __init__(self):
+        self.calls, self.users = {}, {}
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        if fixturedef.scope == "function":
+            return (yield)
+        st = m.state()
+        outer, st._stats = st._stats, set()
+        try:
+            return (yield)
+        finally:
+            inner, st._stats = st._stats, outer
+            outer |= inner  # the test that set the fixture up is credited as before
+            self.calls.setdefault(f"{fixturedef.baseid}::{fixturedef.argname}", set()).update(inner)
+    def pytest_collection_modifyitems(self, items):
+        for item in items:
+            for name, defs in item._fixtureinfo.name2fixturedefs.items():
+                if defs and defs[-1].scope != "function":
+                    key = f"{defs[-1].baseid}::{name}"
+                    self.users.setdefault(key, set()).add(item.nodeid.removeprefix("mutants/"))
+    def pytest_sessionfinish(self, session):
+        try:
+            with open(SHARED) as f:
+                tests_of = {k: set(v) for k, v in json.load(f).items()}
+        except FileNotFoundError:
+            tests_of = {}
+        for key, functions in self.calls.items():
+            for fn in functions:
+                tests_of.setdefault(fn, set()).update(self.users.get(key, ()))
+        with open(SHARED, "w") as f:
+            json.dump({k: sorted(v) for k, v in tests_of.items()}, f)
+_run_stats = harness.PytestRunner.run_stats
+def _run_stats_noting_fixtures(self, *, tests):
+    plain = self.execute_pytest
+    self.execute_pytest = lambda params, **kw: plain(
+        params, **{**kw, "plugins": [*kw.get("plugins", []), _SharedFixtures()]})
+    try:
+        return _run_stats(self, tests=tests)
+    finally:
+        del self.execute_pytest
+harness.PytestRunner.run_stats = _run_stats_noting_fixtures
+_load_whole = m.collect_or_load_stats
+def _with_shared_fixtures(*a, **k):
+    _load_whole(*a, **k)
+    st = m.state()
+    try:
+        with open(SHARED) as f:
+            shared = json.load(f)
+    except FileNotFoundError:
+        return
+    for fn, tests in shared.items():
+        if fn in st.tests_by_mangled_function_name:
+            st.tests_by_mangled_function_name[fn] |= {t for t in tests if t in st.duration_by_test}
+m.collect_or_load_stats = _with_shared_fixtures
 # mutmut stops a mutant after (the time of the tests that reach it + a constant) x a factor,
 # and with whole files that can be hours: one mutant that makes a test wait (not spin) held
 # a worker for 78 minutes. A hard wall limit stops it sooner; it counts as a timeout.
@@ -490,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         # tests: functions mutated since (a wider scope, changed source) would be tested with
         # the new tests alone. Forgetting the test durations makes it record them again for
         # every test (one run of the tests); the verdicts are kept.
+        # A run from before shared fixtures were noted has no record of them: record again too.
         stats = ROOT / "mutants" / "mutmut-stats.json"
-        if stats.exists() and not args.sample:  # a sample's scope is always every package
+        shared_noted = (ROOT / "mutants" / "fixture-tests.json").exists()
+        if stats.exists() and (not args.sample or not shared_noted):  # a sample's scope is always every package
             data = json.loads(stats.read_text())
             data["duration_by_test"] = {}
             stats.write_text(json.dumps(data, indent=4))

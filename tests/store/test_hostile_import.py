@@ -30,7 +30,7 @@ import actstore
 from actstore import naming
 from actstore.cli import main
 from actstore.errors import StoreError
-from actstore.store.npz import export_npz, import_npz, read_seed_dir
+from actstore.store.npz import export_npz, import_npz, read_seed_dir, read_seed_dirs
 from actstore.store.store import ActStore
 
 RSS_BOUND = 1 << 30  # bytes; an import that expanded the bomb would hold 2 GiB
@@ -93,6 +93,14 @@ def _role(d: Path, outside: Path) -> str:
     _edit_json(d / "conversation_snapshots/index.json", lambda x: x[0].update(role="../../evil"))
     return (
         r"conversation_snapshots/index\.json: \[0\]\.role '\.\./\.\./evil' must contain no spaces or slashes"
+    )
+
+
+def _snapshot_entry(d: Path, outside: Path) -> str:
+    _edit_json(d / "conversation_snapshots/index.json", lambda x: x[0].pop("index"))
+    return (
+        r"conversation_snapshots/index\.json: expected a list \(or \{\"snapshots\": \[\.\.\.\]\}\) "
+        r"of \{index, role, content_preview\}$"
     )
 
 
@@ -185,6 +193,7 @@ CASES: dict[str, Callable[[Path, Path], str]] = {
     "label_dotdot": _label(".."),
     "duplicate_label": _duplicate_label,
     "role_path_pieces": _role,
+    "snapshot_entry_without_index": _snapshot_entry,
     "scenario_name_path_pieces": _scenario_name,
     "tensors_file_dotdot": _tensors_file(
         lambda o: "../outside/step_001.npz",
@@ -257,6 +266,8 @@ def test_memory_needed_is_bounded(tmp_path: Path) -> None:
     step0 = sum(a.nbytes for a in _npz(d / "tensors/step_000.npz").values())
     with pytest.raises(StoreError, match=r"step_000\.npz: importing this run needs about .* GiB of memory"):
         read_seed_dir(d, max_bytes=step0 - 1)
+    with pytest.raises(StoreError, match=r"step_000\.npz: importing this run needs about"):
+        read_seed_dirs(d, max_bytes=step0 - 1)  # the bound reaches a run directory read as a whole
     assert read_seed_dir(d).schema.memory_needed() >= step0
 
 

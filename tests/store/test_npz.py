@@ -111,6 +111,14 @@ def test_export_layout_matches_seed(f16_run: tuple[ActStore, str], f16_export: P
     run_json = _json(d / "run.json")
     assert set(RUN_KEYS) <= set(run_json) and {"id", "arch"} <= set(run_json["model"])
     assert run_json["prompt_token_ids"] == run.meta["prompt_token_ids"]
+    # what a re-import needs to store the run as it was: the scenario asked for float16,
+    # and every layer of the tiny llama was captured (its config, read here afresh)
+    from actstore.testing import tiny_model
+
+    info = run_json["actstore"]
+    n_layers = tiny_model("llama")[0].config.num_hidden_layers
+    assert (info["run_id"], info["store_dtype"], info["npz_dtype"]) == (run_id, "float16", "float16")
+    assert info["layers"] == list(range(n_layers)) and info["prompt_len"] == len(run_json["prompt_token_ids"])
     steps = _json(d / "steps.json")["steps"]
     assert [s["step"] for s in steps] == list(range(run.n_steps)) == list(range(4))
     L, layers = len(run.layers), run.layers

@@ -139,12 +139,12 @@ class _SharedFixtures:
             inner, st._stats = st._stats, outer
             outer |= inner  # the test that set the fixture up is credited as before
             self.calls.setdefault(f"{fixturedef.baseid}::{fixturedef.argname}", set()).update(inner)
-    def pytest_collection_modifyitems(self, items):
-        for item in items:
-            for name, defs in item._fixtureinfo.name2fixturedefs.items():
-                if defs and defs[-1].scope != "function":
-                    key = f"{defs[-1].baseid}::{name}"
-                    self.users.setdefault(key, set()).add(item.nodeid.removeprefix("mutants/"))
+    def pytest_runtest_teardown(self, item, nextitem):
+        # the fixtures the test used, those it asked for with request.getfixturevalue included
+        for name, fixturedef in item._request._fixture_defs.items():
+            if fixturedef.scope != "function":
+                key = f"{fixturedef.baseid}::{name}"
+                self.users.setdefault(key, set()).add(item.nodeid.removeprefix("mutants/"))
     def pytest_sessionfinish(self, session):
         try:
             with open(SHARED) as f:

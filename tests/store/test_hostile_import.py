@@ -147,22 +147,31 @@ def _pickle(rel: str, key: str) -> Callable[[Path, Path], str]:
     return case
 
 
-def _lying_header(d: Path, outside: Path) -> str:
-    # A member whose .npy header claims 10^12 values but holds 16 bytes.
+def _forge_header(d: Path, shape: tuple[int, ...]) -> None:
+    """Step 1's layer_00/q becomes a .npy header declaring ``shape`` over 16 bytes."""
     path = d / "tensors/step_001.npz"
     arrays = _npz(path)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for key, arr in arrays.items():
             if key == "layer_00/q":
                 with z.open(key + ".npy", "w") as f:
-                    np.lib.format.write_array_header_1_0(
-                        f, {"descr": "<f2", "fortran_order": False, "shape": (1, 1, 10**12)}
-                    )
+                    np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": shape})
                     f.write(bytes(16))
             else:
                 with z.open(key + ".npy", "w") as f:
                     np.lib.format.write_array(f, arr)
+
+
+def _lying_header(d: Path, outside: Path) -> str:
+    # A member whose .npy header claims 10^12 values but holds 16 bytes.
+    _forge_header(d, (1, 1, 10**12))
     return r"step_001\.npz: layer_00/q: the zip entry declares \d+ bytes, but its header describes \d+"
+
+
+def _negative_shape(d: Path, outside: Path) -> str:
+    # numpy's header parser accepts negative lengths; its byte count would come out negative
+    _forge_header(d, (1, -1, 8))
+    return r"step_001\.npz: layer_00/q: negative shape \[1, -1, 8\]$"
 
 
 def _huge_prompt(d: Path, outside: Path) -> str:
@@ -213,6 +222,7 @@ CASES: dict[str, Callable[[Path, Path], str]] = {
     "pickle_in_reference": _pickle("references/ref_calm.npz", "layer_00/hidden_in"),
     "pickle_in_unread_key": _pickle("conversation_snapshots/snapshot_00_user.npz", "qkv_last"),
     "lying_npy_header": _lying_header,
+    "negative_npy_shape": _negative_shape,
     "huge_declared_prompt": _huge_prompt,
     "integer_tensors": _integer_tensors,
 }

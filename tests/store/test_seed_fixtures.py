@@ -256,7 +256,7 @@ def _rewrite_npz(path: Path, fn: Any) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["extra_key", "short_member", "qkv_last_rows", "token_ids", "two_spellings"],
+    ["extra_key", "missing_and_foreign_keys", "short_member", "qkv_last_rows", "token_ids", "two_spellings"],
 )
 def test_full_pass_files_are_checked_before_anything_is_written(tmp_path: Path, case: str) -> None:
     """A full snapshot or reference file is kept whole, so anything it holds that the
@@ -268,6 +268,16 @@ def test_full_pass_files_are_checked_before_anything_is_written(tmp_path: Path, 
     if case == "extra_key":
         _rewrite_npz(snap, lambda a: a.update(notes=np.zeros(3, np.float32)))
         pattern = r"snapshot_01_user\.npz: keys \['notes'\] are neither activations nor qkv_last"
+    elif case == "missing_and_foreign_keys":  # the fixture captured layers 0 and 29
+
+        def swap(a: dict[str, np.ndarray]) -> None:
+            a["layer_05/hidden_in"] = a.pop("layer_29/hidden_in")
+
+        _rewrite_npz(snap, swap)
+        pattern = (
+            r"snapshot_01_user\.npz: a full pass holds the step tensors' keys \(v optional\); "
+            r"missing \['layer_29/hidden_in'\]; not in the steps \['layer_05/hidden_in'\]$"
+        )
     elif case == "short_member":
         _rewrite_npz(d / "references/ref_joy.npz", lambda a: a.update({"layer_29/q": a["layer_29/q"][:, :-1]}))
         pattern = r"ref_joy\.npz: layer_29/q has shape \[1, 32, 576\], expected \[1, 33, 576\]"

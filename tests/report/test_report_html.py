@@ -56,6 +56,9 @@ def test_sections(two_run_report: Path, one_run_report: Path) -> None:
     for section in ("summary", "intra", "runs", "about"):
         assert f'id="{section}"' in two and f'id="{section}"' in one
     assert 'id="inter"' in two and 'id="inter"' not in one
+    # the page is named after the scenarios it reports on (conftest's), in order
+    assert "<title>actstore report — mood_a, mood_b</title>" in two and "<h1>Activation report — mood_a, mood_b</h1>" in two
+    assert "<title>actstore report — mood_a</title>" in one
     for text in (
         "Reference states",
         "Message × reference",

@@ -78,6 +78,9 @@ def test_aggregate_table_is_mean_and_spread_of_each_rows_statistic() -> None:
             summary[f"{stat}_{metric}"] = rng.random(5)
     table = aggregate_table(summary)
     assert [row[0].text for row in table.rows] == ["hidden_out", "attn_out"]
+    assert table.columns == ["source"] + ["mean", "std", "median"] * 3
+    assert table.groups == [("", 1), ("Cosine similarity (mean ± std)", 3), ("MAE (mean ± std)", 3),
+                            ("Top-1% overlap (mean ± std)", 3)]  # fmt: skip
     for row, idx in zip(table.rows, ([0, 1, 2], [3, 4]), strict=True):
         cells = iter(row[1:])
         for metric, _ in AGG_METRICS:

@@ -426,7 +426,8 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
         _title(seed),
         "",
         f"Written by `scripts/mutation.py` on {now} with mutmut {version}, fast suite (`-m \"not slow\"`), "
-        "each mutant run against the tests of every test file that reaches its function.",
+        "each mutant run against the tests of every test file that reaches its function, and every test "
+        "that uses a shared fixture whose set-up calls it.",
         "",
         f"- Scope: {', '.join(f'`{s}`' for s in scope)}",
         f"- Tests: {', '.join(f'`{t}`' for t in tests)}",

@@ -1,5 +1,6 @@
 """The report's numbers come from the query layer: the plan-based pieces equal the
-query functions they stand in for."""
+query functions they stand in for. Which runs it compares with each other: only runs of
+one model (same id and hidden size), with a note whenever the runs come from more than one."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from actstore.capture.runner import capture_run
 from actstore.query.analyses import layer_discrimination
 from actstore.report.frames import dense
 from actstore.report.gather import gather, model_groups
+from actstore.store.store import ActStore
+
+from .conftest import MESSAGES_B, loaded_tiny, scenario
+
+NOTE = "The runs come from more than one model; only runs of the same model are compared with each other."
 
 
 def test_discrimination_equals_layer_discrimination(two_run_store: Any) -> None:
@@ -23,7 +31,6 @@ def test_discrimination_equals_layer_discrimination(two_run_store: Any) -> None:
 def test_discrimination_of_a_run_with_references_but_no_snapshots(tmp_path: Any) -> None:
     """No snapshots: no snapshot x reference cube, so ``within`` (and Fisher) is NaN, and the
     report's table still equals ``layer_discrimination``'s."""
-    from actstore.store.store import ActStore
     from query.synth import write_synthetic_run
 
     store = ActStore.open(tmp_path / "s.zarr", create=True)
@@ -94,3 +101,35 @@ def test_report_reads_each_state_once(two_run_store: Any) -> None:
 
     intra, inter = reads(compare_states_plan(runs, "initial", "final")), reads(inter_run_plan(runs))
     assert inter and inter <= intra
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory: Any) -> Any:
+    """A run of another model (tiny gpt2), in a store of its own."""
+    store = ActStore.open(tmp_path_factory.mktemp("gpt2") / "store.zarr", create=True)
+    sc = scenario("mood_gpt2", MESSAGES_B)
+    return store.run(capture_run(sc, store, loaded_tiny("gpt2"), progress=False).run_id)
+
+
+def _pairs(data: Any) -> set[frozenset[str]]:
+    return {frozenset(p) for p in zip(data.inter["run_a"], data.inter["run_b"], strict=True)}
+
+
+def test_runs_of_one_model_are_paired_without_a_note(two_run_store: ActStore) -> None:
+    a, b = (two_run_store.run(r) for r in two_run_store.run_ids()[:2])
+    both = gather([a, b], cross_layer=False)
+    assert both.notes == [] and _pairs(both) == {frozenset((a.id, b.id))}
+    one = gather([a], cross_layer=False)
+    assert one.notes == [] and len(one.inter) == 0
+
+
+def test_a_run_of_another_model_is_noted_and_paired_with_none(two_run_store: ActStore, gpt2_run: Any) -> None:
+    a, b = (two_run_store.run(r) for r in two_run_store.run_ids()[:2])
+    assert a.meta["model"]["id"] != gpt2_run.meta["model"]["id"]
+    # two llama runs and one gpt2 run: the llama pair is compared, and the page says why
+    # the gpt2 run is in no pair
+    data = gather([a, b, gpt2_run], cross_layer=False)
+    assert data.notes == [NOTE] and _pairs(data) == {frozenset((a.id, b.id))}
+    # one run of each model: no pair at all
+    data = gather([a, gpt2_run], cross_layer=False)
+    assert data.notes == [NOTE] and len(data.inter) == 0

@@ -96,8 +96,9 @@ def gather(
     opts = {"frac": frac, "magnitude": magnitude}
     notes: list[str] = []
     plans: dict[str, Plan] = {"intra": compare_states_plan(runs, "initial", "final", **opts)}  # type: ignore[arg-type]
-    groups = [g for g in model_groups(runs) if len(g) > 1]
-    if len(runs) > 1 and len(groups) != 1:
+    by_model = model_groups(runs)
+    groups = [g for g in by_model if len(g) > 1]  # a run alone with its model is in no pair
+    if len(by_model) > 1:
         notes.append(
             "The runs come from more than one model; only runs of the same model are compared with each other."
         )

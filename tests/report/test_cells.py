@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from actstore.report.cells import Cell, fmt, frame_table, num_cell, scale_bg, text_cell
+from actstore.report.cells import Cell, fmt, frame_table, num_cell, scale_bg, span, text_cell
 
 
 @pytest.mark.parametrize("missing", [None, float("nan"), np.float32("nan"), pd.NA])
@@ -29,6 +29,16 @@ def test_numbers_are_written_and_coloured_on_their_scale() -> None:
     assert num_cell(1.0, 0.0, 1.0).bg == "rgba(90,180,60,0.35)" == scale_bg(0.0, 0.0, 1.0, reverse=True)
     assert math.isclose(float(num_cell(0.25, 0.0, 1.0).text), 0.25)
     assert num_cell(0.25, 0.0, 1.0).bg == "rgba(220,120,60,0.35)"  # 60 + 240 * 0.25
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, 0.31])
+def test_a_column_of_equal_numbers_takes_the_middle_colour(value: float) -> None:
+    # every cosine 1.0 (identical states) is common; amber, rgba(220,180,60), is the scale's
+    # middle. Widening the bounds by 1e-9 put 1.0 a rounding error below it: rgba(220,179,60).
+    lo, hi = span([value, value, float("nan")])
+    assert (lo, hi) == (value, value)
+    assert num_cell(value, lo, hi).bg == "rgba(220,180,60,0.35)"
+    assert span([]) == (0.0, 1.0) and span([float("nan")]) == (0.0, 1.0)
 
 
 def test_a_frame_becomes_a_table_of_text_and_numbers() -> None:

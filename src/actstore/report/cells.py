@@ -105,9 +105,9 @@ def frame_table(
 
 
 def span(values: Any) -> tuple[float, float]:
-    """(min, max) of the finite values, for a colour scale; (0, 1) when there are none."""
+    """(min, max) of the finite values, for a colour scale (:func:`scale_bg` gives equal
+    bounds its middle colour); (0, 1) when there are none."""
     s = pd.Series(values, dtype="float64").dropna()
     if s.empty:
         return 0.0, 1.0
-    lo, hi = float(s.min()), float(s.max())
-    return (lo, hi) if hi > lo else (lo - 1e-9, hi + 1e-9)
+    return float(s.min()), float(s.max())

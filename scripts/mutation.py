@@ -26,7 +26,7 @@ session-scoped fixture runs inside the first test that needs it, so mutmut credi
 functions it calls to that test alone, and the file's other tests, which check what the
 fixture built, would never meet those functions' mutants; and widened again to every test,
 in any file, that uses a shared (class- to session-scoped) fixture whose set-up called the
-function (recorded while the tests' reach is: ``mutants/fixture-tests.json``). With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
+function (noted in the same pass that records the tests' reach, in ``mutants/fixture-tests.json``). With ``--keep`` mutmut resumes: a mutant that already has a verdict keeps it
 (mutants of functions whose source changed are made again and run). After adding tests,
 ``--keep --retest-survivors`` runs again only the mutants that survived (or had no test)
 and are not listed as equivalent, with the current tests (with ``--sample``, also the drawn mutants a

@@ -105,18 +105,7 @@ m.tests_for_mutant_names = _soft
 # fixture runs inside the first test that needs it, so the other tests of that file that
 # check the fixture's result are not credited, and a mutant of a function only such a
 # fixture calls would never meet the tests that check it. Each function is therefore
-# also tested with every other test of the files that reach it.
-_load = m.collect_or_load_stats
-def _with_whole_files(*a, **k):
-    _load(*a, **k)
-    st = m.state()
-    by_file = {}
-    for t in st.duration_by_test:
-        by_file.setdefault(t.split("::")[0], set()).add(t)
-    for tests in st.tests_by_mangled_function_name.values():
-        for f in {t.split("::")[0] for t in tests}:
-            tests |= by_file.get(f, set())
-m.collect_or_load_stats = _with_whole_files
+# also tested with every other test of the files that reach it (_widened_stats, below).
 # Narrower and finer than whole files: while the tests' reach is recorded, note which functions
 # each shared (class-, module-, package- or session-scoped) fixture calls while it is set up,
 # and which tests use that fixture. Those functions are then tested with every such test,
@@ -166,19 +155,25 @@ def _run_stats_noting_fixtures(self, *, tests):
     finally:
         del self.execute_pytest
 harness.PytestRunner.run_stats = _run_stats_noting_fixtures
-_load_whole = m.collect_or_load_stats
-def _with_shared_fixtures(*a, **k):
-    _load_whole(*a, **k)
+_load = m.collect_or_load_stats
+def _widened_stats(*a, **k):
+    _load(*a, **k)
     st = m.state()
+    by_file = {}
+    for t in st.duration_by_test:
+        by_file.setdefault(t.split("::")[0], set()).add(t)
+    for tests in st.tests_by_mangled_function_name.values():
+        for f in {t.split("::")[0] for t in tests}:
+            tests |= by_file.get(f, set())
     try:
         with open(SHARED) as f:
             shared = json.load(f)
-    except FileNotFoundError:
-        return
+    except FileNotFoundError:  # a run recorded before shared fixtures were noted
+        shared = {}
     for fn, tests in shared.items():
         if fn in st.tests_by_mangled_function_name:
             st.tests_by_mangled_function_name[fn] |= {t for t in tests if t in st.duration_by_test}
-m.collect_or_load_stats = _with_shared_fixtures
+m.collect_or_load_stats = _widened_stats
 # mutmut stops a mutant after (the time of the tests that reach it + a constant) x a factor,
 # and with whole files that can be hours: one mutant that makes a test wait (not spin) held
 # a worker for 78 minutes. A hard wall limit stops it sooner; it counts as a timeout.

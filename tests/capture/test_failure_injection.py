@@ -277,4 +277,3 @@ def test_abort_does_not_wait_forever_for_a_stuck_write(tmp_path: Path, monkeypat
     assert 0.25 <= waited < 10, waited
     w._thread.join(5)
     assert not w._thread.is_alive()
-

@@ -182,7 +182,7 @@ def _huge_prompt(d: Path, outside: Path) -> str:
     _edit_json(d / "steps.json", grow)
     return (
         r"step_000\.npz: layer_00/hidden_in has shape \[1, 5, 8\], expected \[1, 1000000, 8\] "
-        r"\(steps\.json gives step 0 1000000 input tokens\)"
+        r"\(steps\.json: step 0 feeds 1000000 tokens\)"
     )
 
 

@@ -467,6 +467,12 @@ def _is_key(key: str) -> bool:
 def _index(d: Path, folder: str) -> tuple[Path, Any] | None:
     rel = f"{folder}/index.json"
     if not os.path.lexists(d / rel):
+        unlisted = sorted(p.name for p in (d / folder).glob("*.npz")) if (d / folder).is_dir() else []
+        if unlisted:  # without the index they would be left out without a word
+            raise StoreError(
+                f"{d / folder}: {len(unlisted)} .npz file(s) ({unlisted[0]}, ...) but no index.json to list them "
+                "(the import would leave them out; add index.json)"
+            )
         return None
     path = inside(d, rel, d / rel, "the file")
     return path, read_json(path)

@@ -217,6 +217,8 @@ def read_steps(d: Path) -> list[dict[str, Any]]:
 
 
 def open_npz(path: Path) -> Any:
+    if path.exists() and not zipfile.is_zipfile(path):  # np.load would take it for a pickle
+        raise StoreError(f"{path}: not a readable NPZ file (not a zip archive)")
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -229,7 +231,8 @@ def load_member(path: Path, npz: Any, key: str) -> np.ndarray:
     try:
         return np.asarray(npz[key])
     except KeyError:
-        raise StoreError(f"{path}: missing key {key!r} (every step must hold the keys of step 0)") from None
+        # every key was checked before the import began: the file changed since
+        raise StoreError(f"{path}: {key!r} is gone (the file changed during the import; import it again)") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise StoreError(f"{path}: cannot read {key!r} ({' '.join(str(e).split())})") from None
 
@@ -346,7 +349,8 @@ class Schema:
                 raise StoreError(f"{path}: missing key {key!r} (every step must hold the keys of step 0)")
             want = self.expected_shape(naming.parse_npz_key(key)[1], step)
             if m.shape != want:
-                why = f" (steps.json gives step {step} {len(self.positions(step))} input tokens)"
+                n = len(self.positions(step))
+                why = f" (steps.json: step {step} feeds {n} token{'' if n == 1 else 's'})"
                 raise StoreError(f"{path}: {key} has shape {list(m.shape)}, expected {list(want)}{why}")
             if m.dtype != self.npz_dtype:
                 raise StoreError(
@@ -401,13 +405,22 @@ class Schema:
         return length
 
     def _check_vectors(self, path: Path, acts: dict[str, Member]) -> None:
-        """README-layout vectors: 1-D residual vectors of the run's width."""
+        """README-layout vectors: 1-D residual vectors of the run's width, each source for
+        every layer of the steps (checked here so that nothing is written before a refusal)."""
         for key, m in acts.items():
             if m.shape != (self.hidden,) or m.dtype not in NPZ_DTYPES:
                 raise StoreError(
                     f"{path}: {key} is {m.dtype} {list(m.shape)}; expected a float16/float32 vector "
                     f"of the run's hidden size [{self.hidden}] or a prefill [1, tokens, {self.hidden}]"
                 )
+        got = {naming.parse_npz_key(k) for k in acts}
+        layers = sorted({la for la, _ in got if la is not None})
+        if layers != self.layers:
+            raise StoreError(f"{path}: layers {layers} differ from the step tensors' layers {self.layers}")
+        for source in sorted({s for la, s in got if la is not None}):
+            missing = [la for la in self.layers if (la, source) not in got]
+            if missing:
+                raise StoreError(f"{path}: {source} is missing for layer(s) {missing} (every source needs every layer)")
 
     def pass_shape(self, source: str, length: int) -> tuple[int, ...]:
         """A full pass's member shape: (1, T, W), attention (1, heads, T, T)."""

@@ -689,31 +689,41 @@ def test_each_refusal_reads_as_written(tmp_path: Path, name: str) -> None:
 # ---------------------------------------------------------------------- every check has a case
 
 
-def _sites(module: Any) -> dict[tuple[str, int], tuple[str, str]]:
-    """Every ``raise StoreError(...)`` of a module: (module, line) -> (function, template),
-    the template being the message with ``{}`` for what is filled in."""
-    name = module.__name__.rsplit(".", 1)[1]
-    out: dict[tuple[str, int], tuple[str, str]] = {}
+# Under mutation testing (mutmut) each function is kept as x_NAME__mutmut_orig (methods
+# xǁClassǁNAME__mutmut_orig) beside its numbered mutants: they count as NAME.
+_MUTMUT_COPY = re.compile(r"x(?:ǁ[^ǁ]+ǁ|_)(.+)__mutmut_(orig|\d+)")
 
-    def visit(node: ast.AST, scope: list[str]) -> None:
+
+def _sites(module: Any) -> dict[tuple[str, int], tuple[str, str, bool]]:
+    """Every ``raise StoreError(...)`` of a module: (module, line) -> (function, template,
+    whether it is a mutant's copy), the template being the message with ``{}`` for what
+    is filled in."""
+    name = module.__name__.rsplit(".", 1)[1]
+    out: dict[tuple[str, int], tuple[str, str, bool]] = {}
+
+    def visit(node: ast.AST, scope: list[str], mutant: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.ClassDef)):
-                visit(child, [*scope, child.name])
+                copy = _MUTMUT_COPY.fullmatch(child.name)
+                own = copy.group(1) if copy else child.name
+                visit(child, [*scope, own], mutant or bool(copy and copy.group(2) != "orig"))
                 continue
             if isinstance(child, ast.Raise) and isinstance(child.exc, ast.Call):
-                if getattr(child.exc.func, "id", None) == "StoreError":
+                if getattr(child.exc.func, "id", None) == "StoreError" and child.exc.args:
                     arg = child.exc.args[0]
                     parts = arg.values if isinstance(arg, ast.JoinedStr) else [arg]
-                    tpl = "".join(p.value if isinstance(p, ast.Constant) else "{}" for p in parts)
+                    tpl = "".join(p.value if isinstance(p, ast.Constant) and isinstance(p.value, str) else "{}"
+                                  for p in parts)  # fmt: skip
                     for line in range(child.lineno, (child.end_lineno or child.lineno) + 1):
-                        out[(name, line)] = (".".join(scope), tpl)
-            visit(child, scope)
+                        out[(name, line)] = (".".join(scope), tpl, mutant)
+            visit(child, scope, mutant)
 
-    visit(ast.parse(Path(module.__file__).read_text()), [])
+    visit(ast.parse(Path(module.__file__).read_text(encoding="utf-8")), [], False)
     return out
 
 
 SITES = {k: v for m in MODULES for k, v in _sites(m).items()}
+CHECKS = {(f, t) for f, t, mutant in SITES.values() if not mutant}
 
 
 def _template_regex(tpl: str) -> re.Pattern[str]:
@@ -723,7 +733,7 @@ def _template_regex(tpl: str) -> re.Pattern[str]:
 def _claimed() -> set[tuple[str, str]]:
     """The checks the cases claim: in the case's function, the template its message fits
     (the most specific one, when a short template such as ``{}`` fits too)."""
-    checks = set(SITES.values())
+    checks = CHECKS
     out = set()
     for case in CASES.values():
         msg = re.sub(r"\{\w+\}", "x", case.message)
@@ -734,7 +744,7 @@ def _claimed() -> set[tuple[str, str]]:
 
 
 def test_every_refusal_has_a_case() -> None:
-    checks = set(SITES.values())
+    checks = CHECKS
     missing = checks - _claimed() - set(NOT_FROM_A_DIRECTORY)
     assert not missing, "checks without a case: " + "; ".join(f"{f}: {t!r}" for f, t in sorted(missing))
     stale = set(NOT_FROM_A_DIRECTORY) - checks

@@ -15,6 +15,12 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
+        # Parallel workers outnumber the cores: one torch (OpenMP) thread each, or idle
+        # threads spin for cores the other workers need (test_full_passes.py beside a busy
+        # machine: 80 s of CPU and 166 s of wall with two threads, 64 s and 74 s with one).
+        # Set before torch is imported, so subprocesses the tests start inherit it too.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     config.addinivalue_line(
         "markers", "slow: the real SmolLM2 model, subprocesses killed or racing, a browser driving a capture (seconds to a minute)"
     )

@@ -17,6 +17,7 @@ import zarr
 from actstore.capture.prompts import render_ids
 from actstore.capture.runner import capture_run
 from actstore.models.architectures import resolve_sites
+from actstore.store.store import ActStore
 from actstore.testing import FAMILIES
 
 from .conftest import MESSAGES, REFERENCES, hf_forward, loaded_tiny, make_scenario
@@ -24,11 +25,18 @@ from .conftest import MESSAGES, REFERENCES, hf_forward, loaded_tiny, make_scenar
 ATOL = 2e-5
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_residual_stream_and_logits_match_hf(family: str, store: Any) -> None:
-    loaded = loaded_tiny(family)
-    res = capture_run(make_scenario(), store, loaded, progress=False)
-    run = store.run(res.run_id)
+@pytest.fixture(scope="module")
+def captured(request: Any, tmp_path_factory: Any) -> tuple[Any, Any]:
+    """(run, loaded model): the default scenario captured once per family and read by
+    every test parametrized with it (module scope: pytest runs a family's tests together)."""
+    loaded = loaded_tiny(request.param)
+    store = ActStore.open(tmp_path_factory.mktemp(request.param) / "store.zarr", create=True)
+    return store.run(capture_run(make_scenario(), store, loaded, progress=False).run_id), loaded
+
+
+@pytest.mark.parametrize("captured", FAMILIES, indirect=True)
+def test_residual_stream_and_logits_match_hf(captured: tuple[Any, Any]) -> None:
+    run, loaded = captured
     tokens = run.tokens()
     out = hf_forward(loaded.model, tokens)
     hs = [h[0].numpy() for h in out.hidden_states]
@@ -49,20 +57,19 @@ def test_residual_stream_and_logits_match_hf(family: str, store: Any) -> None:
     np.testing.assert_array_equal(hin[1:], hout[:-1])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_tokens_equal_generate(family: str, store: Any) -> None:
-    loaded = loaded_tiny(family)
-    sc = make_scenario(generation={"max_new_tokens": 6})
-    res = capture_run(sc, store, loaded, progress=False)
-    run = store.run(res.run_id)
+@pytest.mark.parametrize("captured", FAMILIES, indirect=True)
+def test_greedy_tokens_equal_generate(captured: tuple[Any, Any]) -> None:
+    run, loaded = captured
+    new_tokens = make_scenario().generation.max_new_tokens
     prompt = render_ids(loaded.tokenizer, MESSAGES)
     with torch.inference_mode():
         out = loaded.model.generate(
-            torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             pad_token_id=loaded.tokenizer.eos_token_id,
         )  # fmt: skip
     expected = out[0, len(prompt) :].tolist()
+    assert len(expected) == new_tokens  # the tiny models never emit EOS this early
     assert run.meta["generated_token_ids"] == expected
     assert run.prompt_len == len(prompt)
     assert run.n_steps == len(expected)
@@ -88,12 +95,11 @@ def test_step_records_match_hf_logits(store: Any) -> None:
     assert [s["generated_token_id"] for s in run.steps] == run.meta["generated_token_ids"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gpt2", "gpt_neox"])
-def test_sublayer_sources_match_modules(family: str, store: Any) -> None:
+@pytest.mark.parametrize("captured", ["llama", "qwen2", "phi3", "gpt2", "gpt_neox"], indirect=True)
+def test_sublayer_sources_match_modules(captured: tuple[Any, Any]) -> None:
     """q/k/v, attn_out, MLP intermediates recomputed from the model's own modules."""
-    loaded = loaded_tiny(family)
-    res = capture_run(make_scenario(), store, loaded, progress=False)
-    run = store.run(res.run_id)
+    run, loaded = captured
+    family = loaded.model.config.model_type
     sites = resolve_sites(loaded.model)
     hin = torch.from_numpy(run.array("hidden_in").compute())
     for li, ls in enumerate(sites.layers):
@@ -122,11 +128,9 @@ def test_sublayer_sources_match_modules(family: str, store: Any) -> None:
         np.testing.assert_allclose(total.compute(), run.array("hidden_out").compute(), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_attention_rows_are_causal_distributions(family: str, store: Any) -> None:
-    loaded = loaded_tiny(family)
-    res = capture_run(make_scenario(), store, loaded, progress=False)
-    run = store.run(res.run_id)
+@pytest.mark.parametrize("captured", FAMILIES, indirect=True)
+def test_attention_rows_are_causal_distributions(captured: tuple[Any, Any]) -> None:
+    run, _ = captured
     w = run.array("attn_weights").compute()
     T = run.n_positions
     assert w.shape[2:] == (T, T)
@@ -135,11 +139,9 @@ def test_attention_rows_are_causal_distributions(family: str, store: Any) -> Non
     assert np.all(w[..., upper] == 0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
-def test_snapshots_and_references_equal_separate_prefills(family: str, store: Any) -> None:
-    loaded = loaded_tiny(family)
-    res = capture_run(make_scenario(), store, loaded, progress=False)
-    run = store.run(res.run_id)
+@pytest.mark.parametrize("captured", ["llama", "gpt2", "gemma2"], indirect=True)
+def test_snapshots_and_references_equal_separate_prefills(captured: tuple[Any, Any]) -> None:
+    run, loaded = captured
     # One snapshot per message prefix, then the conversation with the reply as an assistant turn.
     reply = {"role": "assistant", "content": run.meta["generated_text"]}
     sets = [("snapshots", [MESSAGES[: k + 1] for k in range(len(MESSAGES))] + [[*MESSAGES, reply]])]

@@ -483,6 +483,9 @@ def _write(out: Path, results, scope: list[str], tests: list[str], seconds: floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    # mutmut runs one test process per core: one torch (OpenMP) thread each, or idle
+    # threads spin for the cores the other process needs.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--package", action="append", choices=PACKAGES,
                     help="package under src/actstore to mutate (repeatable; default all four)")

@@ -79,16 +79,19 @@ def test_gc_removes_uncommitted_segments_and_temp_markers(tmp_path: Path) -> Non
              Rows(np.zeros(20, np.int32), np.zeros(20, np.int64), np.arange(20, dtype=np.int32)))  # fmt: skip
     # ... and the writer dies here: no commit, no abort
     (loc / "layouts/lay/committed/.tmp-x1").write_text("{}")
-    assert TrainLayout.open(ActStore.open(loc), "lay").n_rows == 30  # readers never see it
+    (loc / "layouts/lay/committed/.tmp-x2.json").write_text("{}")  # a temp name ending like a marker
+    assert TrainLayout.open(ActStore.open(loc), "lay").n_rows == 30  # readers never see them
     res = _check(loc)
     (half,) = attempts(loc, "lay", "half")
     assert res.exit_code == 1 and f"orphaned     layouts/lay/segments/{half.name}/" in res.output
-    assert "temporary    layouts/lay/committed/.tmp-x1" in res.output
+    assert "temporary    layouts/lay/committed/.tmp-x1  temp file" in res.output
+    assert "temporary    layouts/lay/committed/.tmp-x2.json" in res.output
     res = _cli("gc", "--store", str(loc), "--no-cache")  # dry run, and too young anyway
     assert "kept (too recent) orphaned segment" in res.output and half.exists()
     res = _cli("gc", "--apply", "--min-age", "0", "--no-cache", "--store", str(loc))
     assert not half.exists()
     assert not (loc / "layouts/lay/committed/.tmp-x1").exists()
+    assert not (loc / "layouts/lay/committed/.tmp-x2.json").exists()
     res = _check(loc)
     assert res.exit_code == 0 and "no problems" in res.output, res.output
     assert TrainLayout.open(ActStore.open(loc), "lay").n_rows == 30

@@ -253,3 +253,29 @@ def test_two_sites_stay_row_aligned(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="name a site"):
         ds.stats()
     assert ds.stats(other).mean.tolist() == [-(n - 1) / 2] * 3
+
+
+def test_a_chunk_read_holds_the_sites_then_the_row_columns(tmp_path: Path) -> None:
+    """``columns``, ``empty`` and ``read_chunk`` by default carry the row facts (token id,
+    sequence, position, labels, segment) beside the sites; ``rows=False`` the sites only.
+    The oracle is id_layout's construction: row r of segment s has token id s * 10^6 + r."""
+    from actstore.store import train_layout as tl
+    from actstore.store.train_read import TrainLayout
+
+    store = id_layout(tmp_path / "s.zarr", [10, 6], chunk_rows=4, labels=True)
+    lay = TrainLayout.open(store, "ids")
+    site = tl.site_name(SITE)
+    assert [name for name, _ in lay.columns([SITE])] == [site, "token_ids", "sequence_index", "position", "cls"]
+    assert [name for name, _ in lay.columns([SITE], rows=False)] == [site]
+    assert set(lay.empty([SITE], 3)) == {site, "token_ids", "sequence_index", "position", "cls", "segment"}
+    assert set(lay.empty([SITE], 3, rows=False)) == {site}
+    chunk = next(c for c in lay.chunks if lay.segments[c.segment].segment == "seg001")
+    got = lay.read_chunk(chunk, [SITE])
+    r = got["position"].astype(np.int64)
+    assert list(r) == list(range(r[0], r[0] + chunk.n_rows))  # one chunk: consecutive rows
+    np.testing.assert_array_equal(got["token_ids"], 1_000_000 + r)
+    np.testing.assert_array_equal(got["sequence_index"], np.ones(chunk.n_rows))
+    np.testing.assert_array_equal(got["cls"], r % 3)
+    np.testing.assert_array_equal(got["segment"], np.full(chunk.n_rows, chunk.segment))
+    np.testing.assert_array_equal(got[site][:, 2], 1_000_000 + r)
+    assert set(lay.read_chunk(chunk, [SITE], rows=False)) == {site}

@@ -46,3 +46,18 @@ def test_runs_with_steps_in_their_attributes_still_read(tmp_path: Path) -> None:
     old = RunReader(run.id, group, run.entry)
     assert old.steps == run.steps and old.n_steps == run.n_steps
     assert old.step_positions(old.n_steps - 1) == run.step_positions(run.n_steps - 1)
+
+
+def test_catalog_frame_leads_with_the_listed_columns_and_agrees_with_the_run(tmp_path: Path) -> None:
+    """``ActStore.catalog()``: one row per run, the columns `actstore ls` shows first and in
+    that order, each value what the run's own metadata says."""
+    run = _capture(tmp_path)
+    df = run.store.catalog()
+    leading = ["id", "scenario", "model", "created_at", "prompt_len", "n_steps", "n_positions", "n_layers",
+               "sources", "n_snapshots", "n_references", "scenario_run"]  # fmt: skip
+    assert list(df.columns[: len(leading)]) == leading and len(df) == 1
+    row = df.iloc[0]
+    assert (row["id"], row["scenario"], row["model"]) == (run.id, "meta", "tiny-llama")
+    assert (row["prompt_len"], row["n_steps"], row["n_positions"]) == (run.prompt_len, 6, run.n_positions)
+    assert row["n_layers"] == len(run.layers) and list(row["sources"]) == list(run.sources)
+    assert row["n_snapshots"] == len(run.snapshot_index) and row["n_references"] == len(run.reference_labels)

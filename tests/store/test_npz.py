@@ -11,6 +11,7 @@ is checked against its real files in test_npz_layout.py and test_seed_fixtures.p
 
 from __future__ import annotations
 
+import itertools
 import json
 import zipfile
 from pathlib import Path
@@ -630,3 +631,37 @@ def test_an_export_does_not_load_torch(f16_run: tuple[ActStore, str], tmp_path: 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.split()[-2:] == ["0", "False"], out.stdout + out.stderr
     assert (tmp_path / run_id / "steps.json").exists()
+
+
+def test_steps_read_together_stay_within_the_window_budget(
+    f16_run: tuple[ActStore, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each group of steps the export reads at once holds at most WINDOW_BYTES of values
+    (a step bigger than that alone), counted here from the slices themselves: every
+    source's values at the step's positions, attention with all its keys."""
+    from actstore.store import npz_export
+
+    store, run_id = f16_run
+    run = store.run(run_id)
+    arrays = {s: run.array(s) for s in run.sources}
+
+    def step_bytes(step: int) -> int:
+        r = run.step_positions(step)
+        pos = slice(r[0], r[-1] + 1)
+        total = 0
+        for a in arrays.values():
+            part = a[:, :, pos] if a.ndim == 4 else a[:, pos] if a.ndim == 3 else a[pos]
+            total += part.nbytes
+        return total
+
+    steps = list(range(run.n_steps))
+    for budget in (step_bytes(1) * 2, step_bytes(1) * 3 - 1, step_bytes(0)):
+        monkeypatch.setattr(npz_export, "WINDOW_BYTES", budget)
+        groups = npz_export._windows(run, steps, arrays)
+        assert [s for g in groups for s in g] == steps
+        for g in groups:
+            assert g == list(range(g[0], g[-1] + 1))
+            assert len(g) == 1 or sum(step_bytes(s) for s in g) <= budget, (budget, g)
+        # as many steps as fit: no group could take its next neighbour
+        for g, nxt in itertools.pairwise(groups):
+            assert sum(step_bytes(s) for s in g) + step_bytes(nxt[0]) > budget, (budget, g)

@@ -83,3 +83,23 @@ def test_reference_charts_are_cosine_per_layer_one_line_per_reference() -> None:
         assert fig.layout.title.text == f"{source} — vs references" and fig.layout.yaxis.title.text == "cosine"
         assert [t.name for t in fig.data] == ["joy", "fear"] and list(fig.data[0].x) == [0, 5, 6, 9]
         assert list(fig.data[1].y) == pytest.approx(cos[1, si].tolist(), abs=5e-5)  # written to 4 places
+
+
+@pytest.mark.parametrize("which", ["two_run_report", "one_run_report"])
+def test_every_chart_a_report_embeds_is_valid_plotly(which: str, request: pytest.FixtureRequest) -> None:
+    """Every spec in a built report's figures element, as the page hands it to Plotly:
+    a misspelt property, mode or colour scale name in any section fails here."""
+    import json
+    import re
+
+    html = request.getfixturevalue(which).read_text(encoding="utf-8")  # the report.html path
+    m = re.search(r'<script type="application/json" id="figures">(.*?)</script>', html, re.S)
+    assert m is not None
+    specs = json.loads(m.group(1))
+    assert len(specs) > 10  # every section's charts, not an empty element
+    scales = []
+    for fid, spec in specs.items():
+        fig = _valid(spec)
+        scales += [t.colorscale for t in fig.data if getattr(t, "colorscale", None) is not None]
+        assert fig.layout.title.text, fid  # every chart says what it shows
+    assert scales  # heatmaps were checked, named scales (e.g. the cross-layer Viridis) included

@@ -632,3 +632,33 @@ def test_without_hidden_out_the_drift_sentence_takes_the_first_source() -> None:
     assert _pick_source(["attn_out", "mlp_down_out"]) == "attn_out"
     assert _pick_source([]) is None
 
+
+
+@pytest.mark.parametrize("closer", ["user", "assistant"])
+def test_the_role_sentence_names_whichever_role_is_closer(tmp_path: Path, closer: str) -> None:
+    """Snapshots 0..4 of a synthetic run are system, user, assistant, user, assistant.
+    The ``closer`` role's snapshots are made copies of the references' own rows (cosine 1
+    in every source and layer, mixed over references), so that role is the closer one; the
+    sentence must name it and give both means as NumPy computes them here."""
+    from actstore.report.gather import gather
+    from actstore.report.narrative import run_points
+
+    st = ActStore.open(tmp_path / "s.zarr", create=True)
+    run_id = write_synthetic_run(st, n_snapshots=5, labels=("joy", "fear"), store_dtype="float32", n_layers=3,
+                                 prompt_len=6, n_steps=3, width=16)  # fmt: skip
+    group = raw_run_group(tmp_path / "s.zarr", run_id)
+    roles = [s["role"] for s in group.attrs["run"]["snapshots"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    for source in SOURCES:
+        snaps, refs = group[f"snapshots/{source}"], group[f"references/{source}"]
+        for k, i in enumerate(i for i, r in enumerate(roles) if r == closer):
+            snaps[i] = refs[k % refs.shape[0]]
+    g = run_group(st, run_id)
+    cos = _svr_cosines(g, "hidden_out")  # (M, R, L)
+    user = cos[[i for i, r in enumerate(roles) if r == "user"]].mean()
+    assistant = cos[[i for i, r in enumerate(roles) if r == "assistant"]].mean()
+    assert (user > assistant) == (closer == "user")
+    rr = gather(ActStore.open(tmp_path / "s.zarr").runs(["all"])).runs[0]
+    p = _point(run_points(rr), "turns sit closer to the references")
+    assert p == (f"{closer.capitalize()} turns sit closer to the references (hidden_out: user {user:.3f} vs "
+                 f"assistant {assistant:.3f} mean cosine over references and layers).")  # fmt: skip

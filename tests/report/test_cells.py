@@ -101,3 +101,26 @@ def test_aggregate_table_is_mean_and_spread_of_each_rows_statistic() -> None:
                 assert cell.text == f"{m:.3f} ± {s:.3f}" and cell.cls == "num" and cell.bg is None
                 a, b = (float(x) for x in cell.title.split(" ± "))
                 assert a == pytest.approx(m, rel=1e-12) and b == pytest.approx(s, rel=1e-12)
+
+
+def test_message_table_rows_label_each_message_by_index_and_role() -> None:
+    """The per-message table: '<index>·<role abbreviation>' (the generated reply '·gen') in
+    a label cell, the text in a preview cell, the closest and leaned-toward references in
+    ref cells, and a dash with no number where a message leans toward nothing."""
+    from actstore.report.narrative import message_table
+
+    cr = pd.DataFrame({
+        "message": [0, 1, 2, 3], "role": ["system", "user", "assistant", "assistant"],
+        "generated": [False, False, False, True], "preview": ["Be kind.", "Hi", "Hello", "Bye"],
+        "best": ["joy", "fear", "joy", "fear"], "best_cosine": [0.9, 0.5, 0.25, 0.125],
+        "leans": ["joy", "fear", "fear", "joy"], "lean": [0.25, 0.0, -0.5, 0.125],
+    })  # fmt: skip
+    table = message_table(cr)
+    assert table.columns == ["message", "text", "closest", "cosine", "leans toward", "Δ vs its mean"]
+    assert [(r[0].text, r[0].cls) for r in table.rows] == [
+        ("0·sys", "label"), ("1·usr", "label"), ("2·ast", "label"), ("3·gen", "label"),
+    ]  # fmt: skip
+    assert [(r[1].text, r[1].cls) for r in table.rows] == [(p, "preview") for p in ["Be kind.", "Hi", "Hello", "Bye"]]
+    assert [(r[2].text, r[2].cls) for r in table.rows] == [(b, "ref") for b in ["joy", "fear", "joy", "fear"]]
+    assert [(r[4].text, r[4].cls) for r in table.rows] == [("joy", "ref"), ("–", "ref"), ("–", "ref"), ("joy", "ref")]
+    assert [r[5].text for r in table.rows] == ["0.250", "–", "–", "0.125"]

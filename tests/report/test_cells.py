@@ -124,3 +124,26 @@ def test_message_table_rows_label_each_message_by_index_and_role() -> None:
     assert [(r[2].text, r[2].cls) for r in table.rows] == [(b, "ref") for b in ["joy", "fear", "joy", "fear"]]
     assert [(r[4].text, r[4].cls) for r in table.rows] == [("joy", "ref"), ("–", "ref"), ("–", "ref"), ("joy", "ref")]
     assert [r[5].text for r in table.rows] == ["0.250", "–", "–", "0.125"]
+
+
+def test_overview_table_colours_each_source_cell_on_the_whole_tables_span() -> None:
+    """Rows x sources of mean cosine: every source cell coloured on one scale from the
+    table's smallest value (red end) to its largest (green end); the across-source mean,
+    std and median (NumPy's) plain."""
+    from actstore.report.overview_section import overview_table
+
+    values = {("r1", "hidden_out"): 0.2, ("r1", "attn_out"): 0.6, ("r2", "hidden_out"): 0.9, ("r2", "attn_out"): 0.4}
+    summary = pd.DataFrame([{"run": r, "source": s, "mean_cosine": v} for (r, s), v in values.items()])
+    table = overview_table(summary, "run", {"r1": [text_cell("r1")], "r2": [text_cell("r2")]}, ["run"])
+    sources = table.columns[1:3]
+    assert sorted(sources) == ["attn_out", "hidden_out"] and table.columns[3:] == ["mean", "std", "median"]
+    lo, hi = min(values.values()), max(values.values())
+    for row, rid in zip(table.rows, ["r1", "r2"], strict=True):
+        v = [values[(rid, s)] for s in sources]
+        assert [c.text for c in row[1:3]] == [f"{x:.3f}" for x in v]
+        assert [c.bg for c in row[1:3]] == [scale_bg(x, lo, hi) for x in v]
+        assert [c.text for c in row[3:]] == [f"{x:.3f}" for x in (np.mean(v), np.std(v), np.median(v))]
+        assert all(c.bg is None for c in row[3:])
+    cells = {(rid, s): c for row, rid in zip(table.rows, ["r1", "r2"], strict=True) for s, c in zip(sources, row[1:3], strict=True)}
+    assert cells[("r1", "hidden_out")].bg == scale_bg(0.0, 0.0, 1.0)  # the smallest: the red end
+    assert cells[("r2", "hidden_out")].bg == scale_bg(1.0, 0.0, 1.0)  # the largest: the green end

@@ -187,3 +187,26 @@ def test_generated_reply_row_is_labelled(two_run_store: Any, one_run_report: Pat
     assert not any('<span class="badge generated">' in e for e in entries[:-1])
     reply = meta["generated_text"].strip()
     assert reply and html_lib.escape(reply[:40]) in entries[-1]
+
+
+def test_the_stamped_copy_is_named_in_utc_whatever_the_local_zone(
+    two_run_store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """report_<stamp>.html ends in Z: the stamp is UTC even where the clock's zone is not."""
+    import time
+    from datetime import UTC, datetime
+
+    from actstore.report import build_report
+
+    monkeypatch.setenv("TZ", "Etc/GMT+5")  # five hours behind UTC, no daylight saving
+    time.tzset()
+    try:
+        before = datetime.now(UTC).replace(microsecond=0)
+        build_report(two_run_store, [two_run_store.run_ids()[0]], tmp_path / "out", progress=False)
+        after = datetime.now(UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    (stamped,) = (tmp_path / "out").glob("report_*.html")
+    when = datetime.strptime(stamped.name, "report_%Y-%m-%dT%H-%M-%SZ.html").replace(tzinfo=UTC)
+    assert before <= when <= after, (stamped.name, before, after)

@@ -78,13 +78,12 @@ def _grow(rel: str, size: int) -> Callable[[Path], None]:
     return lambda d: os.truncate(d / rel, size)
 
 
-def _zip(rel: str, members: dict[str, bytes], *, stored: bool = False) -> Callable[[Path], None]:
+def _zip(rel: str, members: dict[str, bytes]) -> Callable[[Path], None]:
     """Rewrite an NPZ keeping its arrays and adding (or replacing) raw members."""
 
     def breaks(d: Path) -> None:
         arrays = _arrays(d / rel)
-        method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
-        with zipfile.ZipFile(d / rel, "w", method) as z:
+        with zipfile.ZipFile(d / rel, "w", zipfile.ZIP_DEFLATED) as z:
             for key, arr in arrays.items():
                 if key + ".npy" not in members:
                     with z.open(key + ".npy", "w") as f:
@@ -175,7 +174,6 @@ class Case:
     fill: Callable[[Path], dict[str, str]] = lambda d: {}  # more {names}, read from the broken files
 
 
-README = "{d}"  # the README-layout run directory itself
 P0 = "{d}/prompt_0"  # the single fixture's one prompt directory
 SNAP_INDEX = "conversation_snapshots/index.json"
 STEP1 = "tensors/step_001.npz"

@@ -633,7 +633,6 @@ def test_without_hidden_out_the_drift_sentence_takes_the_first_source() -> None:
     assert _pick_source([]) is None
 
 
-
 @pytest.mark.parametrize("closer", ["user", "assistant"])
 def test_the_role_sentence_names_whichever_role_is_closer(tmp_path: Path, closer: str) -> None:
     """Snapshots 0..4 of a synthetic run are system, user, assistant, user, assistant.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import io
-import json
 import os
 import re
 import shutil
@@ -26,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_hostile_import import _edit_json
+from test_hostile_import import _npz as _arrays
 from test_npz import make_seed_dir
-from test_seed_fixtures import MULTI, SINGLE
+from test_seed_fixtures import MULTI, SINGLE, _copy, _rewrite_npz
 
 from actstore.errors import StoreError
 from actstore.store import npz_import, npz_schema
@@ -40,23 +41,6 @@ MODULES = (npz_import, npz_schema)
 # ---------------------------------------------------------------------- editing helpers
 
 
-def _edit_json(path: Path, fn: Callable[[Any], Any]) -> None:
-    data = json.loads(path.read_text())
-    fn(data)  # edits in place
-    path.write_text(json.dumps(data))
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _rewrite(path: Path, fn: Callable[[dict[str, np.ndarray]], Any]) -> None:
-    arrays = _arrays(path)
-    fn(arrays)
-    np.savez_compressed(path, **arrays)
-
-
 def _steps(fn: Callable[[list[dict[str, Any]]], Any]) -> Callable[[Path], None]:
     return lambda d: _edit_json(d / "steps.json", lambda x: fn(x["steps"]))
 
@@ -66,7 +50,7 @@ def _snaps(fn: Callable[[list[dict[str, Any]]], Any]) -> Callable[[Path], None]:
 
 
 def _npz(rel: str, fn: Callable[[dict[str, np.ndarray]], Any]) -> Callable[[Path], None]:
-    return lambda d: _rewrite(d / rel, fn)
+    return lambda d: _rewrite_npz(d / rel, fn)
 
 
 def _write(rel: str, text: str) -> Callable[[Path], None]:
@@ -639,11 +623,7 @@ def _base(kind: str, tmp_path: Path) -> Path:
     src = {"single": SINGLE, "multi": MULTI}[kind]
     if src is None:
         pytest.skip("Activation Lab's fixtures are not beside the project")
-    dst = tmp_path / "in" / src.name
-    shutil.copytree(src, dst)
-    for p in [dst, *dst.rglob("*")]:
-        p.chmod(p.stat().st_mode | 0o200)  # the fixtures are read-only
-    return dst
+    return _copy(tmp_path / "in", src)
 
 
 def _raised_at(err: BaseException) -> tuple[str, int]:

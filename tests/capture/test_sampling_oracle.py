@@ -61,6 +61,8 @@ def _logits(kind: str) -> torch.Tensor:
         return torch.tensor([4.0, 3.0, 3.0, 3.0, 2.0, 2.0, 1.0, 0.0, 0.0, -1.0, -5.0, -5.0])
     if kind == "peaked":  # one token holds almost all the mass
         return torch.tensor([10.0, 1.0, 0.5, 0.2, 0.0, -0.1, -2.0, -3.0])
+    if kind == "wide":  # gaps past float32's exp range: the last two have probability exactly 0
+        return torch.tensor([0.0, -1.0, -50.0, -120.0, -200.0])
     raise ValueError(kind)
 
 
@@ -86,6 +88,8 @@ SETTINGS = [
     ("peaked", 1.0, None, 0.9),  # the top token alone exceeds top-p
     ("peaked", 5.0, 4, 0.8),
     ("peaked", 0.3, None, 0.999),
+    ("wide", 1.0, None, 1.0),  # top-p 1 removes nothing, not even tokens of probability 0
+    ("wide", 1.0, None, 0.999),  # below 1 the nucleus drops them, as HF's does
 ]
 
 

@@ -8,6 +8,7 @@ and the user's ``~/.cache/actstore`` is left alone.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,6 +25,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: the real SmolLM2 model, subprocesses killed or racing, a browser driving a capture (seconds to a minute)"
     )
+    # Subprocesses the tests start (the CLI, kill tests, dask workers) must run the copy of
+    # actstore this process tests, not whatever the interpreter would import by default:
+    # an installed release beside a checkout, or the source a mutation tool has copied.
+    spec = importlib.util.find_spec("actstore")
+    if spec is not None and spec.origin:
+        here = str(Path(spec.origin).parents[1])
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
     if not os.environ.get("ACTSTORE_CACHE"):
         cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
         folder = (

@@ -80,6 +80,17 @@ def test_attention_weights_match_hf_output_attentions(family: str, store: Any) -
     _assert_attention_matches(run, out.attentions, ATTN_ATOL)
 
 
+def test_an_sdpa_model_is_switched_to_eager_and_its_weights_match_hf(store: Any) -> None:
+    """A model loaded with SDPA attention (which returns no weights) handed to capture
+    with attention weights on: capture switches it to eager, and the weights are HF's."""
+    loaded = loaded_tiny("llama", eager=False)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    sc = make_scenario(generation={"max_new_tokens": NEW_TOKENS}, reference_states=[])
+    run = store.run(capture_run(sc, store, loaded, progress=False).run_id)
+    assert loaded.model.config._attn_implementation == "eager"
+    _assert_attention_matches(run, hf_forward(loaded.model, run.tokens(), attentions=True).attentions, ATTN_ATOL)
+
+
 def _fused_by_hand(family: str, block: Any, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, ...]:
     """q, k, v of one layer from its weights, split the way the HF model splits them."""
     heads = cfg.num_attention_heads

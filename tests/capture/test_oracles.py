@@ -91,6 +91,26 @@ def test_an_sdpa_model_is_switched_to_eager_and_its_weights_match_hf(store: Any)
     _assert_attention_matches(run, hf_forward(loaded.model, run.tokens(), attentions=True).attentions, ATTN_ATOL)
 
 
+@pytest.mark.parametrize("layers", [[0, 1], [2]])
+def test_a_recorder_for_the_residual_alone_records_hf_hidden_states(layers: list[int]) -> None:
+    """A recorder asked for hidden_in alone, with no snapshot vectors to keep (as a dataset
+    capture runs it), hooks the residual stream and records every boundary of the layers:
+    boundary b is HF's hidden_states[b], the stream entering layer b."""
+    from actstore.capture.hooks import Recorder
+
+    loaded = loaded_tiny("llama")
+    tokens = np.array([5, 9, 2, 7, 4])
+    with Recorder(resolve_sites(loaded.model), layers, {"hidden_in"}, torch.float32, keep_last=False) as rec:
+        rec.mode = "step"
+        want = hf_forward(loaded.model, tokens).hidden_states
+    got = rec.take()
+    assert sorted(got) == [("residual", b) for b in layout.residual_boundaries(layers)]
+    n_layers = loaded.model.config.num_hidden_layers
+    for (_, b), t in got.items():
+        if b < n_layers:  # HF's last entry is after the final norm, not the stream itself
+            np.testing.assert_array_equal(t.numpy(), want[b][0].numpy())  # the same forward pass
+
+
 def _fused_by_hand(family: str, block: Any, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, ...]:
     """q, k, v of one layer from its weights, split the way the HF model splits them."""
     heads = cfg.num_attention_heads

@@ -277,3 +277,15 @@ def test_abort_does_not_wait_forever_for_a_stuck_write(tmp_path: Path, monkeypat
     assert 0.25 <= waited < 10, waited
     w._thread.join(5)
     assert not w._thread.is_alive()
+
+
+def test_a_pass_log_finished_before_it_started_refuses() -> None:
+    """Finishing a log whose passes were never written (``start`` not called) would hand the
+    run meta records of passes that are not in the store: it fails, naming the missing call."""
+    from actstore.capture.pass_log import PassLog
+
+    log = PassLog()
+    log.add_stored("snapshot", 0, [1, 2, 3], lambda: {})
+    with pytest.raises(AssertionError) as e:
+        log.finish()
+    assert str(e.value) == "start() first"

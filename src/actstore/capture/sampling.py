@@ -21,7 +21,7 @@ class Choice:
     top_k: list[tuple[int, float]]  # (token id, logprob) of the k most likely tokens
     # Activation Lab's distribution facts over the whole vocabulary: entropy (nats),
     # effective_vocab (exp of it) and top1_prob.
-    logit_stats: dict[str, float] | None = None
+    logit_stats: dict[str, float]
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -102,6 +102,6 @@ def step_record(
         "logit_argmax_id": choice.argmax_id,
         "logit_argmax_logprob": choice.argmax_logprob,
         "top_k": [{"id": i, "token": tok(i), "logprob": lp} for i, lp in choice.top_k],
-        **({"logit_stats": choice.logit_stats} if choice.logit_stats is not None else {}),
+        "logit_stats": choice.logit_stats,
         "positions": [positions.start, positions.stop],
     }

@@ -84,7 +84,7 @@ def test_an_sdpa_model_is_switched_to_eager_and_its_weights_match_hf(store: Any)
     """A model loaded with SDPA attention (which returns no weights) handed to capture
     with attention weights on: capture switches it to eager, and the weights are HF's."""
     loaded = loaded_tiny("llama", eager=False)
-    assert loaded.model.config._attn_implementation == "sdpa"
+    assert loaded.model.config._attn_implementation != "eager"  # SDPA here: it returns no weights
     sc = make_scenario(generation={"max_new_tokens": NEW_TOKENS}, reference_states=[])
     run = store.run(capture_run(sc, store, loaded, progress=False).run_id)
     assert loaded.model.config._attn_implementation == "eager"

@@ -323,3 +323,25 @@ def test_what_run_json_leaves_out_is_filled_from_the_files_and_named(tmp_path: P
     assert "attn_out" not in store.run(ids[0]).sources and "embeddings" not in store.run(ids[0]).sources
     assert meta["model"]["device"] == "unknown" and meta["model"]["arch"]["hidden_size"] == 576
     assert {"model.device", "model.arch.hidden_size"} <= set(meta["npz_filled"])
+
+
+def test_an_import_does_not_load_torch(tmp_path: Path) -> None:
+    """Only capture needs torch: ``actstore import npz`` of Activation Lab's directory, in a
+    fresh interpreter, imports every run without loading torch or transformers (whose imports
+    cost seconds of start-up)."""
+    import subprocess
+    import sys
+
+    assert MULTI is not None
+    store = tmp_path / "s.zarr"
+    code = (
+        "import sys\n"
+        "from actstore.cli import main\n"
+        "try:\n"
+        f"    main(['import', 'npz', {str(MULTI)!r}, '--store', {str(store)!r}, '-q'])\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-3:] == ["0", "False", "False"], out.stdout + out.stderr
+    assert len(ActStore.open(store).run_ids()) == len(list(MULTI.glob("prompt_*")))  # one run per prompt

@@ -15,15 +15,17 @@ each is loaded only when written, one at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
-from actstore.capture.prefixes import Base, Pass
 from actstore.store import passes
 from actstore.store.passes import PassInfo
 from actstore.store.writer import ArrayPlan, RunWriter, to_numpy, write_small_array
+
+if TYPE_CHECKING:  # prefixes imports torch and transformers, which an import does not need
+    from actstore.capture.prefixes import Base, Pass
 
 # plans(first pass's own tensors, rows to plan for, attention width) -> array plans
 Planner = Callable[[dict[Any, np.ndarray], int, int], list[ArrayPlan]]
@@ -60,6 +62,8 @@ class PassLog:
             own = result.own if self._group is not None else {k: to_numpy(v) for k, v in result.own.items()}
             self._pending.append((info, own))
             self._submit_pending()
+        from actstore.capture.prefixes import Base
+
         return Base(seq, result.cache, index)
 
     def add_stored(self, kind: str, key: int | str, seq: list[int], load: Loader) -> None:

@@ -42,7 +42,6 @@ from actstore.store.npz_schema import (
     QKV_LAST,
     Key,
     Schema,
-    as_tensor,
     check_name,
     declared_dtype,
     gib,
@@ -57,6 +56,7 @@ from actstore.store.npz_schema import (
     run_file,
     same_bits,
     to_store,
+    writer_array,
 )
 from actstore.store.store import ActStore, catalog_entry
 from actstore.store.writer import RunWriter, write_rows, write_run_meta, write_small_array
@@ -354,7 +354,7 @@ def _derived(schema: Schema, raw: dict[Key, np.ndarray], layer: int) -> np.ndarr
 
 
 def _down_in_tensors(schema: Schema, raw: dict[Key, np.ndarray], where: str) -> dict[Key, Any]:
-    return {("mlp_down_in", la): as_tensor(to_store(raw[("mlp_down_in", la)], schema.store_dtype, where))
+    return {("mlp_down_in", la): writer_array(to_store(raw[("mlp_down_in", la)], schema.store_dtype, where))
             for la in schema.layers}  # fmt: skip
 
 

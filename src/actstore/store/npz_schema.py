@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from actstore import naming
 from actstore.errors import BadNameError, StoreError
@@ -264,11 +263,10 @@ def to_store(arr: np.ndarray, store_dtype: str, where: str) -> np.ndarray:
     return (bits >> 16).astype(np.uint16)
 
 
-def as_tensor(arr: np.ndarray) -> torch.Tensor:
-    """What RunWriter.submit takes; bfloat16 bits become a bfloat16 tensor (to_numpy undoes it)."""
-    if arr.dtype == np.uint16:
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+def writer_array(arr: np.ndarray) -> np.ndarray:
+    """What RunWriter.submit takes: the physical store values (bfloat16 as uint16 bits), as
+    NumPy, so an import never loads torch."""
+    return np.ascontiguousarray(arr)
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -505,7 +503,7 @@ class Schema:
 
     def step_tensors(
         self, path: Path, npz: Any, step: int
-    ) -> tuple[dict[Key, torch.Tensor], dict[Key, np.ndarray]]:
+    ) -> tuple[dict[Key, np.ndarray], dict[Key, np.ndarray]]:
         """Writer tensors of one step, and the raw NPZ arrays mlp_down_in is checked against."""
         extra = sorted(set(npz.files) - set(self.keys()))
         if extra:  # anything we would not write back would be lost
@@ -514,11 +512,11 @@ class Schema:
 
     def tensors(
         self, path: Path, npz: Any, shape: Any, sources: list[str]
-    ) -> tuple[dict[Key, torch.Tensor], dict[Key, np.ndarray]]:
+    ) -> tuple[dict[Key, np.ndarray], dict[Key, np.ndarray]]:
         """Writer tensors of ``sources`` in one NPZ (``shape(source)`` each must have),
         residual sources folded into boundaries, and the raw act / up / down_in arrays;
         mlp_down_in is left to the caller (stored only when it cannot be derived)."""
-        tensors: dict[Key, torch.Tensor] = {}
+        tensors: dict[Key, np.ndarray] = {}
         raw: dict[Key, np.ndarray] = {}
         residual: dict[int, tuple[str, np.ndarray]] = {}
         for source in sources:
@@ -542,9 +540,9 @@ class Schema:
                             "stream once per layer boundary, so this run cannot be imported losslessly"
                         )
                     residual[b] = (key, data)
-                    tensors[("residual", b)] = as_tensor(data)
+                    tensors[("residual", b)] = writer_array(data)
                 else:
-                    tensors[(source, layer)] = as_tensor(data)
+                    tensors[(source, layer)] = writer_array(data)
         return tensors, raw
 
 

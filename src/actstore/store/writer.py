@@ -17,15 +17,17 @@ import json
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 
 from actstore import naming
 from actstore.store import layout
 from actstore.store.integrity import INTEGRITY
+
+if TYPE_CHECKING:
+    import torch
 
 _STOP = object()
 # Every chunk of the written region is stored, zeros included, so a missing object is
@@ -38,6 +40,8 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     """Host copy of a tensor already in its store dtype (bfloat16 kept as uint16 bits)."""
     if isinstance(t, np.ndarray):
         return t
+    import torch  # only a capture hands tensors: an import writes NumPy and never loads torch
+
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).cpu().numpy().view(np.uint16)

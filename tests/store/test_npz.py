@@ -613,8 +613,9 @@ def test_the_export_bar_names_the_run_and_counts_its_files(tmp_path: Path, monke
 
 
 def test_an_export_does_not_load_torch(f16_run: tuple[ActStore, str], tmp_path: Path) -> None:
-    """Only the import side needs torch (capture's writer): ``actstore export npz`` in a
-    fresh interpreter writes the files without loading it (3 s of start-up here)."""
+    """Only capture needs torch: ``actstore export npz`` in a fresh interpreter writes the
+    files without loading it (3 s of start-up here; the import's twin is in
+    test_seed_fixtures.py)."""
     import subprocess
     import sys
 

@@ -29,7 +29,7 @@ from actstore.cli import main
 from actstore.store.store import ActStore
 from query.synth import write_synthetic_run
 
-SRC = Path(actstore.__file__).resolve().parents[1]  # the actstore under test, for subprocesses
+SRC = Path(actstore.__file__).resolve().parents[1]  # the actstore under test
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_store_without_write_permission(world: Path, tiny_folder: Path) -> None:
         done = subprocess.run(
             ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
              sys.executable, "-m", "actstore", "capture", str(sc), "--store", str(store), "-q"],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300,
+            capture_output=True, text=True, timeout=300,
             cwd=SRC.parent,  # paths are absolute; the checkout, where tools wrapping the source find their settings
         )  # fmt: skip
     finally:

@@ -5,7 +5,6 @@ README), never read back from the code under test."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ from actstore.errors import ScenarioError
 from actstore.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = Path(actstore.__file__).resolve().parents[1]  # the actstore under test, for subprocesses
 SEED_RUNS = Path("/work/shared/fixtures/seed-runs")
 
 GOOD = """\
@@ -228,10 +226,9 @@ def test_model_that_cannot_be_found_is_one_problem_on_model_id(tmp_path: Path) -
 
 # ---- the command ----------------------------------------------------------------------------
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
     return subprocess.run(
         [sys.executable, "-m", "actstore", "validate", *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 
 

@@ -56,7 +56,7 @@ def _arrays(store: Path) -> dict[int, dict[str, bytes]]:
 @pytest.mark.slow
 def test_kill_9_five_times_then_finish(tmp_path: Path, tiny_folder: Path) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for _, t in topic_texts(N_UNITS, max_chars=60)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cmd(store: Path) -> list[str]:
         return [sys.executable, "-m", "actstore", "capture-dataset", str(corpus), "--store", str(store),

@@ -26,7 +26,6 @@ import zarr
 from click.testing import CliRunner
 from test_npz import make_seed_dir
 
-import actstore
 from actstore import naming
 from actstore.cli import main
 from actstore.errors import StoreError
@@ -316,10 +315,9 @@ def _import_in_child(d: Path, store: Path) -> tuple[int, str, int]:
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
         "sys.exit(r.returncode)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(actstore.__file__).parents[1])}
     cmd = [sys.executable, "-c", wrapper, sys.executable, "-m", "actstore", "import", "npz", str(d),
            "--store", str(store), "-q"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return r.returncode, r.stderr, int(r.stdout.strip())
 
 

@@ -141,10 +141,9 @@ def test_two_attempts_at_one_segment_never_mix(tmp_path: Path) -> None:
 
 
 def _materialize_proc(loc: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen([sys.executable, "-m", "actstore", "materialize", "all", "--store", str(loc),
                              "--name", "lay", "--layers", "0,1", "--chunk-rows", "16", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 @pytest.mark.slow

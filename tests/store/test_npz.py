@@ -612,25 +612,33 @@ def test_the_export_bar_names_the_run_and_counts_its_files(tmp_path: Path, monke
     assert n > 0 and re.match(rf"export {re.escape(run.id)}: 100%.* {n}/{n} ", last), last
 
 
-def test_an_export_does_not_load_torch(f16_run: tuple[ActStore, str], tmp_path: Path) -> None:
-    """Only capture needs torch: ``actstore export npz`` in a fresh interpreter writes the
-    files without loading it (3 s of start-up here; the import's twin is in
-    test_seed_fixtures.py)."""
+def cli_loads(args: list[str], modules: tuple[str, ...] = ("torch", "transformers")) -> list[str]:
+    """Run ``actstore ARGS`` in a fresh interpreter: its exit code, then for each of
+    ``modules`` whether the command loaded it ("True"/"False")."""
     import subprocess
     import sys
 
-    store, run_id = f16_run
     code = (
         "import sys\n"
         "from actstore.cli import main\n"
         "try:\n"
-        f"    main(['export', 'npz', {run_id!r}, '--store', {str(store.location)!r}, '--out', {str(tmp_path)!r},"
-        " '--layout', 'readme', '-q'])\n"
+        f"    main({args!r})\n"
         "except SystemExit as e:\n"
-        "    print(e.code, 'torch' in sys.modules)\n"
+        f"    print(e.code, *(m in sys.modules for m in {modules!r}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.stdout.split()[-2:] == ["0", "False"], out.stdout + out.stderr
+    words = out.stdout.split()[-1 - len(modules):]
+    assert len(words) == 1 + len(modules), out.stdout + out.stderr
+    return words
+
+
+def test_an_export_does_not_load_torch(f16_run: tuple[ActStore, str], tmp_path: Path) -> None:
+    """Only capture needs torch: ``actstore export npz`` in a fresh interpreter writes the
+    files without loading it (3 s of start-up here; the import's twin is in
+    test_seed_fixtures.py)."""
+    store, run_id = f16_run
+    args = ["export", "npz", run_id, "--store", str(store.location), "--out", str(tmp_path), "--layout", "readme", "-q"]
+    assert cli_loads(args, ("torch",)) == ["0", "False"]
     assert (tmp_path / run_id / "steps.json").exists()
 
 

@@ -329,19 +329,9 @@ def test_an_import_does_not_load_torch(tmp_path: Path) -> None:
     """Only capture needs torch: ``actstore import npz`` of Activation Lab's directory, in a
     fresh interpreter, imports every run without loading torch or transformers (whose imports
     cost seconds of start-up)."""
-    import subprocess
-    import sys
+    from test_npz import cli_loads
 
     assert MULTI is not None
     store = tmp_path / "s.zarr"
-    code = (
-        "import sys\n"
-        "from actstore.cli import main\n"
-        "try:\n"
-        f"    main(['import', 'npz', {str(MULTI)!r}, '--store', {str(store)!r}, '-q'])\n"
-        "except SystemExit as e:\n"
-        "    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.stdout.split()[-3:] == ["0", "False", "False"], out.stdout + out.stderr
+    assert cli_loads(["import", "npz", str(MULTI), "--store", str(store), "-q"]) == ["0", "False", "False"]
     assert len(ActStore.open(store).run_ids()) == len(list(MULTI.glob("prompt_*")))  # one run per prompt
